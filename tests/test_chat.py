@@ -1,0 +1,90 @@
+"""Conversations end to end on the real model and a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from bot.chat import CUT_NOTE, ChatService, UserMessage
+from bot.config import Settings
+from bot.engine import Engine
+from bot.store import Store
+
+
+async def test_reply_is_generated_and_stored(chat: ChatService, settings: Settings) -> None:
+    reply = await chat.respond(UserMessage("dm:42", "What is the capital of France?", author_id="42", author_name="Ann", platform_message_id="9001"))
+    # The user's message is on disk before the reply exists (read through another connection).
+    with sqlite3.connect(settings.database_path) as db:
+        rows = db.execute("SELECT role, content, author_name, platform_message_id, token_count FROM messages").fetchall()
+    assert rows == [("user", "What is the capital of France?", "Ann", "9001", rows[0][4])] and rows[0][4] > 0
+
+    text = await reply.text()
+    assert "Paris" in text
+    saved = await reply.save(platform_message_id="9002")
+    assert saved is not None
+    with sqlite3.connect(settings.database_path) as db:
+        roles = db.execute("SELECT role, content, status, token_count FROM messages ORDER BY id").fetchall()
+    assert [r[0] for r in roles] == ["user", "assistant"]
+    assert roles[1][1] == text and roles[1][2] == "ok" and roles[1][3] == len(reply.generation.tokens)
+
+
+async def test_follow_up_sees_history(chat: ChatService) -> None:
+    first = await chat.respond(UserMessage("dm:7", "My name is Zanzibar. Remember it.", author_name="Z"))
+    await first.save()
+    second = await chat.respond(UserMessage("dm:7", "What is my name?", author_name="Z"))
+    assert [m.content for m in second.prompt.messages if m.role != "system"][:1] == ["My name is Zanzibar. Remember it."]
+    assert second.prompt.n_history == 3
+    await second.save()
+
+
+async def test_guild_prompt_shows_who_said_what(chat: ChatService) -> None:
+    await (await chat.respond(UserMessage("guild:1:channel:5", "I like tea.", author_name="Ann"))).save()
+    reply = await chat.respond(UserMessage("guild:1:channel:5", "I like coffee.", author_name="Bob"))
+    users = [m.content for m in reply.prompt.messages if m.role == "user"]
+    assert users == ["Ann: I like tea.", "Bob: I like coffee."]
+    await reply.save()
+    dm = await chat.respond(UserMessage("dm:1", "hi", author_name="Ann"))
+    assert [m.content for m in dm.prompt.messages if m.role == "user"] == ["hi"]  # one speaker: no names
+    await dm.save()
+
+
+async def test_history_far_longer_than_context(chat: ChatService, store: Store, engine: Engine, settings: Settings) -> None:
+    conv = await store.conversation("guild:9:channel:9")
+    for i in range(300):
+        role = "user" if i % 2 == 0 else "assistant"
+        await store.add_message(conv.id, role, f"Turn {i}: " + "the quick brown fox jumps over the lazy dog " * 4, author_name="Ann")
+    reply = await chat.respond(UserMessage(conv.scope, "And the newest message?", author_name="Ann"))
+    budget = engine.n_ctx - settings.n_predict
+    assert len(reply.prompt.tokens) <= budget
+    assert len(reply.prompt.tokens) > budget * 0.8  # filled, not just the last turn
+    assert reply.prompt.messages[0].role == "system"
+    assert reply.prompt.messages[-1].content == "Ann: And the newest message?"
+    assert "Turn 0:" not in " ".join(m.content for m in reply.prompt.messages)  # the oldest fell out of the prompt...
+    await reply.save()
+    assert await store.count_messages(conv.id) == 302  # ...but never out of the database
+    assert reply.finish_reason in ("stop", "length")
+
+
+async def test_single_message_longer_than_window_is_cut(chat: ChatService, engine: Engine, settings: Settings) -> None:
+    huge = "This sentence repeats to make a very long message. " * 600  # about 6,000 tokens
+    reply = await chat.respond(UserMessage("dm:99", huge, author_name="Ann"))
+    assert reply.prompt.cut and CUT_NOTE in reply.notes
+    assert len(reply.prompt.tokens) <= engine.n_ctx - settings.n_predict
+    assert (await reply.text()).strip()
+    assert reply.finish_reason in ("stop", "length")
+    await reply.save()
+
+
+async def test_reset_clears_only_its_conversation(chat: ChatService, store: Store) -> None:
+    for scope in ("dm:1", "dm:2"):
+        await (await chat.respond(UserMessage(scope, "hello"))).save()
+    assert await chat.reset("dm:1") == 2
+    assert await store.count_messages((await store.conversation("dm:1")).id) == 0
+    assert await store.count_messages((await store.conversation("dm:2")).id) == 2
+
+
+async def test_template_switch_is_stored_and_used(chat: ChatService, store: Store) -> None:
+    assert await chat.set_template("dm:5", "vicuna-chat") == "vicuna-chat"
+    reply = await chat.respond(UserMessage("dm:5", "hello"))
+    assert reply.prompt.template.name == "vicuna-chat"
+    assert (await store.conversation("dm:5")).template == "vicuna-chat"
+    await reply.save()

@@ -1,0 +1,110 @@
+"""The engine on the real model: stops, KV reuse, batching, cancellation, the state cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.config import Sampling
+from bot.engine import Engine, PromptTooLong, _find_stop, _held_back
+from bot.templates import Message, get_template
+
+GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
+
+
+def chat_tokens(engine: Engine, *turns: str) -> list[int]:
+    info = engine.info
+    template = get_template("auto", gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    messages = [Message("system", "You are a helpful assistant.")]
+    for i, turn in enumerate(turns):
+        messages.append(Message("user" if i % 2 == 0 else "assistant", turn))
+    return engine.encode(template.render(messages))
+
+
+async def generate(engine: Engine, key: str, tokens: list[int], **kw: object):
+    gen = engine.generate(key, tokens, max_tokens=kw.pop("max_tokens", 24), sampling=kw.pop("sampling", GREEDY), **kw)  # type: ignore[arg-type]
+    return await gen.wait()
+
+
+async def test_stop_string_never_leaks(engine: Engine) -> None:
+    tokens = chat_tokens(engine, "What is the capital of France?")
+    free = await generate(engine, "stop-a", tokens, max_tokens=40)
+    assert "Paris" in free.text
+    chunks = []
+    gen = engine.generate("stop-b", tokens, max_tokens=40, sampling=GREEDY, stop=["Paris"])
+    async for chunk in gen.stream():
+        chunks.append(chunk)
+    assert gen.finish_reason == "stop"
+    assert gen.text == free.text[: free.text.index("Paris")]
+    assert "Paris" not in "".join(chunks) and "".join(chunks) == gen.text
+
+
+async def test_end_of_turn_token_ends_the_reply(engine: Engine) -> None:
+    gen = await generate(engine, "eot", chat_tokens(engine, "Say hi."), max_tokens=200)
+    assert gen.finish_reason == "stop"
+    assert "<|im_end|>" not in gen.text and "<|im_start|>" not in gen.text
+
+
+async def test_length_limit(engine: Engine) -> None:
+    gen = await generate(engine, "len", chat_tokens(engine, "Write a long story about a dragon."), max_tokens=5)
+    assert gen.finish_reason == "length" and len(gen.tokens) == 5
+
+
+async def test_follow_up_evaluates_only_new_tokens(engine: Engine) -> None:
+    first = chat_tokens(engine, "Tell me about cats.")
+    gen = await generate(engine, "reuse", first)
+    assert gen.n_evaluated == len(first)
+    follow = chat_tokens(engine, "Tell me about cats.", gen.text, "And dogs?")
+    # Other conversations in between, more than there are slots, force a save/restore.
+    for i in range(engine.options.parallel + 1):
+        await generate(engine, f"other-{i}", chat_tokens(engine, f"Count to {i}."), max_tokens=4)
+    again = await generate(engine, "reuse", follow)
+    new = len(follow) - len(first) - len(gen.tokens)
+    assert again.n_cached >= len(first) + len(gen.tokens) - 2
+    assert again.n_evaluated <= new + 2  # only the new message (and the template seam) was evaluated
+
+
+async def test_batched_equals_unbatched(engine: Engine) -> None:
+    questions = ["What is 2+2?", "Name a color.", "Where is Rome?", "What do cows eat?"]
+    prompts = [chat_tokens(engine, q) for q in questions]
+    alone = [(await generate(engine, f"solo-{i}", p, max_tokens=20)).tokens for i, p in enumerate(prompts)]
+    steps_before = engine.batched_steps
+    gens = [engine.generate(f"batch-{i}", p, max_tokens=20, sampling=GREEDY) for i, p in enumerate(prompts)]
+    together = [(await g.wait()).tokens for g in gens]
+    assert engine.batched_steps > steps_before  # they really shared decode steps
+    assert together == alone
+
+
+async def test_cancel_during_prompt_evaluation(engine: Engine) -> None:
+    long_prompt = chat_tokens(engine, "story " * 800)
+    gen = engine.generate("cancel-prompt", long_prompt, max_tokens=20, sampling=GREEDY)
+    await asyncio.sleep(0.05)
+    gen.cancel()
+    await asyncio.wait_for(gen.wait(), 10)
+    assert gen.finish_reason == "cancelled" and gen.tokens == []
+    # the slot is free again and the engine keeps serving
+    after = await generate(engine, "after-cancel", chat_tokens(engine, "Hi"))
+    assert after.finish_reason in ("stop", "length")
+
+
+async def test_cancel_mid_reply_keeps_text(engine: Engine) -> None:
+    gen = engine.generate("cancel-reply", chat_tokens(engine, "Write a long story about a dragon."), max_tokens=300, sampling=GREEDY)
+    async for _ in gen.stream():
+        if len(gen.tokens) >= 5:
+            gen.cancel()
+    assert gen.finish_reason == "cancelled"
+    assert 5 <= len(gen.tokens) < 300 and gen.text
+
+
+async def test_prompt_too_long_is_refused(engine: Engine) -> None:
+    with pytest.raises(PromptTooLong):
+        engine.generate("huge", [1] * engine.n_ctx, max_tokens=1, sampling=GREEDY)
+
+
+def test_stop_helpers() -> None:
+    assert _find_stop("hello USER: x", ["USER:"], 0) == 6
+    assert _find_stop("abc", ["USER:"], 0) is None
+    assert _held_back("hello US", ["USER:"]) == 2
+    assert _held_back("hello", ["USER:"]) == 0
+    assert _held_back("x <|im", ["<|im_end|>", "<|im_start|>"]) == 4

@@ -1,0 +1,97 @@
+"""The SQLite store: migrations, upgrades, WAL, file mode, clear errors."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from bot.store import Store, StoreError, load_migrations
+
+
+async def test_migrations_run_twice_are_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    async with await Store.open(path) as store:
+        latest = await store.schema_version()
+        conv = await store.conversation("terminal:default")
+        await store.add_message(conv.id, "user", "hello")
+    assert latest == load_migrations()[-1].version >= 2
+
+    async with await Store.open(path) as store:
+        assert await store.schema_version() == latest
+        assert len(await store.messages(conv.id)) == 1
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == len(load_migrations())
+
+
+async def test_old_schema_upgrades_without_losing_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = await Store.open(path, upto=1)  # the schema of the first release
+    assert await old.schema_version() == 1
+    await old.close()
+    with sqlite3.connect(path) as db:  # rows written by that release
+        db.execute("INSERT INTO conversations (id, scope, template, created_at) VALUES (7, 'guild:1:channel:2', 'chatml', '2026-01-01')")
+        for i in range(5):
+            db.execute(
+                "INSERT INTO messages (conversation_id, role, content, author_name, created_at) VALUES (7, ?, ?, 'ann', '2026-01-01')",
+                ("user" if i % 2 == 0 else "assistant", f"message {i}"),
+            )
+        assert "status" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+
+    store = await Store.open(path)
+    try:
+        assert await store.schema_version() == load_migrations()[-1].version
+        conv = await store.conversation("guild:1:channel:2")
+        messages = await store.messages(conv.id)
+        assert [m.content for m in messages] == [f"message {i}" for i in range(5)]
+        assert all(m.status == "ok" and m.author_name == "ann" for m in messages)
+        assert conv.id == 7 and conv.template == "chatml" and conv.chat_enabled is False
+    finally:
+        await store.close()
+
+
+async def test_wal_mode_and_private_file(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "bot.sqlite3"
+    async with await Store.open(path):
+        pass
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_clear_edit_delete(tmp_path: Path) -> None:
+    async with await Store.open(tmp_path / "bot.sqlite3") as store:
+        await _clear_edit_delete(store)
+
+
+async def _clear_edit_delete(store: Store) -> None:
+    a = await store.conversation("dm:1")
+    b = await store.conversation("dm:2")
+    await store.add_message(a.id, "user", "one", platform_message_id="100")
+    await store.add_message(a.id, "assistant", "two", platform_message_id="101")
+    await store.add_message(b.id, "user", "other", platform_message_id="200")
+    assert await store.edit_by_platform_id("100", "one, edited") == "dm:1"
+    assert await store.edit_by_platform_id("101", "bots are not edited this way") is None
+    assert [m.content for m in await store.messages(a.id)] == ["one, edited", "two"]
+    assert await store.delete_by_platform_id("101") == "dm:1"
+    assert await store.delete_by_platform_id("999") is None
+    assert await store.clear("dm:1") == 1
+    assert await store.messages(a.id) == []
+    assert [m.content for m in await store.messages(b.id)] == ["other"]
+
+
+async def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    path.write_bytes(b"definitely not sqlite" * 100)
+    with pytest.raises(StoreError, match="is not a SQLite database"):
+        await Store.open(path)
+    assert path.read_bytes() == b"definitely not sqlite" * 100  # nothing overwritten
+
+
+async def test_uncreatable_path_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(StoreError, match="cannot create the database"):
+        await Store.open(blocker / "bot.sqlite3")
