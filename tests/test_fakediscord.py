@@ -1,0 +1,510 @@
+"""Self-test of tests/fakediscord.py: drives a bare discord.py client (not our bot) through the fake.
+
+Run: python -m pytest tests/test_fakediscord.py -q -o asyncio_mode=auto -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+import pytest_asyncio
+from discord import app_commands
+from discord.ext import commands
+
+try:
+    from fakediscord import FakeDiscord, Interaction, Permissions
+except ImportError:  # when tests/ is imported as a package
+    from tests.fakediscord import FakeDiscord, Interaction, Permissions  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.asyncio
+
+FAST: dict[str, Any] = {"guild_ready_timeout": 0.1}  # discord.py waits this long after the last GUILD_CREATE
+
+
+class TinyBot(commands.Bot):
+    """A bare discord.py bot with a few message reactions and two app commands."""
+
+    def __init__(self, *, guild_id: int | None = None, intents: discord.Intents | None = None) -> None:
+        if intents is None:
+            intents = discord.Intents.default()
+            intents.message_content = True
+        super().__init__(command_prefix="!", intents=intents, **FAST)
+        self.sync_guild_id = guild_id
+        self.received: list[discord.Message] = []
+        self.edits: list[tuple[discord.Message, discord.Message]] = []
+        self.deleted: list[discord.Message] = []
+        self.errors: list[BaseException] = []
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        return None  # discord.py sleeps 5 s before a re-IDENTIFY; not needed against the fake
+
+    async def setup_hook(self) -> None:
+        @self.tree.command(description="Echo text back, privately")
+        async def echo(interaction: discord.Interaction, text: str) -> None:
+            await interaction.response.send_message(text, ephemeral=True)
+
+        @self.tree.command(description="Think, then answer")
+        async def slow(interaction: discord.Interaction, who: discord.Member) -> None:
+            await interaction.response.defer(thinking=True)
+            await asyncio.sleep(0.05)
+            await interaction.followup.send(f"done for {who.display_name}")
+
+        await self.tree.sync()
+        if self.sync_guild_id is not None:
+            guild = discord.Object(self.sync_guild_id)
+
+            @self.tree.command(description="Guild only", guild=guild)
+            async def local(interaction: discord.Interaction, n: int) -> None:
+                await interaction.response.send_message(f"n+1={n + 1}")
+                await interaction.edit_original_response(content=f"n+1 = {n + 1}")
+
+            await self.tree.sync(guild=guild)
+
+    async def on_message(self, message: discord.Message) -> None:
+        self.received.append(message)
+        if message.author == self.user:
+            return
+        try:
+            await self.react_to(message)
+        except discord.HTTPException as exc:
+            self.errors.append(exc)
+
+    async def react_to(self, message: discord.Message) -> None:
+        text = message.content
+        if text == "ping":
+            await message.channel.send(
+                f"pong {message.author.mention}", allowed_mentions=discord.AllowedMentions.none()
+            )
+        elif text == "shout":
+            await message.channel.send("@everyone listen")
+        elif text == "reply":
+            await message.reply("replied", mention_author=False)
+        elif text == "react":
+            await message.add_reaction("\N{THUMBS UP SIGN}")
+        elif text == "unreact" and message.reference and isinstance(message.reference.resolved, discord.Message):
+            await message.reference.resolved.remove_reaction("\N{THUMBS UP SIGN}", self.user)  # type: ignore[arg-type]
+        elif text == "history":
+            older = [m async for m in message.channel.history(limit=3, before=message)]
+            fetched = await message.channel.fetch_message(older[-1].id)
+            channel = await self.fetch_channel(message.channel.id)
+            await message.channel.send(f"{len(older)} {fetched.content} {channel.name}")  # type: ignore[union-attr]
+        elif text == "type":
+            async with message.channel.typing():
+                await message.channel.send("typed")
+        elif text == "edit-me":
+            sent = await message.channel.send("v1")
+            await sent.edit(content="v2")
+        elif text == "delete-me":
+            sent = await message.channel.send("short-lived")
+            await sent.delete()
+        elif text == "delete-you":
+            await message.delete()
+        elif text == "dm":
+            await message.author.send("hello in private")
+        elif text == "file":
+            await message.channel.send("see file", file=discord.File(__file__, filename="x.py"))
+        elif text == "too-long":
+            await message.channel.send("x" * 2001)
+        elif text == "read-attachment" and message.attachments:
+            data = await message.attachments[0].read()
+            await message.channel.send(f"got {len(data)} bytes")
+
+    async def on_message_edit(self, before: discord.Message, after: discord.Message) -> None:
+        self.edits.append((before, after))
+
+    async def on_message_delete(self, message: discord.Message) -> None:
+        self.deleted.append(message)
+
+
+@pytest_asyncio.fixture
+async def fake() -> Any:
+    server = FakeDiscord()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+    assert server.unknown_routes == []
+
+
+@pytest.fixture
+def world(fake: FakeDiscord) -> dict[str, Any]:
+    guild = fake.add_guild("guild")
+    channel = fake.add_channel(guild, "general")
+    alice = fake.add_user("alice")
+    fake.add_member(guild, alice)
+    return {"guild": guild, "channel": channel, "alice": alice}
+
+
+def ids(messages: list[discord.Message]) -> list[str]:
+    return [str(m.id) for m in messages]
+
+
+# --------------------------------------------------------------------------- login / ready
+
+
+async def test_login_ready_and_guild_cache(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    thread = fake.add_channel(world["guild"], "a-thread", type=11, parent_id=world["channel"]["id"])
+    bot = TinyBot()
+    async with fake.running(bot):
+        assert bot.user is not None and bot.user.id == fake.application_id and bot.user.bot
+        assert bot.application_id == fake.application_id
+        guild = bot.get_guild(int(world["guild"]["id"]))
+        assert guild is not None and guild.name == "guild"
+        assert guild.get_channel(int(world["channel"]["id"])).name == "general"  # type: ignore[union-attr]
+        assert guild.get_thread(int(thread["id"])).parent_id == int(world["channel"]["id"])  # type: ignore[union-attr]
+        assert guild.me is not None and guild.default_role.id == guild.id
+        assert not guild.default_role.permissions.manage_messages
+        assert fake.identify_count == 1 and fake.connections == 1
+        paths = [(r["method"], r["path"]) for r in fake.requests]
+        assert ("GET", "/users/@me") in paths and ("GET", "/oauth2/applications/@me") in paths
+        assert ("PUT", f"/applications/{fake.application_id}/commands") in paths
+
+        # a channel created while connected arrives as CHANNEL_CREATE
+        late = fake.add_channel(world["guild"], "late")
+        await fake.wait_for(lambda: guild.get_channel(int(late["id"])))
+
+        # sequence numbers increase within the session
+        seqs = [e["s"] for e in fake.events if e["op"] == 0]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+        # the Content-Type discord.py insists on, and the auth checks
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{fake.api_base}/users/@me", headers={"Authorization": f"Bot {fake.token}"}) as r:
+                assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+            async with http.get(f"{fake.api_base}/users/@me", headers={"Authorization": "Bot nope"}) as r:
+                assert r.status == 401 and await r.json() == {"message": "401: Unauthorized", "code": 0}
+    assert fake.connections == 0
+
+
+async def test_wrong_token_is_login_failure(fake: FakeDiscord) -> None:
+    client = discord.Client(intents=discord.Intents.default(), **FAST)
+    with fake.patched():
+        async with client:
+            with pytest.raises(discord.LoginFailure):
+                await client.login("wrong-token")
+
+
+async def test_unknown_routes_are_recorded(fake: FakeDiscord) -> None:
+    headers = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession() as http, http.get(f"{fake.api_base}/no/such/route", headers=headers) as r:
+        assert r.status == 404 and await r.json() == {"message": "404: Not Found", "code": 0}
+    assert fake.unknown_routes == ["GET /no/such/route"]
+    fake.unknown_routes.clear()  # keep the fixture's final check green
+
+
+# --------------------------------------------------------------------------- messages
+
+
+async def test_message_round_trip_and_pings(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = TinyBot()
+    async with fake.running(bot):
+        ping = await fake.send_message(chan, alice, "ping")
+        [pong] = await fake.wait_for_bot_message(chan, after=ping)
+        assert pong["content"] == f"pong <@{alice['id']}>"
+        assert pong["_pinged"] == [] and pong["mentions"] == [] and pong["mention_everyone"] is False
+        assert fake.requests_to("POST", r"/messages$")[-1]["json"]["allowed_mentions"] == {"parse": []}
+
+        # the bot's own message is echoed back through the gateway, exactly once
+        await fake.wait_for(lambda: str(pong["id"]) in ids(bot.received))
+        assert ids(bot.received).count(str(pong["id"])) == 1
+        assert ids(bot.received).count(str(ping["id"])) == 1
+
+        shout = await fake.send_message(chan, alice, "shout")
+        [loud] = await fake.wait_for_bot_message(chan, after=shout)
+        assert loud["mention_everyone"] is True and loud["_pinged"] == ["everyone"]
+
+        ask = await fake.send_message(chan, alice, "reply")
+        [answer] = await fake.wait_for_bot_message(chan, after=ask)
+        assert answer["type"] == 19 and answer["message_reference"]["message_id"] == ask["id"]
+        assert answer["referenced_message"]["content"] == "reply" and answer["_pinged"] == []
+
+        # a user message mentioning the bot is parsed into mentions by the client
+        hey = await fake.send_message(chan, alice, f"hey <@{fake.bot_user['id']}>")
+        await fake.wait_for(lambda: str(hey["id"]) in ids(bot.received))
+        assert bot.user in next(m for m in bot.received if str(m.id) == hey["id"]).mentions
+
+        too_long = await fake.send_message(chan, alice, "too-long")
+        await fake.wait_for(lambda: bot.errors)
+        assert isinstance(bot.errors[0], discord.HTTPException) and bot.errors[0].code == 50035
+        assert fake.bot_messages(chan)[-1]["id"] < too_long["id"]
+
+
+async def test_edit_delete_reactions_typing_files(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    bot = TinyBot()
+    async with fake.running(bot):
+        original = await fake.send_message(chan, alice, "typo")
+        await fake.wait_for(lambda: str(original["id"]) in ids(bot.received))
+        await fake.edit_message(original, "fixed")
+        await fake.wait_for(lambda: bot.edits)
+        assert bot.edits[0][0].content == "typo" and bot.edits[0][1].content == "fixed"
+        await fake.delete_message(original)
+        await fake.wait_for(lambda: bot.deleted)
+        assert bot.deleted[0].id == int(original["id"]) and original["id"] not in [m["id"] for m in fake.messages(chan)]
+
+        trigger = await fake.send_message(chan, alice, "edit-me")
+        [mine] = await fake.wait_for_bot_message(chan, after=trigger)
+        await fake.wait_for(lambda: mine["content"] == "v2")
+        assert len(mine["_edits"]) == 1 and mine["edited_timestamp"] is not None
+        await fake.wait_for(lambda: any(after.content == "v2" for _, after in bot.edits))
+
+        trigger = await fake.send_message(chan, alice, "delete-me")
+        await fake.wait_for(lambda: fake.requests_to("DELETE", r"/messages/\d+$"))
+        assert fake.bot_messages(chan)[-1]["id"] < trigger["id"]
+
+        # deleting someone else's message needs MANAGE_MESSAGES
+        victim = await fake.send_message(chan, alice, "delete-you")
+        await fake.wait_for(lambda: bot.errors)
+        assert isinstance(bot.errors[0], discord.Forbidden)
+        mods = fake.add_role(guild, "mods", permissions=Permissions.MANAGE_MESSAGES)
+        fake.add_member(guild, fake.bot_user, roles=[mods])
+        me = bot.get_guild(int(guild["id"])).me  # type: ignore[union-attr]
+        await fake.wait_for(lambda: me.guild_permissions.manage_messages)  # reaches the client without GUILD_MEMBERS
+        again = await fake.send_message(chan, alice, "delete-you")
+        await fake.wait_for(lambda: fake.message(again["id"]) is None)
+        assert fake.message(victim["id"]) is not None
+
+        react = await fake.send_message(chan, alice, "react")
+        await fake.wait_for(lambda: fake.reactions.get((chan["id"], react["id"])))
+        assert fake.reactions[(chan["id"], react["id"])] == ["\N{THUMBS UP SIGN}"]
+        await fake.add_reaction(react, alice, "\N{THUMBS UP SIGN}")  # user-side reactions exist too
+        assert react["reactions"][0]["count"] == 2 and react["reactions"][0]["me"] is True
+        await fake.send_message(chan, alice, "unreact", reply_to=react)
+        await fake.wait_for(lambda: fake.reactions[(chan["id"], react["id"])] == [])
+        assert react["reactions"][0]["count"] == 1 and react["reactions"][0]["me"] is False
+
+        t = await fake.send_message(chan, alice, "type")
+        await fake.wait_for_bot_message(chan, after=t)
+        assert fake.typing and fake.typing[-1][0] == chan["id"]
+
+        f = await fake.send_message(chan, alice, "file")
+        [with_file] = await fake.wait_for_bot_message(chan, after=f)
+        assert with_file["attachments"][0]["filename"] == "x.py" and with_file["attachments"][0]["size"] > 0
+        assert fake.requests_to("POST", r"/messages$")[-1]["json"]["content"] == "see file"
+
+        up = await fake.send_message(
+            chan, alice, "read-attachment", attachments=[{"filename": "a.txt", "data": b"12345"}]
+        )
+        [got] = await fake.wait_for_bot_message(chan, after=up)
+        assert got["content"] == "got 5 bytes"
+
+
+async def test_history_fetch_and_subcommands(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    for text in ("one", "two", "three", "four"):
+        await fake.send_message(chan, alice, text)
+    bot = TinyBot()
+
+    group = app_commands.Group(name="cfg", description="Configuration")
+
+    @group.command(description="Set a value")
+    async def set(interaction: discord.Interaction, key: str, value: float = 1.5) -> None:
+        await interaction.response.send_message(f"{key}={value}")
+
+    bot.tree.add_command(group)
+    async with fake.running(bot):
+        trigger = await fake.send_message(chan, alice, "history")
+        [answer] = await fake.wait_for_bot_message(chan, after=trigger)
+        assert answer["content"] == "3 two general"
+        history = fake.requests_to("GET", r"/messages$")
+        assert history[0]["query"]["limit"] == "3" and history[0]["query"]["before"] == trigger["id"]
+
+        await bot.tree.sync()
+        it = await fake.invoke_command("cfg set", user=alice, channel=chan, options={"key": "k", "value": 2})
+        await it.wait_done(5)
+        assert it.content == "k=2.0" and not it.ephemeral
+        assert it.payload["data"]["options"][0]["type"] == 1
+
+        with pytest.raises(TimeoutError, match="never"):
+            await fake.wait_for(lambda: False, 0.05, description="never")
+
+
+async def test_dm_round_trip(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = TinyBot()
+    async with fake.running(bot):
+        await fake.send_message(chan, alice, "dm")
+        dm = fake.dm_channel(alice)
+        [hello] = await fake.wait_for_bot_message(dm)
+        assert hello["content"] == "hello in private" and "guild_id" not in hello
+        assert fake.requests_to("POST", r"^/users/@me/channels$")
+        ping = await fake.send_message(dm, alice, "ping")
+        [pong] = await fake.wait_for_bot_message(dm, after=ping)
+        assert pong["content"].startswith("pong")
+
+
+async def test_without_message_content_intent_content_is_stripped(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = TinyBot(intents=discord.Intents.default())
+    async with fake.running(bot):
+        plain = await fake.send_message(chan, alice, "ping")
+        mention = await fake.send_message(chan, alice, f"<@{fake.bot_user['id']}> ping")
+        await fake.wait_for(lambda: str(mention["id"]) in ids(bot.received))
+        got = {str(m.id): m.content for m in bot.received}
+        assert got[plain["id"]] == "" and got[mention["id"]] == mention["content"]
+
+
+# --------------------------------------------------------------------------- interactions
+
+
+async def test_slash_commands(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    bot = TinyBot(guild_id=int(guild["id"]))
+    async with fake.running(bot):
+        assert {c["name"] for c in fake.commands["global"]} == {"echo", "slow"}
+        assert [c["name"] for c in fake.commands[guild["id"]]] == ["local"]
+        [echo_def] = [c for c in fake.commands["global"] if c["name"] == "echo"]
+        option = echo_def["options"][0]
+        assert (option["type"], option["name"], option["required"]) == (3, "text", True)
+
+        echo = await fake.invoke_command("echo", user=alice, channel=chan, options={"text": "secret"})
+        await echo.wait_done(5)
+        assert echo.ephemeral and echo.content == "secret" and echo.responses[0]["type"] == 4
+        assert echo.latency is not None and echo.latency < 3
+        assert all(m["content"] != "secret" for m in fake.messages(chan))  # ephemeral: not in the channel
+
+        slow = await fake.invoke_command("slow", user=alice, channel=chan, options={"who": alice})
+        await slow.wait_done(5)
+        assert slow.deferred and not slow.ephemeral and slow.content == "done for alice"
+        assert [r["type"] for r in slow.responses] == [5]
+        assert slow.original is not None and slow.original in fake.bot_messages(chan)
+        assert slow.original["interaction_metadata"]["name"] == "slow"
+        await fake.wait_for(lambda: any(a.content == "done for alice" for _, a in bot.edits))
+
+        local = await fake.invoke_command("local", user=alice, channel=chan, options={"n": "41"})
+        await local.wait_done(5)
+        await fake.wait_for(lambda: local.content == "n+1 = 42")
+        assert local.original is not None and len(local.original["_edits"]) == 1
+        assert local.payload["data"]["guild_id"] == guild["id"]
+        assert local.errors == [] and echo.errors == [] and slow.errors == []
+
+        with pytest.raises(LookupError):
+            await fake.invoke_command("nope", user=alice, channel=chan)
+
+
+async def test_late_interaction_ack_is_rejected(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    fake.interaction_ack_timeout = 0.0  # every callback is "too late"
+    bot = TinyBot()
+    async with fake.running(bot):
+        it = await fake.invoke_command("echo", user=alice, channel=chan, options={"text": "x"})
+        await fake.wait_for(lambda: it.errors)
+        assert "callback" in it.errors[0] and not it.done and isinstance(it, Interaction)
+
+
+# --------------------------------------------------------------------------- gateway faults
+
+
+async def test_reconnect_op7_resumes_without_losing_events(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = TinyBot()
+    async with fake.running(bot):
+        await fake.request_reconnect()
+        during = await fake.send_message(chan, alice, "sent during the reconnect")
+        await fake.wait_for(lambda: fake.resume_count == 1)
+        await fake.wait_for(lambda: str(during["id"]) in ids(bot.received))
+        after = await fake.send_message(chan, alice, "ping")
+        await fake.wait_for_bot_message(chan, after=after)
+        await asyncio.sleep(0.1)
+        assert ids(bot.received).count(str(during["id"])) == 1
+        replayed = [e for e in fake.events if e.get("replay")]
+        assert [e["d"]["id"] for e in replayed] == [during["id"]]
+        assert fake.identify_count == 1 and fake.connections == 1
+        assert any(e["t"] == "RESUMED" for e in fake.events)
+
+
+async def test_dropped_connection_reconnects(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = TinyBot()
+    async with fake.running(bot):
+        await fake.drop_connections(code=4000)
+        missed = await fake.send_message(chan, alice, "while disconnected")
+        await fake.wait_for(lambda: fake.resume_count == 1 and fake.connections == 1)
+        await fake.wait_for(lambda: str(missed["id"]) in ids(bot.received))
+
+        await fake.drop_connections(abrupt=True)
+        await fake.wait_for(lambda: fake.resume_count == 2 and fake.connections == 1)
+
+        await fake.invalid_session(resumable=True)
+        await fake.wait_for(lambda: fake.resume_count == 3 and fake.connections == 1)
+        assert fake.identify_count == 1
+
+        # a non-resumable invalid session makes discord.py IDENTIFY again
+        await fake.invalid_session(resumable=False)
+        await fake.wait_for(lambda: fake.identify_count == 2)
+        await fake.wait_ready()
+        ping = await fake.send_message(chan, alice, "ping")
+        await fake.wait_for_bot_message(chan, after=ping)
+        assert ids(bot.received).count(str(missed["id"])) == 1
+
+
+async def test_rest_failures_are_retried(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = TinyBot()
+    async with fake.running(bot):
+        fake.fail_next("POST", r"^/channels/\d+/messages$", 429, times=2, retry_after=0.05)
+        ping = await fake.send_message(chan, alice, "ping")
+        [pong] = await fake.wait_for_bot_message(chan, after=ping)
+        assert pong["content"].startswith("pong")
+        posts = fake.requests_to("POST", r"^/channels/\d+/messages$")
+        assert [r["status"] for r in posts] == [429, 429, 200] and fake.injected_failures == 2
+        assert len(fake.bot_messages(chan)) == 1
+
+        fake.fail_next("POST", r"^/channels/\d+/messages$", 500)
+        ping2 = await fake.send_message(chan, alice, "ping")
+        await fake.wait_for_bot_message(chan, after=ping2, timeout=10)
+        posts = fake.requests_to("POST", r"^/channels/\d+/messages$")
+        assert [r["status"] for r in posts[3:]] == [500, 200] and fake.injected_failures == 3
+        assert len(fake.bot_messages(chan)) == 2 and bot.errors == []
+
+
+# --------------------------------------------------------------------------- sharding / intents
+
+
+class ShardedClient(discord.AutoShardedClient):
+    def __init__(self) -> None:
+        super().__init__(intents=discord.Intents.default(), **FAST)
+        self.seen: list[tuple[int | None, int]] = []  # (shard id of the message's guild, message id)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        return None
+
+    async def on_message(self, message: discord.Message) -> None:
+        self.seen.append((message.guild.shard_id if message.guild else None, message.id))
+
+
+async def test_two_shards_each_get_their_guild() -> None:
+    async with FakeDiscord(shard_count=2) as fake:
+        g0 = fake.add_guild("zero", shard=0)
+        g1 = fake.add_guild("one", shard=1)
+        c1 = fake.add_channel(g1, "general")
+        user = fake.add_user("bob")
+        fake.add_member(g1, user)
+        client = ShardedClient()
+        async with fake.running(client):
+            assert client.shard_count == 2 and fake.requests_to("GET", r"^/gateway/bot$")
+            assert sorted(p["shard"] for p in fake.identify_payloads) == [[0, 2], [1, 2]]
+            assert client.get_guild(int(g0["id"])).shard_id == 0  # type: ignore[union-attr]
+            assert client.get_guild(int(g1["id"])).shard_id == 1  # type: ignore[union-attr]
+            creates = [(e["shard"], e["d"]["id"]) for e in fake.events if e["t"] == "GUILD_CREATE"]
+            assert sorted(creates) == [([0, 2], g0["id"]), ([1, 2], g1["id"])]
+
+            msg = await fake.send_message(c1, user, "hello shard one")
+            await fake.wait_for(lambda: client.seen)
+            assert client.seen == [(1, int(msg["id"]))]
+            assert [e["shard"] for e in fake.events if e["t"] == "MESSAGE_CREATE"] == [[1, 2]]
+        assert fake.unknown_routes == []
+
+
+async def test_refused_privileged_intents_raise(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    fake.refuse_privileged_intents = True
+    with pytest.raises(discord.PrivilegedIntentsRequired):
+        async with fake.running(TinyBot()):
+            pass
+    assert fake.identify_count == 0
