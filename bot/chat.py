@@ -43,9 +43,9 @@ class Prompt:
     cut: bool  # the newest message had to be shortened
 
 
-def shows_names(scope: str) -> bool:
-    """Guild channels have many speakers, so the prompt says who said what."""
-    return scope.startswith("guild:")
+def shows_names(scope: str, authors: set[str | None]) -> bool:
+    """When several people talk in a guild channel, the prompt says who said what."""
+    return scope.startswith("guild:") and len(authors) > 1
 
 
 @dataclass
@@ -178,13 +178,12 @@ class ChatService:
         system = conversation.system_prompt if conversation.system_prompt is not None else self.settings.system_prompt
         head = [Message("system", system)] if system.strip() else []
         budget = self.engine.n_ctx - self.settings.n_predict
-        names = shows_names(conversation.scope)
 
         # Pick turns newest first by an estimate, then check the exact rendering below.
         picked: list[StoredMessage] = []
         used = len(self.engine.encode(template.render(head))) if head else 0
         async for stored in self.store.newest_first(conversation.id):
-            cost = len(self.engine.tokenize(_content(stored, names), special=False)) + 8
+            cost = len(self.engine.tokenize(_content(stored, True), special=False)) + 8
             if picked and used + cost > budget:
                 break
             picked.append(stored)
@@ -195,6 +194,7 @@ class ChatService:
 
         cut = False
         while True:
+            names = shows_names(conversation.scope, {m.author_id or m.author_name for m in picked if m.role == "user"})
             messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
             tokens = self.engine.encode(template.render(messages))
             if len(tokens) <= budget:

@@ -40,7 +40,7 @@ async def test_guild_prompt_shows_who_said_what(chat: ChatService) -> None:
     await (await chat.respond(UserMessage("guild:1:channel:5", "I like tea.", author_name="Ann"))).save()
     reply = await chat.respond(UserMessage("guild:1:channel:5", "I like coffee.", author_name="Bob"))
     users = [m.content for m in reply.prompt.messages if m.role == "user"]
-    assert users == ["Ann: I like tea.", "Bob: I like coffee."]
+    assert users == ["Ann: I like tea.", "Bob: I like coffee."]  # two speakers: names shown
     await reply.save()
     dm = await chat.respond(UserMessage("dm:1", "hi", author_name="Ann"))
     assert [m.content for m in dm.prompt.messages if m.role == "user"] == ["hi"]  # one speaker: no names
@@ -57,7 +57,7 @@ async def test_history_far_longer_than_context(chat: ChatService, store: Store, 
     assert len(reply.prompt.tokens) <= budget
     assert len(reply.prompt.tokens) > budget * 0.8  # filled, not just the last turn
     assert reply.prompt.messages[0].role == "system"
-    assert reply.prompt.messages[-1].content == "Ann: And the newest message?"
+    assert reply.prompt.messages[-1].content == "And the newest message?"  # one speaker: no names
     assert "Turn 0:" not in " ".join(m.content for m in reply.prompt.messages)  # the oldest fell out of the prompt...
     await reply.save()
     assert await store.count_messages(conv.id) == 302  # ...but never out of the database

@@ -1,0 +1,417 @@
+"""The Discord adapter: events and slash commands in, replies out.
+
+Everything Discord-specific lives here (and in `discord_output`). A channel
+becomes a conversation scope, a Discord message becomes a `UserMessage`, and
+the shared `ChatService` does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+
+import discord
+import yarl
+from discord import app_commands
+
+from bot.chat import ChatService, Reply, UserMessage, open_chat
+from bot.config import Settings
+from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer
+from bot.scheduler import FairScheduler, QueueFull
+from bot.templates import NAMES, canonical_name
+
+log = logging.getLogger(__name__)
+
+SORRY = "Sorry, something went wrong while I was answering. Please try again."
+BUSY = "I'm busy with other conversations right now. Please try again in a minute."
+NO_TEXT = "I can only read text. Write me a message (attachments, stickers and embeds are ignored)."
+MENTION_ONLY = "You mentioned me, but there is no message. Ask me something!"
+IGNORED = "I ignored the attachment, sticker or embed; I can only read text."
+SLOW_DOWN = "Please slow down a little: I answer one message from you every {s:g} seconds."
+STOPPED = " *(stopped)*"
+NEED_ADMIN = "You need the Manage Messages permission (or an admin role) to use /{name} here."
+PERMISSIONS = discord.Permissions(
+    view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True, add_reactions=True
+)
+
+
+def scope_for(guild_id: int | None, channel_id: int | None, user_id: int) -> str:
+    """The conversation key: one per guild channel or thread, one per DM user."""
+    if guild_id is None:
+        return f"dm:{user_id}"
+    return f"guild:{guild_id}:channel:{channel_id}"
+
+
+def configure_endpoints(settings: Settings) -> None:
+    """Point discord.py at DISCORD_API_BASE / DISCORD_GATEWAY_URL (a proxy, or the tests' fake)."""
+    if settings.discord_api_base:
+        discord.http.Route.BASE = settings.discord_api_base
+    if settings.discord_gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+@dataclass
+class _Turn:
+    """A message the bot decided to answer, waiting for or holding a slot."""
+
+    message: discord.Message
+    scope: str
+    text: str
+    notes: list[str] = field(default_factory=list)
+    waiting_note: asyncio.Task[discord.Message] | None = None
+
+
+discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # a text bot: no voice warnings
+
+
+class LlamaBot(discord.Client):
+    """The bot. `chat` is the shared conversation service over the one loaded model."""
+
+    def __init__(self, settings: Settings, chat: ChatService, **options: object) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        intents.guild_messages = True
+        intents.dm_messages = True
+        intents.message_content = True
+        super().__init__(intents=intents, allowed_mentions=NO_PINGS, **options)  # type: ignore[arg-type]
+        self.settings = settings
+        self.chat = chat
+        self.tree = app_commands.CommandTree(self)
+        self.scheduler = FairScheduler(settings.parallel, settings.max_queue)
+        self.edit_budget = EditBudget()
+        self.chat_scopes: set[str] = set()  # channels turned on with /chat on
+        self.replies: dict[str, Reply] = {}  # replies being generated, by scope (for /stop)
+        self._accepted_at: dict[int, float] = {}  # user id -> when we last took a message (cooldown)
+        self._warned: set[int] = set()
+        _register_commands(self)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def setup_hook(self) -> None:
+        self.chat_scopes = await self.chat.store.chat_enabled_scopes()
+        if self.settings.dev_guild_id:
+            guild = discord.Object(self.settings.dev_guild_id)
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+            log.info("slash commands synced to guild %s", self.settings.dev_guild_id)
+        else:
+            await self.tree.sync()
+            log.info("slash commands synced globally (new commands can take a while to appear)")
+
+    async def on_ready(self) -> None:
+        assert self.user is not None
+        invite = discord.utils.oauth_url(self.user.id, permissions=PERMISSIONS, scopes=("bot", "applications.commands"))
+        log.info("logged in as %s (id %s) in %d guild(s); invite link: %s", self.user, self.user.id, len(self.guilds), invite)
+
+    async def shutdown(self, grace: float = 20.0) -> None:
+        """Finish in-flight replies (or stop them after `grace` s, keeping what was written), then log out."""
+        await self.scheduler.close(grace, wind_down=self._stop_all)
+        await self.close()
+
+    def _stop_all(self) -> None:
+        for reply in list(self.replies.values()):
+            reply.generation.cancel()
+        self.chat.engine.wake()
+
+    # --- messages ----------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        if message.author.bot or message.webhook_id is not None:
+            return  # never bots, including this one
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return  # joins, pins, boosts...
+        if not self._addressed(message):
+            return
+        scope = scope_for(message.guild.id if message.guild else None, message.channel.id, message.author.id)
+        text = self._text_of(message)
+        extras = bool(message.attachments or message.embeds or message.stickers)
+        if not text:
+            mentioned_only = not extras and bool(message.content.strip())
+            await self._note(message, MENTION_ONLY if mentioned_only else NO_TEXT)
+            return
+        if not await self._take_from(message):
+            return
+        turn = _Turn(message, scope, text, [IGNORED] if extras else [])
+        try:
+            job = self.scheduler.submit(scope, lambda: self._answer(turn))
+        except QueueFull:
+            log.warning("queue full: turned away a message in %s", scope)
+            await self._note(message, BUSY)
+            return
+        position = self.scheduler.position(job)
+        if position:
+            turn.waiting_note = asyncio.ensure_future(self._note(message, f"\u23f3 Busy: you're #{position} in line."))
+
+    def _addressed(self, message: discord.Message) -> bool:
+        """DMs, mentions, replies to the bot, and every message in chat-enabled channels."""
+        if message.guild is None:
+            return True
+        assert self.user is not None
+        if any(user.id == self.user.id for user in message.mentions):
+            return True
+        ref = message.reference
+        if ref is not None and isinstance(ref.resolved, discord.Message) and ref.resolved.author.id == self.user.id:
+            return True
+        channel = message.channel
+        ids = {channel.id, getattr(channel, "parent_id", None)}
+        if ids & set(self.settings.chat_channels):
+            return True
+        guild_id = message.guild.id
+        return any(scope_for(guild_id, i, 0) in self.chat_scopes for i in ids if i)
+
+    def _text_of(self, message: discord.Message) -> str:
+        """The message text with the bot's own mention removed and other mentions as names."""
+        assert self.user is not None
+        text = re.sub(rf"<@!?{self.user.id}>", " ", message.content)
+        names = {str(u.id): u.display_name for u in message.mentions}
+        text = re.sub(r"<@!?(\d+)>", lambda m: "@" + names.get(m.group(1), "someone"), text)
+        if message.guild is not None:
+            text = re.sub(r"<@&(\d+)>", lambda m: "@" + _role_name(message.guild, int(m.group(1))), text)
+            text = re.sub(r"<#(\d+)>", lambda m: "#" + _channel_name(message.guild, int(m.group(1))), text)
+        return text.strip()
+
+    async def _take_from(self, message: discord.Message) -> bool:
+        """The per-user cooldown: one answered message per USER_COOLDOWN_S seconds."""
+        cooldown = self.settings.user_cooldown_s
+        now = time.monotonic()
+        uid = message.author.id
+        last = self._accepted_at.get(uid)
+        if last is not None and now - last < cooldown:
+            if uid not in self._warned:  # say it once, not once per spammed message
+                self._warned.add(uid)
+                await self._note(message, SLOW_DOWN.format(s=cooldown))
+            return False
+        if len(self._accepted_at) > 10_000:  # keep memory bounded under a flood of new users
+            self._accepted_at = {u: t for u, t in self._accepted_at.items() if now - t < cooldown}
+        self._accepted_at[uid] = now
+        self._warned.discard(uid)
+        return True
+
+    async def _note(self, message: discord.Message, text: str) -> discord.Message | None:
+        """A short visible answer that is not part of the conversation."""
+        try:
+            return await message.channel.send(
+                text, reference=message.to_reference(fail_if_not_exists=False), mention_author=False, allowed_mentions=NO_PINGS
+            )
+        except discord.HTTPException as exc:
+            log.warning("could not post a note in %s: %s", message.channel.id, exc)
+            return None
+
+    async def _answer(self, turn: _Turn) -> None:
+        """Generate and post the reply to one message; store what was delivered."""
+        first = await turn.waiting_note if turn.waiting_note is not None else None
+        out = ReplyStreamer(turn.message, budget=self.edit_budget, first=first)
+        author = turn.message.author
+        typing = _Typing(turn.message.channel)
+        await typing.start()
+        try:
+            reply = await self.chat.respond(
+                UserMessage(turn.scope, turn.text, author_id=str(author.id), author_name=author.display_name, platform_message_id=str(turn.message.id))
+            )
+        except Exception:
+            log.exception("could not start a reply in %s", turn.scope)
+            await typing.stop()
+            await self._deliver_apology(out)
+            return
+        self.replies[turn.scope] = reply
+        try:
+            shown = ""
+            if self.settings.stream:
+                async for chunk in reply.stream():
+                    shown += chunk
+                    await out.update(shown)
+                    if out.messages and first is None:
+                        await typing.stop()
+            final = await reply.text()
+            await typing.stop()
+            if reply.finish_reason == "error":
+                log.error("generation failed in %s: %s", turn.scope, reply.generation.error)
+                await self._deliver_apology(out)
+                return
+            if reply.finish_reason == "cancelled":
+                final += STOPPED
+            for note in turn.notes + reply.notes:
+                final += f"\n-# {note}"
+            try:
+                sent = await out.finish(final)
+            except discord.HTTPException as exc:
+                log.error("could not deliver the reply in %s: %s; it is kept as undelivered", turn.scope, exc)
+                await reply.save(delivered=False)
+                return
+            await reply.save(platform_message_id=str(sent[0].id))
+        finally:
+            await typing.stop()
+            self.replies.pop(turn.scope, None)
+
+    async def _deliver_apology(self, out: ReplyStreamer) -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await out.finish(SORRY)
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        """An edited message changes the stored turn, so the bot never remembers the old text."""
+        content = payload.data.get("content")
+        author = payload.data.get("author", {})
+        if content is None or author.get("bot") or self.user is None:
+            return
+        text = re.sub(rf"<@!?{self.user.id}>", " ", content).strip()
+        scope = await self.chat.store.edit_by_platform_id(str(payload.message_id), text)
+        if scope is not None:
+            self.chat.engine.forget(scope)
+            log.info("followed an edit in %s", scope)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        """A deleted message leaves the history: the bot forgets what users take back."""
+        scope = await self.chat.store.delete_by_platform_id(str(payload.message_id))
+        if scope is not None:
+            self.chat.engine.forget(scope)
+            log.info("followed a delete in %s", scope)
+
+    # --- slash commands ----------------------------------------------------------------
+
+    def is_admin(self, interaction: discord.Interaction) -> bool:
+        """In DMs anyone; in guilds Manage Messages, Administrator, or an ADMIN_ROLE_IDS role.
+
+        Checked here, on every call, not only by hiding commands in Discord's UI."""
+        if interaction.guild is None:
+            return True
+        perms = interaction.permissions
+        if perms.administrator or perms.manage_messages:
+            return True
+        roles = getattr(interaction.user, "roles", [])
+        return any(role.id in self.settings.admin_role_ids for role in roles)
+
+    def scope_of(self, interaction: discord.Interaction) -> str:
+        return scope_for(interaction.guild_id, interaction.channel_id, interaction.user.id)
+
+
+class _Typing:
+    """The typing indicator while a reply is prepared; stops when text appears."""
+
+    def __init__(self, channel: discord.abc.Messageable) -> None:
+        self._context = channel.typing()
+        self._on = False
+
+    async def start(self) -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await self._context.__aenter__()
+            self._on = True
+
+    async def stop(self) -> None:
+        if self._on:
+            self._on = False
+            await self._context.__aexit__(None, None, None)
+
+
+def _role_name(guild: discord.Guild, role_id: int) -> str:
+    role = guild.get_role(role_id)
+    return role.name if role else "role"
+
+
+def _channel_name(guild: discord.Guild, channel_id: int) -> str:
+    channel = guild.get_channel_or_thread(channel_id)
+    return channel.name if channel else "channel"
+
+
+def _register_commands(bot: LlamaBot) -> None:
+    """/reset, /template, /chat and /stop. Each answers ephemerally, well inside 3 seconds."""
+
+    async def refuse_unless_admin(interaction: discord.Interaction, name: str) -> bool:
+        if bot.is_admin(interaction):
+            return False
+        await interaction.response.send_message(NEED_ADMIN.format(name=name), ephemeral=True)
+        return True
+
+    @bot.tree.command(name="reset", description="Forget this channel's conversation with the bot")
+    async def reset(interaction: discord.Interaction) -> None:
+        if await refuse_unless_admin(interaction, "reset"):
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        removed = await bot.chat.reset(bot.scope_of(interaction))
+        await interaction.followup.send(f"Conversation cleared ({removed} messages).", ephemeral=True)
+
+    @bot.tree.command(name="template", description="Show or switch the prompt template used in this channel")
+    @app_commands.describe(name="the template to use here; leave empty to see the current one")
+    @app_commands.choices(name=[app_commands.Choice(name=n, value=n) for n in NAMES])
+    async def template(interaction: discord.Interaction, name: str | None = None) -> None:
+        scope = bot.scope_of(interaction)
+        if name is None:
+            conversation = await bot.chat.store.conversation(scope)
+            current = bot.chat.describe_template(conversation)
+            await interaction.response.send_message(f"Template here: **{current}**. Available: {', '.join(NAMES)}.", ephemeral=True)
+            return
+        if await refuse_unless_admin(interaction, "template"):
+            return
+        try:
+            key = canonical_name(name)
+        except KeyError as exc:  # only a crafted client can send a name that was not offered
+            await interaction.response.send_message(str(exc.args[0]), ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await bot.chat.set_template(scope, key)
+        await interaction.followup.send(f"Template here is now **{key}**.", ephemeral=True)
+
+    @bot.tree.command(name="chat", description="Answer every message in this channel (on), or only mentions (off)")
+    @app_commands.guild_only()
+    @app_commands.choices(mode=[app_commands.Choice(name="on", value="on"), app_commands.Choice(name="off", value="off")])
+    async def chat(interaction: discord.Interaction, mode: str) -> None:
+        if await refuse_unless_admin(interaction, "chat"):
+            return
+        if mode not in ("on", "off"):
+            await interaction.response.send_message("Use /chat on or /chat off.", ephemeral=True)
+            return
+        scope = bot.scope_of(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await bot.chat.store.set_chat_enabled(scope, mode == "on")
+        (bot.chat_scopes.add if mode == "on" else bot.chat_scopes.discard)(scope)
+        what = "every message in this channel" if mode == "on" else "only when mentioned or replied to"
+        await interaction.followup.send(f"OK: I now answer {what}.", ephemeral=True)
+
+    @bot.tree.command(name="stop", description="Stop the reply being written in this channel")
+    async def stop(interaction: discord.Interaction) -> None:
+        reply = bot.replies.get(bot.scope_of(interaction))
+        if reply is None:
+            await interaction.response.send_message("Nothing is being written here.", ephemeral=True)
+            return
+        reply.generation.cancel()
+        bot.chat.engine.wake()
+        await interaction.response.send_message("Stopped.", ephemeral=True)
+
+
+async def run_bot(settings: Settings) -> int:
+    """`python -m bot run`: load the model, open the store, serve Discord until SIGINT/SIGTERM."""
+    assert settings.discord_token
+    configure_endpoints(settings)
+    async with open_chat(settings) as chat:
+        bot = LlamaBot(settings, chat)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runner = asyncio.ensure_future(bot.start(settings.discord_token))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stopper.done():
+            log.info("shutting down: finishing replies in progress")
+            await bot.shutdown()
+        stopper.cancel()
+        try:
+            await runner
+        except discord.PrivilegedIntentsRequired:
+            log.error(
+                "Discord refused the Message Content intent. Turn on 'Message Content Intent' on your "
+                "application's Bot page (https://discord.com/developers/applications), then start the bot again."
+            )
+            return 2
+        except discord.LoginFailure:
+            log.error("Discord rejected DISCORD_TOKEN. Copy a fresh token from the Developer Portal (Bot > Reset Token) into .env.")
+            return 2
+        finally:
+            if not bot.is_closed():
+                await bot.close()
+        log.info("stopped")
+    return 0

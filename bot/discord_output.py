@@ -1,0 +1,161 @@
+"""Getting replies onto Discord: splitting at 2,000 characters and streaming by edits.
+
+Part of the Discord adapter. Every message and edit goes out with
+`allowed_mentions` that ping nobody, whatever the model wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import discord
+
+LIMIT = 2000
+NO_PINGS = discord.AllowedMentions.none()
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})(\S{0,20})")
+
+
+def split_message(text: str, limit: int = LIMIT) -> list[str]:
+    """Cut `text` into messages of at most `limit` characters.
+
+    Cuts fall between lines, or between words when one line is too long, never
+    inside a word (unless a single "word" is longer than a message). A code
+    block cut in two is closed at the end of one message and reopened, with its
+    language, at the start of the next. A block left open at the end (a reply cut
+    by the length limit) is closed, so it still shows as code.
+    """
+    pages: list[str] = []
+    lines: list[str] = []
+    size = 0
+    fence: str | None = None  # the line that opened the code block we are in
+    for line in text.split("\n"):
+        for piece in _pieces(line, limit - 64):
+            after = _toggle(fence, piece)
+            closing = len(_closer(after)) + 1 if after else 0
+            if lines and size + 1 + len(piece) + closing > limit:
+                pages.append("\n".join(lines + ([_closer(fence)] if fence else [])))
+                lines, size = ([fence], len(fence)) if fence else ([], 0)
+            size += len(piece) + (1 if lines else 0)
+            lines.append(piece)
+            fence = after
+    pages.append("\n".join(lines + ([_closer(fence)] if fence else [])))
+    return [p for p in pages if p.strip()]
+
+
+def _pieces(line: str, width: int) -> list[str]:
+    """A line cut at spaces into parts no longer than `width` (a huge word is cut anyway)."""
+    pieces = []
+    while len(line) > width:
+        cut = line.rfind(" ", 0, width + 1)
+        if cut <= 0:
+            cut = width
+        pieces.append(line[:cut].rstrip(" "))
+        line = line[cut:].lstrip(" ")
+    pieces.append(line)
+    return pieces
+
+
+def _toggle(fence: str | None, line: str) -> str | None:
+    """The open fence after `line`: a fence line opens a block, or closes the open one."""
+    match = _FENCE.match(line)
+    if match is None:
+        return fence
+    if fence is None:
+        return match.group(1) + match.group(2)
+    return None if match.group(1).startswith(_closer(fence)) else fence
+
+
+def _closer(fence: str | None) -> str:
+    match = _FENCE.match(fence or "")
+    return match.group(1) if match else "```"
+
+
+class EditBudget:
+    """A bot-wide token bucket for message edits, on top of one edit per second per message."""
+
+    def __init__(self, rate: float = 4.0, burst: int = 4) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    def try_take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class ReplyStreamer:
+    """Shows a reply as it grows: the first page replies to the user's message, edits
+    follow at most once per `interval` per message, new pages continue past 2,000
+    characters, and `finish` leaves exactly `split_message(final)` on screen."""
+
+    def __init__(
+        self,
+        reply_to: discord.Message,
+        *,
+        budget: EditBudget,
+        first: discord.Message | None = None,
+        interval: float = 1.0,
+    ) -> None:
+        self.reply_to = reply_to
+        self.budget = budget
+        self.interval = interval
+        self.messages: list[discord.Message] = [first] if first is not None else []
+        self._shown: list[str] = [first.content] if first is not None else []
+        self._edited_at: list[float] = [0.0] * len(self.messages)
+
+    async def update(self, text: str) -> None:
+        """Show partial text, if the rate limits allow an edit now (otherwise skip)."""
+        pages = split_message(text.strip()) if text.strip() else []
+        if not pages:
+            return
+        i = len(pages) - 1
+        if i < len(self.messages):
+            if self._shown[i] == pages[i] or time.monotonic() - self._edited_at[i] < self.interval:
+                return
+            if not self.budget.try_take():
+                return
+        await self._show(pages, final=False)
+
+    async def finish(self, text: str) -> list[discord.Message]:
+        """Make the messages show exactly `text`, split into pages; returns them."""
+        await self._show(split_message(text), final=True)
+        return self.messages
+
+    async def _show(self, pages: list[str], *, final: bool) -> None:
+        for i, page in enumerate(pages):
+            if i < len(self.messages):
+                if self._shown[i] != page:
+                    wait = self.interval - (time.monotonic() - self._edited_at[i])
+                    if wait > 0:
+                        if not final:
+                            continue
+                        await asyncio.sleep(wait)
+                    await self.messages[i].edit(content=page, allowed_mentions=NO_PINGS)
+                    self._shown[i] = page
+                    self._edited_at[i] = time.monotonic()
+            else:
+                await self._send(page)
+        if final:  # the final text can be shorter than a partial one (a stop string was cut)
+            while len(self.messages) > len(pages):
+                extra = self.messages.pop()
+                self._shown.pop()
+                self._edited_at.pop()
+                await extra.delete()
+
+    async def _send(self, page: str) -> None:
+        if not self.messages:
+            reference = self.reply_to.to_reference(fail_if_not_exists=False)
+            message = await self.reply_to.channel.send(page, reference=reference, mention_author=False, allowed_mentions=NO_PINGS)
+        else:
+            message = await self.reply_to.channel.send(page, allowed_mentions=NO_PINGS)
+        self.messages.append(message)
+        self._shown.append(page)
+        self._edited_at.append(time.monotonic())

@@ -1,0 +1,335 @@
+"""The Discord bot, end to end: the real discord.py client against the local fake Discord
+API, answering with the real model and storing in a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.chat import ChatService
+from bot.discord_bot import BUSY, MENTION_ONLY, NEED_ADMIN, NO_TEXT, LlamaBot
+from bot.discord_output import LIMIT, split_message
+from bot.engine import Engine
+from bot.store import Store
+from tests.conftest import make_settings
+from tests.fakediscord import FakeDiscord, Permissions
+
+JSON = dict[str, Any]
+
+
+@dataclass
+class World:
+    fake: FakeDiscord
+    guild: JSON
+    general: JSON
+    random: JSON
+    ann: JSON  # a regular member
+    mod: JSON  # has Manage Messages
+    other_bot: JSON
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    async with FakeDiscord() as fake:
+        guild = fake.add_guild("town")
+        general = fake.add_channel(guild, "general")
+        random = fake.add_channel(guild, "random")
+        ann = fake.add_user("ann", global_name="Ann")
+        mod = fake.add_user("mod", global_name="Mod")
+        other_bot = fake.add_user("otherbot", bot=True)
+        moderators = fake.add_role(guild, "moderators", permissions=Permissions.MANAGE_MESSAGES)
+        fake.add_member(guild, ann)
+        fake.add_member(guild, mod, roles=[moderators])
+        fake.add_member(guild, other_bot)
+        yield World(fake, guild, general, random, ann, mod, other_bot)
+
+
+@pytest.fixture
+def start_bot(world: World, engine: Engine, tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[LlamaBot]]:
+    """Start the bot on the shared engine with a fresh (or given) database; stop it after."""
+
+    @contextlib.asynccontextmanager
+    async def start(db: Path | None = None, **changes: Any) -> AsyncIterator[LlamaBot]:
+        changes.setdefault("user_cooldown_s", 0.0)
+        settings = make_settings(tmp_path, discord_token=world.fake.token, **changes)
+        if db is not None:
+            settings = make_settings(tmp_path, discord_token=world.fake.token, database_path=db, **changes)
+        async with await Store.open(settings.database_path) as store:
+            bot = LlamaBot(settings, ChatService(engine, store, settings), guild_ready_timeout=0.1)
+            async with world.fake.running(bot):
+                try:
+                    yield bot
+                finally:
+                    await bot.shutdown(grace=30)
+
+    return start
+
+
+def rows(db: Path, scope: str | None = None) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        sql = "SELECT c.scope, m.role, m.content FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+        if scope:
+            return conn.execute(sql + " WHERE c.scope = ? ORDER BY m.id", (scope,)).fetchall()
+        return conn.execute(sql + " ORDER BY m.id").fetchall()
+
+
+def mention(fake: FakeDiscord) -> str:
+    return f"<@{fake.bot_user['id']}>"
+
+
+async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: str, *, timeout: float = 60) -> list[JSON]:
+    """Send a message (mentioning the bot in guilds); wait for the reply and for the bot to be idle."""
+    content = text if "guild_id" not in channel else f"{mention(world.fake)} {text}"
+    sent = await world.fake.send_message(channel, author, content)
+    await world.fake.wait_for_bot_message(channel, after=sent, timeout=timeout)
+    await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, timeout)
+    return [m for m in world.fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
+
+
+def scope(world: World, channel: JSON) -> str:
+    return f"guild:{world.guild['id']}:channel:{channel['id']}"
+
+
+async def test_mention_gets_a_reply_in_the_right_channel_and_is_stored(world: World, start_bot, tmp_path: Path) -> None:
+    async with start_bot(stream=False) as bot:
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} What is the capital of France?")
+        [reply] = await world.fake.wait_for_bot_message(world.general, after=sent)
+        assert "Paris" in reply["content"]
+        assert reply["message_reference"]["message_id"] == sent["id"]  # a reply to the triggering message
+        assert world.fake.bot_messages(world.random) == []
+        assert world.fake.typing and world.fake.typing[0][0] == world.general["id"]
+        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 2)
+    stored = rows(tmp_path / "bot.sqlite3")
+    assert stored == [
+        (scope(world, world.general), "user", "What is the capital of France?"),
+        (scope(world, world.general), "assistant", reply["content"]),
+    ]
+    with sqlite3.connect(tmp_path / "bot.sqlite3") as conn:
+        assert conn.execute("SELECT author_name, platform_message_id FROM messages WHERE role='user'").fetchone() == ("Ann", sent["id"])
+    assert world.fake.unknown_routes == []
+
+
+async def test_messages_that_are_not_for_the_bot_are_ignored(world: World, start_bot) -> None:
+    async with start_bot() as bot:
+        await world.fake.send_message(world.general, world.ann, "just chatting, no mention")
+        await world.fake.send_message(world.general, world.other_bot, f"{mention(world.fake)} hello from a bot")
+        await world.fake.send_message(world.general, world.ann, "joined", type=7)  # a system message
+        # the bot's own echoed message must not trigger it either: make it talk once, then wait
+        await ask(world, bot, world.random, world.ann, "Say hi.")
+        await asyncio.sleep(1.0)
+        assert world.fake.bot_messages(world.general) == []
+        assert len(world.fake.bot_messages(world.random)) == 1
+        assert [r[1] for r in rows(bot.settings.database_path)] == ["user", "assistant"]
+
+
+async def test_two_channels_keep_separate_histories(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        await ask(world, bot, world.general, world.ann, "My favourite fruit is mango.")
+        await ask(world, bot, world.random, world.mod, "My favourite colour is teal.")
+        await ask(world, bot, world.general, world.mod, "What is Ann's favourite fruit?")
+        db = bot.settings.database_path
+        general = rows(db, scope(world, world.general))
+        random = rows(db, scope(world, world.random))
+        assert [r[2] for r in general if r[1] == "user"] == ["My favourite fruit is mango.", "What is Ann's favourite fruit?"]
+        assert [r[2] for r in random if r[1] == "user"] == ["My favourite colour is teal."]
+        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        assert not any("teal" in m.content for m in prompt.messages)
+        assert any("Ann: My favourite fruit is mango." == m.content for m in prompt.messages)
+
+
+async def test_reset_clears_only_its_channel(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        await ask(world, bot, world.general, world.ann, "Hello!")
+        await ask(world, bot, world.random, world.ann, "Hi!")
+        interaction = await world.fake.invoke_command("reset", user=world.mod, channel=world.general)
+        await interaction.wait_done()
+        assert interaction.ephemeral and interaction.content == "Conversation cleared (2 messages)."
+        assert interaction.latency is not None and interaction.latency < 3
+        db = bot.settings.database_path
+        assert rows(db, scope(world, world.general)) == []
+        assert len(rows(db, scope(world, world.random))) == 2
+
+
+async def test_non_admin_is_refused_server_side(world: World, start_bot) -> None:
+    async with start_bot() as bot:
+        for name, options in (("template", {"name": "chatml"}), ("reset", None), ("chat", {"mode": "on"})):
+            interaction = await world.fake.invoke_command(name, user=world.ann, channel=world.general, options=options)
+            await interaction.wait_done()
+            assert interaction.ephemeral and interaction.content == NEED_ADMIN.format(name=name)
+        conversation = await bot.chat.store.conversation(scope(world, world.general))
+        assert conversation.template is None and not conversation.chat_enabled
+        # showing the current template is fine for anyone
+        shown = await (await world.fake.invoke_command("template", user=world.ann, channel=world.general)).wait_done()
+        assert shown.content.startswith("Template here: **auto**")
+
+
+async def test_admin_role_ids_grant_the_commands(world: World, start_bot) -> None:
+    helpers = world.fake.add_role(world.guild, "bot-helpers")
+    world.fake.add_member(world.guild, world.ann, roles=[helpers])
+    async with start_bot(admin_role_ids=frozenset({int(helpers["id"])})):
+        interaction = await world.fake.invoke_command("template", user=world.ann, channel=world.general, options={"name": "zephyr"})
+        await interaction.wait_done()
+        assert interaction.content == "Template here is now **zephyr**."
+
+
+async def test_template_switch_survives_a_restart(world: World, start_bot, tmp_path: Path) -> None:
+    db = tmp_path / "kept.sqlite3"
+    async with start_bot(db=db):
+        interaction = await world.fake.invoke_command("template", user=world.mod, channel=world.general, options={"name": "vicuna-chat"})
+        await interaction.wait_done()
+        assert interaction.content == "Template here is now **vicuna-chat**."
+        crafted = await world.fake.invoke_command("template", user=world.mod, channel=world.general, options={"name": "evil-template"})
+        await crafted.wait_done()
+        assert crafted.ephemeral and crafted.content.startswith("unknown prompt template 'evil-template'; valid: auto,")
+    async with start_bot(db=db) as bot:
+        shown = await (await world.fake.invoke_command("template", user=world.ann, channel=world.general)).wait_done()
+        assert shown.content.startswith("Template here: **vicuna-chat**")
+        other = await (await world.fake.invoke_command("template", user=world.ann, channel=world.random)).wait_done()
+        assert other.content.startswith("Template here: **auto**")
+        await ask(world, bot, world.general, world.ann, "Hello")
+        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        assert prompt.template.name == "vicuna-chat"
+
+
+async def test_dm_conversation(world: World, start_bot) -> None:
+    dm = world.fake.dm_channel(world.ann)
+    async with start_bot(stream=False) as bot:
+        await ask(world, bot, dm, world.ann, "My name is Zanzibar.")
+        await ask(world, bot, dm, world.ann, "What is my name?")
+        stored = rows(bot.settings.database_path, f"dm:{world.ann['id']}")
+        assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
+        reset = await (await world.fake.invoke_command("reset", user=world.ann, channel=dm)).wait_done()
+        assert reset.content == "Conversation cleared (4 messages)."  # anyone may /reset their own DM
+
+
+async def test_long_reply_is_split_with_code_fences_intact(world: World, start_bot) -> None:
+    async with start_bot(n_predict=700, stream=False) as bot:
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")
+        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 2, timeout=120)
+        pages = [m["content"] for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
+        full = rows(bot.settings.database_path)[1][2]
+    assert len(full) > LIMIT and len(pages) >= 2
+    assert all(len(p) <= LIMIT for p in pages)
+    assert pages == split_message(full)
+    for page in pages:  # every page opens and closes its code blocks
+        assert sum(1 for line in page.split("\n") if line.lstrip().startswith("```")) % 2 == 0
+    assert _same_words(pages, full)
+
+
+def _same_words(pages: list[str], full: str) -> bool:
+    """The pages hold the reply's words in order, plus only the fence lines added at cuts."""
+    words = [w for p in pages for w in p.split()]
+    original = full.split()
+    i = 0
+    for w in words:
+        if i < len(original) and w == original[i]:
+            i += 1
+        elif not w.startswith("```"):
+            return False
+    return i == len(original)
+
+
+async def test_model_output_never_pings(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        [reply] = await ask(world, bot, world.general, world.ann, "Copy this text exactly: @everyone @here")
+    assert "@everyone" in reply["content"]
+    assert reply["_pinged"] == [] and reply["mention_everyone"] is False
+    posts = world.fake.requests_to("POST", r"/channels/\d+/messages$")
+    assert posts and all(p["json"]["allowed_mentions"] == {"parse": [], "replied_user": False} for p in posts)
+
+
+async def test_empty_and_attachment_only_messages_get_a_short_note(world: World, start_bot) -> None:
+    async with start_bot() as bot:
+        sent = await world.fake.send_message(world.general, world.ann, mention(world.fake))
+        [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
+        assert note["content"] == MENTION_ONLY
+        sent = await world.fake.send_message(
+            world.general, world.ann, mention(world.fake), attachments=[{"filename": "cat.png", "data": b"\x89PNG", "content_type": "image/png"}]
+        )
+        [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
+        assert note["content"] == NO_TEXT
+        assert rows(bot.settings.database_path) == []  # nothing stored as if answered
+
+
+async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Tell me a fact about the moon.")
+        await world.fake.request_reconnect()  # op 7 while the reply is being generated
+        second = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} And one about the sun.")
+        replies = await world.fake.wait_for_bot_message(world.general, after=sent, count=2, timeout=120)
+        await asyncio.sleep(1.0)
+        replies = [m for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
+        assert len(replies) == 2  # each message answered exactly once
+        assert {r["message_reference"]["message_id"] for r in replies} == {sent["id"], second["id"]}
+        assert world.fake.resume_count >= 1
+        stored = rows(bot.settings.database_path)
+        assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_chat_channels_answer_every_message(world: World, start_bot) -> None:
+    async with start_bot(chat_channels=frozenset({int(world.random["id"])})):
+        sent = await world.fake.send_message(world.random, world.ann, "no mention needed here")
+        await world.fake.wait_for_bot_message(world.random, after=sent)
+        on = await (await world.fake.invoke_command("chat", user=world.mod, channel=world.general, options={"mode": "on"})).wait_done()
+        assert on.content.startswith("OK: I now answer every message")
+        sent = await world.fake.send_message(world.general, world.ann, "and now here too")
+        await world.fake.wait_for_bot_message(world.general, after=sent)
+
+
+async def test_busy_channel_messages_wait_their_turn_in_order(world: World, start_bot) -> None:
+    async with start_bot(stream=False, parallel=1, max_queue=1) as bot:
+        first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Count to three.")
+        second = await world.fake.send_message(world.general, world.mod, f"{mention(world.fake)} Name a fruit.")
+        third = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Name a car.")
+        busy = await world.fake.wait_for(
+            lambda: [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == third["id"]]
+        )
+        assert busy[0]["content"] == BUSY
+        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 4, timeout=120)
+        users = [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"]
+        assert users == ["Count to three.", "Name a fruit."]
+        assert "Name a car." not in " ".join(users)  # turned away: nothing stored as if answered
+        second_reply = [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == second["id"]]
+        assert second_reply and not second_reply[0]["content"].startswith("\u23f3")  # the waiting note became the reply
+
+
+async def test_threads_are_their_own_conversation(world: World, start_bot) -> None:
+    thread = world.fake.add_channel(world.guild, "a-thread", type=11, parent_id=world.general["id"])
+    async with start_bot(stream=False) as bot:
+        await ask(world, bot, world.general, world.ann, "Hello in the channel.")
+        await ask(world, bot, thread, world.ann, "Hello in the thread.")
+        db = bot.settings.database_path
+        assert [r[2] for r in rows(db, f"guild:{world.guild['id']}:channel:{thread['id']}") if r[1] == "user"] == ["Hello in the thread."]
+        assert [r[2] for r in rows(db, scope(world, world.general)) if r[1] == "user"] == ["Hello in the channel."]
+
+
+async def test_edits_and_deletes_are_followed(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} My secret word is apple.")
+        await world.fake.wait_for_bot_message(world.general, after=first)
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
+        db = bot.settings.database_path
+        await world.fake.edit_message(first, f"{mention(world.fake)} My secret word is banana.")
+        await world.fake.wait_for(lambda: rows(db)[0][2] == "My secret word is banana.")
+        await world.fake.delete_message(first)
+        await world.fake.wait_for(lambda: [r[1] for r in rows(db)] == ["assistant"])
+        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        assert not any("apple" in m.content or "banana" in m.content for m in prompt.messages)
+
+
+async def test_text_with_attachment_is_answered_with_a_note(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        sent = await world.fake.send_message(
+            world.general, world.ann, f"{mention(world.fake)} What is 2+2?", attachments=[{"filename": "a.txt", "data": b"x", "content_type": "text/plain"}]
+        )
+        [reply] = await world.fake.wait_for_bot_message(world.general, after=sent)
+        assert reply["content"].endswith("-# I ignored the attachment, sticker or embed; I can only read text.")
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
+        assert [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"] == ["What is 2+2?"]

@@ -1,0 +1,93 @@
+"""`python -m bot run` as a real process, pointed at the local fake Discord API through
+DISCORD_API_BASE / DISCORD_GATEWAY_URL, the way a REST proxy would be configured."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.fakediscord import FakeDiscord
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as f:
+        yield f
+
+
+async def start_process(fake: FakeDiscord, tmp_path: Path, **env: str) -> asyncio.subprocess.Process:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_"))}
+    full.update(
+        PYTHONPATH=str(ROOT),
+        DISCORD_TOKEN=fake.token,
+        DISCORD_API_BASE=fake.api_base,
+        DISCORD_GATEWAY_URL=fake.gateway_url,
+        DATABASE_PATH=str(tmp_path / "bot.sqlite3"),
+        LLAMA_N_CTX="1024",
+        LLAMA_N_PREDICT="48",
+        TEMPERATURE="0",
+    )
+    full.update(env)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", cwd=tmp_path, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def finish(process: asyncio.subprocess.Process, timeout: float = 60) -> tuple[int, str]:
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord, tmp_path: Path) -> None:
+    guild = fake.add_guild("town")
+    general = fake.add_channel(guild, "general")
+    ann = fake.add_user("ann")
+    fake.add_member(guild, ann)
+    process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_N_PREDICT="300", DEV_GUILD_ID=guild["id"])
+    try:
+        await fake.wait_ready(timeout=60)
+        await fake.wait_for(lambda: fake.commands.get(guild["id"]), 30)  # DEV_GUILD_ID: synced to that guild
+        assert {c["name"] for c in fake.commands[guild["id"]]} == {"reset", "template", "chat", "stop"}
+        sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Write a long story about a dragon.")
+        await fake.wait_for_bot_message(general, after=sent, timeout=60)  # streaming: the reply is being written
+        process.send_signal(signal.SIGTERM)
+        code, log = await finish(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0, log
+    assert "Traceback" not in log
+    assert "shutting down: finishing replies in progress" in log and "stopped" in log
+    assert fake.token not in log  # the token never reaches the log, even at DEBUG
+    replies = [m for m in fake.bot_messages(general) if int(m["id"]) > int(sent["id"])]
+    assert len(replies) == 1 and replies[0]["content"]
+    with sqlite3.connect(tmp_path / "bot.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
+    assert [r[0] for r in stored] == ["user", "assistant"]
+    assert replies[0]["content"].startswith(stored[1][1][:50])
+
+
+async def test_refused_message_content_intent_is_explained(fake: FakeDiscord, tmp_path: Path) -> None:
+    fake.refuse_privileged_intents = True
+    code, log = await finish(await start_process(fake, tmp_path))
+    assert code == 2
+    assert "Turn on 'Message Content Intent'" in log
+    assert "Traceback" not in log
+
+
+async def test_rejected_token_is_explained(fake: FakeDiscord, tmp_path: Path) -> None:
+    process = await start_process(fake, tmp_path, DISCORD_TOKEN="not-the-token")
+    code, log = await finish(process)
+    assert code == 2
+    assert "Discord rejected DISCORD_TOKEN" in log
+    assert "not-the-token" not in log and "Traceback" not in log
