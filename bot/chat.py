@@ -19,6 +19,7 @@ from bot.templates import AUTO, Message, Template, canonical_name, get_template
 
 log = logging.getLogger(__name__)
 
+WINDOW_REFILL = 0.75  # after the history outgrows the context, the prompt restarts this full
 CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
 
@@ -108,6 +109,7 @@ class ChatService:
         self.store = store
         self.settings = settings
         self._templates: dict[str, Template] = {}
+        self._window_start: dict[str, int] = {}  # scope -> id of the oldest message in its last prompt
         if settings.n_predict >= engine.n_ctx:
             raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({engine.n_ctx})")
 
@@ -135,14 +137,33 @@ class ChatService:
         """Switch a conversation's template; its cached KV no longer matches."""
         key = canonical_name(name)  # KeyError with the valid names for a bad one
         await self.store.set_template(scope, key)
-        self.engine.forget(scope)
+        self.forget(scope)
         return key
 
     async def reset(self, scope: str) -> int:
         """Forget a conversation's history (settings stay). Returns how many messages went."""
         removed = await self.store.clear(scope)
-        self.engine.forget(scope)
+        self.forget(scope)
         return removed
+
+    async def edit_message(self, platform_message_id: str, content: str) -> str | None:
+        """Follow an edit made on the platform; returns the conversation's scope if it was stored."""
+        scope = await self.store.edit_by_platform_id(platform_message_id, content)
+        if scope is not None:
+            self.forget(scope)
+        return scope
+
+    async def delete_message(self, platform_message_id: str) -> str | None:
+        """Follow a delete made on the platform; returns the conversation's scope if it was stored."""
+        scope = await self.store.delete_by_platform_id(platform_message_id)
+        if scope is not None:
+            self.forget(scope)
+        return scope
+
+    def forget(self, scope: str) -> None:
+        """The stored history changed under a conversation: drop its cached KV and window."""
+        self._window_start.pop(scope, None)
+        self.engine.forget(scope)
 
     # --- replying ----------------------------------------------------------------------
 
@@ -173,21 +194,39 @@ class ChatService:
         return reply
 
     async def build_prompt(self, conversation: Conversation) -> Prompt:
-        """The system prompt plus as many of the newest turns as fit in n_ctx - n_predict."""
+        """The system prompt plus the newest turns that fit in n_ctx - n_predict.
+
+        The oldest turn of the prompt stays put while everything after it fits,
+        so consecutive prompts share their prefix and the engine's KV cache stays
+        valid. When the history outgrows the window, old turns are dropped until
+        the prompt is only WINDOW_REFILL full: room for several more exchanges
+        before the next full re-evaluation, instead of one on every message.
+        """
         template = self.template(self.template_name(conversation))
         system = conversation.system_prompt if conversation.system_prompt is not None else self.settings.system_prompt
         head = [Message("system", system)] if system.strip() else []
         budget = self.engine.n_ctx - self.settings.n_predict
+        start = self._window_start.get(conversation.scope)
 
-        # Pick turns newest first by an estimate, then check the exact rendering below.
+        # Pick turns newest first by an estimate; the exact rendering is checked below.
         picked: list[StoredMessage] = []
+        costs: list[int] = []
         used = len(self.engine.encode(template.render(head))) if head else 0
+        overflow = False
         async for stored in self.store.newest_first(conversation.id):
+            if start is not None and stored.id < start:
+                break  # the window still begins where it began last time
             cost = len(self.engine.tokenize(_content(stored, True), special=False)) + 8
             if picked and used + cost > budget:
+                overflow = True
                 break
             picked.append(stored)
+            costs.append(cost)
             used += cost
+        if overflow:  # slide the window: keep only the newest turns that fill WINDOW_REFILL of it
+            while len(picked) > 1 and used > budget * WINDOW_REFILL:
+                picked.pop()
+                used -= costs.pop()
         picked.reverse()
         while picked and picked[0].role == "assistant":  # a prompt starts with a user turn
             picked.pop(0)
@@ -198,6 +237,8 @@ class ChatService:
             messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
             tokens = self.engine.encode(template.render(messages))
             if len(tokens) <= budget:
+                if picked:
+                    self._window_start[conversation.scope] = picked[0].id
                 return Prompt(tokens, messages, template, len(picked), cut)
             if len(picked) > 1:
                 picked.pop(0)

@@ -234,7 +234,7 @@ class LlamaBot(discord.Client):
                 await self._deliver_apology(out)
                 return
             if reply.finish_reason == "cancelled":
-                final += STOPPED
+                final = reply.clean_text() + STOPPED if reply.clean_text() else STOPPED.strip()
             for note in turn.notes + reply.notes:
                 final += f"\n-# {note}"
             try:
@@ -259,16 +259,14 @@ class LlamaBot(discord.Client):
         if content is None or author.get("bot") or self.user is None:
             return
         text = re.sub(rf"<@!?{self.user.id}>", " ", content).strip()
-        scope = await self.chat.store.edit_by_platform_id(str(payload.message_id), text)
+        scope = await self.chat.edit_message(str(payload.message_id), text)
         if scope is not None:
-            self.chat.engine.forget(scope)
             log.info("followed an edit in %s", scope)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         """A deleted message leaves the history: the bot forgets what users take back."""
-        scope = await self.chat.store.delete_by_platform_id(str(payload.message_id))
+        scope = await self.chat.delete_message(str(payload.message_id))
         if scope is not None:
-            self.chat.engine.forget(scope)
             log.info("followed a delete in %s", scope)
 
     # --- slash commands ----------------------------------------------------------------

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bot.chat import ChatService
 from bot.config import Sampling, Settings, bundled_model_path
+from bot.discord_bot import LlamaBot
 from bot.engine import Engine, EngineOptions
 from bot.store import Store
+from tests.fakediscord import FakeDiscord, Permissions
+
+JSON = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_N_CTX = 1024
@@ -77,3 +84,70 @@ def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = N
         cwd=cwd,
         timeout=timeout,
     )
+
+
+# --- Discord: the real bot against the local fake Discord API ------------------------------
+
+
+@dataclass
+class World:
+    fake: FakeDiscord
+    guild: JSON
+    general: JSON
+    random: JSON
+    ann: JSON  # a regular member
+    mod: JSON  # has Manage Messages
+    other_bot: JSON
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    async with FakeDiscord() as fake:
+        guild = fake.add_guild("town")
+        general = fake.add_channel(guild, "general")
+        random = fake.add_channel(guild, "random")
+        ann = fake.add_user("ann", global_name="Ann")
+        mod = fake.add_user("mod", global_name="Mod")
+        other_bot = fake.add_user("otherbot", bot=True)
+        moderators = fake.add_role(guild, "moderators", permissions=Permissions.MANAGE_MESSAGES)
+        fake.add_member(guild, ann)
+        fake.add_member(guild, mod, roles=[moderators])
+        fake.add_member(guild, other_bot)
+        yield World(fake, guild, general, random, ann, mod, other_bot)
+
+
+@pytest.fixture
+def start_bot(world: World, engine: Engine, tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[LlamaBot]]:
+    """Start the bot on the shared engine with a fresh (or given) database; stop it after."""
+
+    @contextlib.asynccontextmanager
+    async def start(db: Path | None = None, **changes: Any) -> AsyncIterator[LlamaBot]:
+        changes.setdefault("user_cooldown_s", 0.0)
+        settings = make_settings(tmp_path, discord_token=world.fake.token, **changes)
+        if db is not None:
+            settings = make_settings(tmp_path, discord_token=world.fake.token, database_path=db, **changes)
+        async with await Store.open(settings.database_path) as store:
+            bot = LlamaBot(settings, ChatService(engine, store, settings), guild_ready_timeout=0.1)
+            async with world.fake.running(bot):
+                try:
+                    yield bot
+                finally:
+                    await bot.shutdown(grace=30)
+
+    return start
+
+
+def rows(db: Path, scope: str | None = None) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        sql = "SELECT c.scope, m.role, m.content FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+        if scope:
+            return conn.execute(sql + " WHERE c.scope = ? ORDER BY m.id", (scope,)).fetchall()
+        return conn.execute(sql + " ORDER BY m.id").fetchall()
+
+
+def mention(fake: FakeDiscord) -> str:
+    return f"<@{fake.bot_user['id']}>"
+
+
+def scope(world: World, channel: JSON) -> str:
+    return f"guild:{world.guild['id']}:channel:{channel['id']}"

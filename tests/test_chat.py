@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from bot.chat import CUT_NOTE, ChatService, UserMessage
+from bot.chat import CUT_NOTE, WINDOW_REFILL, ChatService, UserMessage
 from bot.config import Settings
 from bot.engine import Engine
 from bot.store import Store
@@ -55,7 +55,7 @@ async def test_history_far_longer_than_context(chat: ChatService, store: Store, 
     reply = await chat.respond(UserMessage(conv.scope, "And the newest message?", author_name="Ann"))
     budget = engine.n_ctx - settings.n_predict
     assert len(reply.prompt.tokens) <= budget
-    assert len(reply.prompt.tokens) > budget * 0.8  # filled, not just the last turn
+    assert len(reply.prompt.tokens) > budget * 0.5  # filled (to about WINDOW_REFILL), not just the last turn
     assert reply.prompt.messages[0].role == "system"
     assert reply.prompt.messages[-1].content == "And the newest message?"  # one speaker: no names
     assert "Turn 0:" not in " ".join(m.content for m in reply.prompt.messages)  # the oldest fell out of the prompt...
@@ -88,3 +88,20 @@ async def test_template_switch_is_stored_and_used(chat: ChatService, store: Stor
     assert reply.prompt.template.name == "vicuna-chat"
     assert (await store.conversation("dm:5")).template == "vicuna-chat"
     await reply.save()
+
+
+async def test_window_keeps_its_start_so_the_kv_cache_is_reused(chat: ChatService, store: Store, engine: Engine, settings: Settings) -> None:
+    """Past the context, the prompt's oldest turn stays put across messages (one re-evaluation, not one per message)."""
+    conv = await store.conversation("dm:window")
+    for i in range(60):
+        await store.add_message(conv.id, "user" if i % 2 == 0 else "assistant", f"Turn {i}: " + "lorem ipsum dolor sit amet " * 5)
+    first = await chat.respond(UserMessage(conv.scope, "First new question?"))
+    await first.save()
+    budget = engine.n_ctx - settings.n_predict
+    assert len(first.prompt.tokens) <= budget * WINDOW_REFILL + 64
+    second = await chat.respond(UserMessage(conv.scope, "Second new question?"))
+    await second.text()
+    assert second.prompt.messages[1] == first.prompt.messages[1]  # same oldest turn: same prefix
+    assert second.generation.n_cached >= len(first.prompt.tokens) - 1
+    assert second.generation.n_evaluated < 64  # only the new turns were evaluated
+    await second.save()

@@ -4,84 +4,12 @@ API, answering with the real model and storing in a real SQLite file."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from bot.chat import ChatService
 from bot.discord_bot import BUSY, MENTION_ONLY, NEED_ADMIN, NO_TEXT, LlamaBot
 from bot.discord_output import LIMIT, split_message
-from bot.engine import Engine
-from bot.store import Store
-from tests.conftest import make_settings
-from tests.fakediscord import FakeDiscord, Permissions
-
-JSON = dict[str, Any]
-
-
-@dataclass
-class World:
-    fake: FakeDiscord
-    guild: JSON
-    general: JSON
-    random: JSON
-    ann: JSON  # a regular member
-    mod: JSON  # has Manage Messages
-    other_bot: JSON
-
-
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    async with FakeDiscord() as fake:
-        guild = fake.add_guild("town")
-        general = fake.add_channel(guild, "general")
-        random = fake.add_channel(guild, "random")
-        ann = fake.add_user("ann", global_name="Ann")
-        mod = fake.add_user("mod", global_name="Mod")
-        other_bot = fake.add_user("otherbot", bot=True)
-        moderators = fake.add_role(guild, "moderators", permissions=Permissions.MANAGE_MESSAGES)
-        fake.add_member(guild, ann)
-        fake.add_member(guild, mod, roles=[moderators])
-        fake.add_member(guild, other_bot)
-        yield World(fake, guild, general, random, ann, mod, other_bot)
-
-
-@pytest.fixture
-def start_bot(world: World, engine: Engine, tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[LlamaBot]]:
-    """Start the bot on the shared engine with a fresh (or given) database; stop it after."""
-
-    @contextlib.asynccontextmanager
-    async def start(db: Path | None = None, **changes: Any) -> AsyncIterator[LlamaBot]:
-        changes.setdefault("user_cooldown_s", 0.0)
-        settings = make_settings(tmp_path, discord_token=world.fake.token, **changes)
-        if db is not None:
-            settings = make_settings(tmp_path, discord_token=world.fake.token, database_path=db, **changes)
-        async with await Store.open(settings.database_path) as store:
-            bot = LlamaBot(settings, ChatService(engine, store, settings), guild_ready_timeout=0.1)
-            async with world.fake.running(bot):
-                try:
-                    yield bot
-                finally:
-                    await bot.shutdown(grace=30)
-
-    return start
-
-
-def rows(db: Path, scope: str | None = None) -> list[tuple[str, str, str]]:
-    with sqlite3.connect(db) as conn:
-        sql = "SELECT c.scope, m.role, m.content FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-        if scope:
-            return conn.execute(sql + " WHERE c.scope = ? ORDER BY m.id", (scope,)).fetchall()
-        return conn.execute(sql + " ORDER BY m.id").fetchall()
-
-
-def mention(fake: FakeDiscord) -> str:
-    return f"<@{fake.bot_user['id']}>"
+from tests.conftest import JSON, World, mention, rows, scope
 
 
 async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: str, *, timeout: float = 60) -> list[JSON]:
@@ -91,10 +19,6 @@ async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: st
     await world.fake.wait_for_bot_message(channel, after=sent, timeout=timeout)
     await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, timeout)
     return [m for m in world.fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
-
-
-def scope(world: World, channel: JSON) -> str:
-    return f"guild:{world.guild['id']}:channel:{channel['id']}"
 
 
 async def test_mention_gets_a_reply_in_the_right_channel_and_is_stored(world: World, start_bot, tmp_path: Path) -> None:
@@ -285,7 +209,7 @@ async def test_chat_channels_answer_every_message(world: World, start_bot) -> No
 
 async def test_busy_channel_messages_wait_their_turn_in_order(world: World, start_bot) -> None:
     async with start_bot(stream=False, parallel=1, max_queue=1) as bot:
-        first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Count to three.")
+        await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Count to three.")
         second = await world.fake.send_message(world.general, world.mod, f"{mention(world.fake)} Name a fruit.")
         third = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Name a car.")
         busy = await world.fake.wait_for(

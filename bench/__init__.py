@@ -1,0 +1,1 @@
+"""The benchmark; run it with `python -m bench`."""

@@ -1,0 +1,347 @@
+"""The benchmark: `python -m bench` (about 5 minutes on 2 cores).
+
+Every row is a ratio of two things measured side by side in this one run, so
+a noisy shared machine still gives comparable numbers. Results are printed as
+a markdown table and written to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bot.config import Sampling, bundled_model_path
+from bot.engine import Engine, EngineOptions, Generation
+from bot.templates import Message, Template, get_template
+
+HERE = Path(__file__).resolve().parent
+GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
+STORIES = [f"Write a long story about a {thing}." for thing in ("dragon", "knight", "wizard", "princess")]
+
+
+@dataclass
+class Row:
+    measure: str
+    result: str
+    target: str
+    ok: bool | None  # None: no target, information only
+
+
+def threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def template_for(engine: Engine) -> Template:
+    info = engine.info
+    return get_template("auto", gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+
+
+def chat_prompt(engine: Engine, messages: Sequence[Message]) -> list[int]:
+    return engine.encode(template_for(engine).render(messages))
+
+
+def decode_rate(gen: Generation) -> float:
+    """Tokens per second after the first token (prompt evaluation excluded)."""
+    assert gen.first_token_at is not None and gen.finished_at is not None
+    return (len(gen.tokens) - 1) / (gen.finished_at - gen.first_token_at)
+
+
+# --- 1. overhead against the plain library ----------------------------------------------
+
+
+async def overhead(engine: Engine, rounds: int) -> Row:
+    """Decode speed of the engine vs llama-cpp-python's Llama.create_completion, alternating."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(engine.info.path), n_ctx=2048, n_batch=512, n_threads=threads(), n_threads_batch=threads(), verbose=False)
+    prompt = chat_prompt(engine, [Message("user", STORIES[0])])
+    ours: list[float] = []
+    plain: list[float] = []
+    for i in range(rounds):
+        gen = await engine.generate(f"overhead-{i}", prompt, max_tokens=200, sampling=GREEDY).wait()
+        ours.append(decode_rate(gen))
+        start = first = None
+        n = 0
+        for _ in llm.create_completion(prompt, max_tokens=200, temperature=0.0, repeat_penalty=1.0, stream=True):
+            now = time.perf_counter()
+            start = start or now
+            first = first or now
+            n += 1
+        end = time.perf_counter()
+        plain.append((n - 1) / (end - first) if first and n > 1 else 0.0)
+    del llm
+    a, b = statistics.median(ours), statistics.median(plain)
+    return Row(
+        "Overhead: decode tokens/s, engine vs plain `Llama.create_completion` (greedy, same prompt and threads)",
+        f"{a:.0f} vs {b:.0f} tok/s = **{a / b:.2f}x**",
+        ">= 1.0x",
+        a / b >= 1.0,
+    )
+
+
+# --- 2. follow-up latency ----------------------------------------------------------------
+
+
+def history(turns: int, seed: int) -> list[Message]:
+    """A synthetic channel history of about 55 tokens per turn."""
+    out = [Message("system", "You are a helpful assistant.")]
+    for i in range(turns):
+        topic = ("gardens", "rivers", "engines", "castles")[seed % 4]
+        if i % 2 == 0:
+            out.append(Message("user", f"Message {i} in channel {seed}: tell me one more thing about {topic}, in a few sentences please, with detail."))
+        else:
+            out.append(Message("assistant", f"Here is fact {i} about {topic}: they have a long history, many forms, and people study them for years, writing books and building models of them."))
+    return out
+
+
+async def follow_ups(engine: Engine, label: str, rounds: int, channels: int = 4, turns: int = 40) -> tuple[list[float], int]:
+    """Channels speak in turn (A B C D A B C D ...); returns follow-up times to first token."""
+    convs = [history(turns, c) for c in range(channels)]
+    ttft: list[float] = []
+    n_new = 0
+    for r in range(rounds + 1):
+        for c, conv in enumerate(convs):
+            conv.append(Message("user", f"Round {r}: and what else?"))
+            gen = await engine.generate(f"{label}-{c}", chat_prompt(engine, conv), max_tokens=8, sampling=GREEDY).wait()
+            conv.append(Message("assistant", gen.text.strip() or "ok"))
+            if r > 0:  # round 0 reads each history once; the follow-ups are what we measure
+                assert gen.first_token_at is not None
+                ttft.append(gen.first_token_at - gen.queued_at)
+                n_new = max(n_new, gen.n_evaluated)
+    return ttft, n_new
+
+
+async def follow_up_latency(engine: Engine, no_reuse: Engine) -> list[Row]:
+    reuse_ttft, n_new = await follow_ups(engine, "reuse", rounds=2)
+    cold_ttft, _ = await follow_ups(no_reuse, "cold", rounds=1)
+    prompt_len = len(chat_prompt(engine, history(40, 0)))
+    # the time to evaluate only the new message: as many tokens, in an empty slot (nothing to evict)
+    only_new: list[float] = []
+    for i in range(5):
+        tokens = chat_prompt(engine, [Message("user", "x " * max(1, n_new - 8))])[-n_new:]
+        gen = await no_reuse.generate(f"only-new-{i}", tokens, max_tokens=1, sampling=GREEDY).wait()
+        assert gen.first_token_at is not None
+        only_new.append(gen.first_token_at - gen.queued_at)
+    warm, cold, new = statistics.median(reuse_ttft), statistics.median(cold_ttft), statistics.median(only_new)
+    return [
+        Row(
+            f"Follow-up latency: 4 channels with ~{prompt_len} tokens of history each, speaking in turn; "
+            "median time to first token with KV reuse vs without",
+            f"{warm * 1000:.0f} ms vs {cold * 1000:.0f} ms = **{cold / warm:.1f}x faster**",
+            ">= 10x",
+            cold / warm >= 10,
+        ),
+        Row(
+            f"Follow-up latency vs evaluating only the new message ({n_new} tokens) on an empty context",
+            f"{warm * 1000:.0f} ms vs {new * 1000:.0f} ms = **{warm / new:.2f}x**",
+            "<= 1.5x",
+            warm / new <= 1.5,
+        ),
+    ]
+
+
+# --- 3 and 4. aggregate throughput and event-loop responsiveness ----------------------------
+
+
+async def generate_all(engine: Engine, prompts: list[list[int]], label: str, max_tokens: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    gens = [engine.generate(f"{label}-{i}", p, max_tokens=max_tokens, sampling=GREEDY) for i, p in enumerate(prompts)]
+    done = [await g.wait() for g in gens]
+    return sum(len(g.tokens) for g in done), time.perf_counter() - start
+
+
+async def throughput_and_lag(engine: Engine, rounds: int) -> list[Row]:
+    prompts = [chat_prompt(engine, [Message("user", s)]) for s in STORIES]
+    solo: list[float] = []
+    together: list[float] = []
+    lags: list[float] = []
+    for r in range(rounds):
+        n, seconds = await generate_all(engine, prompts[:1], f"solo-{r}", 128)
+        solo.append(n / seconds)
+        ticker = asyncio.ensure_future(_ticker(lags))
+        n, seconds = await generate_all(engine, prompts, f"together-{r}", 128)
+        ticker.cancel()
+        together.append(n / seconds)
+    a, b = statistics.median(together), statistics.median(solo)
+    lags.sort()
+    p99 = lags[int(len(lags) * 0.99)] * 1000
+    return [
+        Row(
+            "Aggregate throughput: 4 channels generating at once vs 1 channel alone (total generated tokens/s)",
+            f"{a:.0f} vs {b:.0f} tok/s = **{a / b:.2f}x**",
+            ">= 1.5x",
+            a / b >= 1.5,
+        ),
+        Row("Responsiveness: event-loop lag of a 10 ms ticker while 4 channels generate, p99", f"**{p99:.1f} ms** ({len(lags)} ticks)", "< 20 ms", p99 < 20),
+    ]
+
+
+async def _ticker(lags: list[float]) -> None:
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.append(time.perf_counter() - start - 0.01)
+
+
+# --- 5. memory ---------------------------------------------------------------------------
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+async def memory_child(kv_cache_mb: int, channels: int) -> dict[str, float]:
+    """Run in a fresh process so that peak RSS belongs to this scenario only."""
+    engine = await Engine.load(bundled_model_path(), EngineOptions(n_ctx=1024, n_threads=threads(), parallel=4, kv_cache_mb=kv_cache_mb))
+    after_load, _ = rss_mb()
+    for c in range(channels):
+        await engine.generate(f"mem-{c}", chat_prompt(engine, history(8, c)), max_tokens=4, sampling=GREEDY).wait()
+    _, peak = rss_mb()
+    result = {"after_load": after_load, "peak": peak, "cache_mb": engine.cache_bytes / 2**20, "cached": engine.cached_states}
+    await engine.close()
+    return result
+
+
+def memory(kv_cache_mb: int = 64, channels: int = 50) -> Row:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--memory-child", str(kv_cache_mb), str(channels)], capture_output=True, text=True, check=True
+    )
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = m["peak"] - m["after_load"]
+    bound = kv_cache_mb + 32
+    return Row(
+        f"Memory: peak RSS with {channels} channels that each have history (KV_CACHE_MB={kv_cache_mb}) vs right after model load",
+        f"{m['after_load']:.0f} MiB -> {m['peak']:.0f} MiB peak (**+{grown:.0f} MiB**; {m['cached']:.0f} states cached in {m['cache_mb']:.0f} MiB)",
+        f"<= KV_CACHE_MB + 32 MiB (+{bound} MiB)",
+        grown <= bound,
+    )
+
+
+# --- 6. end to end through Discord -------------------------------------------------------
+
+
+async def discord_end_to_end(engine: Engine, messages: int = 5) -> Row:
+    """Through the test suite's local Discord API: user message -> first visible text -> final text."""
+    sys.path.insert(0, str(HERE.parent))
+    import tempfile
+
+    from bot.chat import ChatService
+    from bot.config import Settings
+    from bot.discord_bot import LlamaBot
+    from bot.store import Store
+    from tests.fakediscord import FakeDiscord
+
+    first_times: list[float] = []
+    final_times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(database_path=Path(tmp) / "bench.sqlite3", n_predict=128, sampling=GREEDY, user_cooldown_s=0.0, stream=True)
+        async with FakeDiscord() as fake:
+            guild = fake.add_guild("bench")
+            channel = fake.add_channel(guild, "general")
+            user = fake.add_user("user")
+            fake.add_member(guild, user)
+            async with await Store.open(settings.database_path) as store:
+                bot = LlamaBot(settings, ChatService(engine, store, settings), guild_ready_timeout=0.1)
+                async with fake.running(bot):
+                    for i in range(messages):
+                        start = time.monotonic()
+                        sent = await fake.send_message(channel, user, f"<@{fake.bot_user['id']}> {STORIES[i % 4]}")
+                        await fake.wait_for_bot_message(channel, after=sent, timeout=120)  # polls every 20 ms
+                        first_times.append(time.monotonic() - start)
+                        await fake.wait_for(lambda: bot.scheduler.running == 0, 120)
+                        last = max([e["time"] for m in fake.bot_messages(channel) if int(m["id"]) > int(sent["id"]) for e in m["_edits"]] or [time.monotonic()])
+                        final_times.append(last - start)
+                    await bot.shutdown()
+    first, final = statistics.median(first_times), statistics.median(final_times)
+    return Row(
+        "End to end through Discord (local fake API, streaming on, 128-token replies): user message to first visible reply text / to final text, median",
+        f"**{first * 1000:.0f} ms** / **{final:.1f} s**",
+        "",
+        None,
+    )
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+async def run(quick: bool) -> tuple[list[Row], str]:
+    rounds = 2 if quick else 3
+    path = bundled_model_path()
+    options = EngineOptions(n_ctx=3072, n_threads=threads(), parallel=4, kv_cache_mb=256)
+    engine = await Engine.load(path, options)
+    rows: list[Row] = []
+    try:
+        print("overhead...", file=sys.stderr)
+        rows.append(await overhead(engine, rounds))
+        print("follow-up latency...", file=sys.stderr)
+        no_reuse = await Engine.load(path, EngineOptions(**{**options.__dict__, "reuse": False}))
+        try:
+            rows += await follow_up_latency(engine, no_reuse)
+        finally:
+            await no_reuse.close()
+        print("throughput and responsiveness...", file=sys.stderr)
+        rows += await throughput_and_lag(engine, rounds)
+        print("memory...", file=sys.stderr)
+        rows.append(memory())
+        print("end to end through Discord...", file=sys.stderr)
+        rows.append(await discord_end_to_end(engine))
+    finally:
+        await engine.close()
+    header = (
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, {threads()} threads, "
+        f"model {path.name}, Python {platform.python_version()}, llama-cpp-python {_llama_version()}."
+    )
+    return rows, header
+
+
+def _llama_version() -> str:
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| Measure | Result | Target | Met |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        met = "" if r.ok is None else "yes" if r.ok else "**no**"
+        lines.append(f"| {r.measure} | {r.result} | {r.target} | {met} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where to write the results (default: bench/RESULTS.md)")
+    parser.add_argument("--memory-child", nargs=2, type=int, metavar=("KV_CACHE_MB", "CHANNELS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(asyncio.run(memory_child(*args.memory_child))))
+        return 0
+    rows, header = asyncio.run(run(args.quick))
+    report = f"# Benchmark results\n\n{header}\n\nMade with `python -m bench`. Each row compares two things measured side by side in this run.\n\n{table(rows)}\n"
+    print(report)
+    Path(args.out).write_text(report)
+    return 0 if all(r.ok is not False for r in rows) else 1

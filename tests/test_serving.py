@@ -1,0 +1,123 @@
+"""Serving many channels: streaming edits within rate limits, the fair queue, /stop, cache invalidation.
+
+The real bot, model and SQLite, through the local fake Discord API (fixtures from test_discord)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+from bot.chat import ChatService, UserMessage
+from bot.discord_bot import STOPPED
+from bot.discord_output import LIMIT, split_message
+from tests.conftest import World, mention, rows, scope
+
+STORY = "Write a long story about a dragon."
+
+
+def replies_to(world: World, channel: dict, message: dict) -> list[dict]:
+    return [m for m in world.fake.bot_messages(channel) if m.get("message_reference", {}).get("message_id") == message["id"]]
+
+
+def statuses(db) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT role, status FROM messages ORDER BY id").fetchall()
+
+
+async def test_streamed_reply_appears_early_respects_edit_rate_and_ends_exact(world: World, start_bot) -> None:
+    async with start_bot(n_predict=700, stream=True) as bot:
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")
+        [first] = await world.fake.wait_for_bot_message(world.general, after=sent, timeout=60)
+        assert bot.scheduler.running == 1  # visible while still being generated
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=180)
+        final = rows(bot.settings.database_path)[1][2]
+        pages = [m for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
+    assert len(final) > LIMIT
+    assert [p["content"] for p in pages] == split_message(final)  # the final text is exact, page by page
+    assert len(first["_edits"]) >= 2  # it grew by edits
+    for page in pages:
+        times = [e["time"] for e in page["_edits"]]
+        assert all(b - a >= 0.95 for a, b in zip(times, times[1:])), times  # at most one edit a second per message
+    edits = world.fake.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
+    assert edits and all(e["json"]["allowed_mentions"]["parse"] == [] for e in edits), [e["json"].get("allowed_mentions") for e in edits]
+
+
+async def test_bot_wide_edit_budget_with_four_channels_streaming(world: World, start_bot) -> None:
+    channels = [world.general, world.random] + [world.fake.add_channel(world.guild, f"extra-{i}") for i in range(2)]
+    async with start_bot(n_predict=250, stream=True, parallel=4) as bot:
+        started = asyncio.get_running_loop().time()
+        for channel in channels:
+            await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {STORY}")
+        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 8, timeout=180)
+        elapsed = asyncio.get_running_loop().time() - started
+        assert bot.chat.engine.batched_steps > 0  # the four were decoded together
+    edits = world.fake.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
+    budget = bot.edit_budget
+    assert len(edits) <= budget.burst + budget.rate * elapsed + len(channels)  # + one final edit per reply
+    for channel in channels:  # and every reply still ends exact
+        stored = [r[2] for r in rows(bot.settings.database_path, scope(world, channel)) if r[1] == "assistant"]
+        assert [m["content"] for m in world.fake.bot_messages(channel)] == split_message(stored[0])
+
+
+async def test_fair_queue_serves_a_quiet_channel_before_a_busy_one(world: World, start_bot) -> None:
+    async with start_bot(stream=False, parallel=1, max_queue=16, n_predict=16) as bot:  # 4 may wait per channel
+        flood = [await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Question {i}?") for i in range(4)]
+        quiet = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} Hello from a quiet channel.")
+        note = await world.fake.wait_for(lambda: replies_to(world, world.random, quiet))
+        assert note[0]["content"] == "\u23f3 Busy: you're #2 in line."  # a waiting user sees their position
+        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 10, timeout=180)
+        order = [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"]
+        # round-robin: the quiet channel waited for one busy-channel message, not for all of them
+        assert order == ["Question 0?", "Question 1?", "Hello from a quiet channel.", "Question 2?", "Question 3?"]
+        [answer] = replies_to(world, world.random, quiet)
+        assert not answer["content"].startswith("\u23f3")  # the note was replaced by the reply
+        assert all(len(replies_to(world, world.general, m)) == 1 for m in flood)
+
+
+async def test_stop_mid_reply_keeps_what_was_written(world: World, start_bot) -> None:
+    async with start_bot(n_predict=400, stream=True) as bot:
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {STORY}")
+        await world.fake.wait_for_bot_message(world.general, after=sent)
+        stop = await world.fake.invoke_command("stop", user=world.ann, channel=world.general)
+        await stop.wait_done()
+        assert stop.ephemeral and stop.content == "Stopped."
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
+        [reply] = replies_to(world, world.general, sent)
+        assert reply["content"].endswith(STOPPED)
+        assert statuses(bot.settings.database_path) == [("user", "ok"), ("assistant", "stopped")]
+        stored = rows(bot.settings.database_path)[1][2]
+        assert reply["content"] == stored + STOPPED and len(stored) > 0
+        assert bot.chat.engine.busy_slots == 0  # the slot is free
+        again = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Thanks!")
+        await world.fake.wait_for_bot_message(world.general, after=again)
+
+
+async def test_stop_during_prompt_evaluation(world: World, start_bot) -> None:
+    async with start_bot(stream=True) as bot:
+        long_message = "Please summarise: " + "the history of the world in many words " * 100  # ~800 tokens to read
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {long_message}")
+        await world.fake.wait_for(lambda: bot.replies)  # generation started: the prompt is being read
+        stop = await world.fake.invoke_command("stop", user=world.ann, channel=world.general)
+        await stop.wait_done()
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=30)
+        [reply] = replies_to(world, world.general, sent)
+        assert reply["content"] == STOPPED.strip()
+        assert statuses(bot.settings.database_path) == [("user", "ok")]  # nothing written, nothing stored as said
+        reply_obj_gone = not bot.replies
+        assert reply_obj_gone and bot.chat.engine.busy_slots == 0
+
+
+async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> None:
+    first = await chat.respond(UserMessage("dm:cache", "Hello there"))
+    await first.save()
+    follow = await chat.respond(UserMessage("dm:cache", "And again"))
+    await follow.save()
+    assert follow.generation.n_cached > 0
+    await chat.reset("dm:cache")
+    after_reset = await chat.respond(UserMessage("dm:cache", "Hello there"))
+    await after_reset.save()
+    assert after_reset.generation.n_cached == 0
+    await chat.set_template("dm:cache", "chatml")
+    after_switch = await chat.respond(UserMessage("dm:cache", "Hi"))
+    await after_switch.save()
+    assert after_switch.generation.n_cached == 0
