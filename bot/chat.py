@@ -19,7 +19,7 @@ from bot.templates import AUTO, Message, Template, canonical_name, get_template
 
 log = logging.getLogger(__name__)
 
-WINDOW_REFILL = 0.75  # after the history outgrows the context, the prompt restarts this full
+WINDOW_REFILL = 0.5  # after the history outgrows the context, the prompt restarts half full (as llama.cpp's context shift)
 CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
 

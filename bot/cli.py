@@ -68,6 +68,7 @@ def setup_logging(settings: Settings, *, quiet: bool) -> None:
     if settings.llama_log:
         level = min(level, logging.INFO)
     discord.utils.setup_logging(level=level, root=True)
+    logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))  # one DEBUG line per query is noise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import discord
 import yarl
 from discord import app_commands
 
-from bot.chat import ChatService, Reply, UserMessage, open_chat
+from bot.chat import EMPTY_NOTE, ChatService, Reply, UserMessage, open_chat
 from bot.config import Settings
 from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer
 from bot.scheduler import FairScheduler, QueueFull
@@ -28,6 +28,8 @@ from bot.templates import NAMES, canonical_name
 log = logging.getLogger(__name__)
 
 SORRY = "Sorry, something went wrong while I was answering. Please try again."
+UNDELIVERED = "Sorry, Discord did not accept my reply. Please ask again."
+COMMAND_FAILED = "Sorry, that did not work (the error is in the bot's log). Please try again."
 BUSY = "I'm busy with other conversations right now. Please try again in a minute."
 NO_TEXT = "I can only read text. Write me a message (attachments, stickers and embeds are ignored)."
 MENTION_ONLY = "You mentioned me, but there is no message. Ask me something!"
@@ -203,52 +205,75 @@ class LlamaBot(discord.Client):
             return None
 
     async def _answer(self, turn: _Turn) -> None:
-        """Generate and post the reply to one message; store what was delivered."""
+        """Generate and post the reply to one message; store it as delivered or not."""
         first = await turn.waiting_note if turn.waiting_note is not None else None
         out = ReplyStreamer(turn.message, budget=self.edit_budget, first=first)
         author = turn.message.author
         typing = _Typing(turn.message.channel)
         await typing.start()
+        reply: Reply | None = None
         try:
             reply = await self.chat.respond(
                 UserMessage(turn.scope, turn.text, author_id=str(author.id), author_name=author.display_name, platform_message_id=str(turn.message.id))
             )
-        except Exception:
-            log.exception("could not start a reply in %s", turn.scope)
-            await typing.stop()
-            await self._deliver_apology(out)
-            return
-        self.replies[turn.scope] = reply
-        try:
-            shown = ""
+            self.replies[turn.scope] = reply
             if self.settings.stream:
-                async for chunk in reply.stream():
-                    shown += chunk
-                    await out.update(shown)
-                    if out.messages and first is None:
-                        await typing.stop()
-            final = await reply.text()
+                await self._stream(reply, out, typing)
+            await reply.generation.wait()
+        except Exception:
+            log.exception("could not answer message %s in %s", turn.message.id, turn.scope)
             await typing.stop()
-            if reply.finish_reason == "error":
-                log.error("generation failed in %s: %s", turn.scope, reply.generation.error)
-                await self._deliver_apology(out)
-                return
-            if reply.finish_reason == "cancelled":
-                final = reply.clean_text() + STOPPED if reply.clean_text() else STOPPED.strip()
-            for note in turn.notes + reply.notes:
-                final += f"\n-# {note}"
-            try:
-                sent = await out.finish(final)
-            except discord.HTTPException as exc:
-                log.error("could not deliver the reply in %s: %s; it is kept as undelivered", turn.scope, exc)
-                await reply.save(delivered=False)
-                return
-            await reply.save(platform_message_id=str(sent[0].id))
+            await self._apologize(out)
+            return
         finally:
             await typing.stop()
             self.replies.pop(turn.scope, None)
+            if reply is not None and not reply.generation.done:
+                reply.generation.cancel()  # this job was cancelled (shutdown): free the slot
+        if reply.finish_reason == "error":
+            log.error("generation failed for message %s in %s: %s", turn.message.id, turn.scope, reply.generation.error)
+            await self._apologize(out)
+            return
+        delivered = True
+        try:
+            sent = await out.finish(self._final_text(reply, turn))
+        except discord.HTTPException as exc:
+            log.error("could not deliver the reply to message %s in %s (%s); kept as undelivered", turn.message.id, turn.scope, exc)
+            delivered = False
+            await self._note(turn.message, UNDELIVERED)
+        try:
+            await reply.save(delivered=delivered, platform_message_id=str(sent[0].id) if delivered else None)
+        except Exception:
+            log.exception("could not store the reply to message %s in %s", turn.message.id, turn.scope)
 
-    async def _deliver_apology(self, out: ReplyStreamer) -> None:
+    async def _stream(self, reply: Reply, out: ReplyStreamer, typing: _Typing) -> None:
+        """Show the reply while it is generated; if Discord refuses an edit, wait for the end."""
+        shown = ""
+        live = True
+        async for chunk in reply.stream():
+            shown += chunk
+            if not live:
+                continue
+            try:
+                await out.update(shown)
+            except discord.HTTPException as exc:
+                log.warning("streaming the reply in %s failed (%s); sending it when complete", reply.conversation.scope, exc)
+                live = False
+            if out.messages:
+                await typing.stop()
+
+    @staticmethod
+    def _final_text(reply: Reply, turn: _Turn) -> str:
+        text = reply.clean_text()
+        if reply.finish_reason == "cancelled":
+            text = text + STOPPED if text else STOPPED.strip()
+        elif not text:
+            text = EMPTY_NOTE
+        for note in turn.notes + reply.notes:
+            text += f"\n-# {note}"
+        return text
+
+    async def _apologize(self, out: ReplyStreamer) -> None:
         with contextlib.suppress(discord.HTTPException):
             await out.finish(SORRY)
 
@@ -323,6 +348,16 @@ def _register_commands(bot: LlamaBot) -> None:
             return False
         await interaction.response.send_message(NEED_ADMIN.format(name=name), ephemeral=True)
         return True
+
+    @bot.tree.error
+    async def on_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        name = interaction.command.name if interaction.command else "?"
+        log.error("/%s failed in %s: %s", name, bot.scope_of(interaction), error, exc_info=error)
+        with contextlib.suppress(discord.HTTPException):
+            if interaction.response.is_done():
+                await interaction.followup.send(COMMAND_FAILED, ephemeral=True)
+            else:
+                await interaction.response.send_message(COMMAND_FAILED, ephemeral=True)
 
     @bot.tree.command(name="reset", description="Forget this channel's conversation with the bot")
     async def reset(interaction: discord.Interaction) -> None:

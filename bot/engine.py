@@ -202,7 +202,7 @@ _backend_ready = False
 def _init_backend(verbose: bool) -> None:
     """Route llama.cpp's own log lines to `logging` (or drop them), once per process."""
     global _log_callback_ref, _backend_ready
-    levels = {1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO, 4: logging.DEBUG}
+    levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level; 5 continues a line
 
     @L.llama_log_callback
     def forward(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
@@ -247,6 +247,7 @@ class Engine:
         self._abort_now = False  # set on shutdown: abort the decode in progress
         self._watched: list[Generation] = []  # generations in the decode in progress
         self._piece_cache: dict[int, bytes] = {}
+        self._poison_next = 0  # fault drills: decodes to feed an invalid token (see inject_decode_failure)
         # counters (read by tests and the benchmark)
         self.steps = 0
         self.batched_steps = 0  # steps that decoded more than one sequence
@@ -419,6 +420,16 @@ class Engine:
         """Drop a conversation's cached KV state (after /reset, /template, edits)."""
         with self._lock:
             self._forget.add(key)
+            self._lock.notify()
+
+    def inject_decode_failure(self, times: int = 1) -> None:
+        """Fault drill: give llama.cpp an invalid token in the next `times` decode steps.
+
+        llama_decode then really fails, and everything downstream (resync, the
+        apology, serving on) runs for real. Used by the reliability tests.
+        """
+        with self._lock:
+            self._poison_next += times
             self._lock.notify()
 
     def wake(self) -> None:
@@ -636,6 +647,9 @@ class Engine:
                 prompt_tokens += len(chunk)
         if not entries:
             return
+        if self._poison_next:
+            self._poison_next -= 1
+            entries[0] = (self._n_vocab + 1, *entries[0][1:])  # an id the vocabulary does not have
         self._fill_batch(entries)
         # The abort callback runs once per graph node; only pay for it on long prompt chunks.
         watch = prompt_tokens >= 32
@@ -681,7 +695,7 @@ class Engine:
                 if slot.request is not None and slot.request.gen._cancel:
                     self._finish(slot, "cancelled")
             return
-        log.error("llama_decode failed with code %d", rc)
+        log.error("llama_decode failed with code %d; ending the replies in that batch: %s", rc, ", ".join(s.key or "?" for s, _ in grown))
         for slot, _ in grown:
             self._finish(slot, "error", f"llama_decode returned {rc}")
 

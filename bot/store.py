@@ -112,6 +112,7 @@ class Store:
             if mode is not None and mode[0] != "wal" and str(path) != ":memory:":
                 log.warning("database %s: WAL mode not available (journal_mode=%s)", path, mode[0])
             await store._migrate(upto)
+            await store._check_writable()
         except sqlite3.DatabaseError as exc:
             await db.close()
             raise StoreError(_explain(path, exc)) from None
@@ -138,12 +139,25 @@ class Store:
         for m in load_migrations():
             if m.version in done or (upto is not None and m.version > upto):
                 continue
-            # One script, one transaction: a migration is applied entirely or not at all.
-            await self._db.executescript(
-                f"BEGIN;\n{m.sql}\n;INSERT INTO schema_migrations (version, name, applied_at) "
-                f"VALUES ({m.version:d}, '{m.name}', '{_now()}');\nCOMMIT;"
-            )
+            # One transaction per migration: it is applied entirely, and recorded, or not at all.
+            try:
+                await self._db.executescript("BEGIN;\n" + m.sql)
+                await self._db.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", (m.version, m.name, _now())
+                )
+                await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
             log.info("database %s: applied migration %04d_%s", self.path, m.version, m.name)
+
+    async def _check_writable(self) -> None:
+        """Fail at start, not at the first message, when the file cannot be written."""
+        try:
+            await self._db.executescript("BEGIN; CREATE TABLE write_probe (x); ROLLBACK;")
+        except sqlite3.DatabaseError:
+            await self._db.rollback()
+            raise
 
     async def schema_version(self) -> int:
         row = await (await self._db.execute("SELECT MAX(version) FROM schema_migrations")).fetchone()
@@ -216,10 +230,12 @@ class Store:
 
     async def messages(self, conversation_id: int, *, visible_only: bool = False) -> list[StoredMessage]:
         """All messages of a conversation, oldest first."""
-        sql = "SELECT * FROM messages WHERE conversation_id = ?"
         if visible_only:
-            sql += " AND status IN ('ok', 'stopped')"
-        rows = await self._db.execute_fetchall(sql + " ORDER BY id", (conversation_id,))
+            rows = await self._db.execute_fetchall(
+                "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped') ORDER BY id", (conversation_id,)
+            )
+        else:
+            rows = await self._db.execute_fetchall("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [_message(r) for r in rows]
 
     async def newest_first(self, conversation_id: int, page: int = 64) -> AsyncIterator[StoredMessage]:

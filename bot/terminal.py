@@ -8,12 +8,15 @@ reply; Ctrl-C at the prompt, `/quit` or the end of input (piped stdin) ends the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from typing import TextIO
 
 from bot.chat import ChatService, Reply, UserMessage
 from bot.templates import NAMES
+
+log = logging.getLogger(__name__)
 
 SCOPE = "terminal:default"
 HELP = "commands: /reset (forget this conversation), /template [NAME], /quit"
@@ -71,7 +74,12 @@ class TerminalChat:
             raise KeyboardInterrupt
 
     async def _reply(self, text: str) -> None:
-        reply = await self.chat.respond(UserMessage(self.scope, text, author_id="terminal", author_name="user"))
+        try:
+            reply = await self.chat.respond(UserMessage(self.scope, text, author_id="terminal", author_name="user"))
+        except Exception as exc:  # e.g. the disk is full: say so, keep the chat going
+            log.exception("could not answer")
+            self._say(f"[ERROR] Could not answer: {exc}\n")
+            return
         self._current = reply
         try:
             self._say("[ASSISTANT]:\n")
@@ -89,7 +97,11 @@ class TerminalChat:
             for note in reply.notes:
                 self._say(f"\n{note}")
             self._say("\n")
-            await reply.save()
+            try:
+                await reply.save()
+            except Exception as exc:
+                log.exception("could not store the reply")
+                self._say(f"[ERROR] Could not store that reply: {exc}\n")
         finally:
             self._current = None
 

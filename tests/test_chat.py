@@ -55,7 +55,7 @@ async def test_history_far_longer_than_context(chat: ChatService, store: Store, 
     reply = await chat.respond(UserMessage(conv.scope, "And the newest message?", author_name="Ann"))
     budget = engine.n_ctx - settings.n_predict
     assert len(reply.prompt.tokens) <= budget
-    assert len(reply.prompt.tokens) > budget * 0.5  # filled (to about WINDOW_REFILL), not just the last turn
+    assert len(reply.prompt.tokens) > budget * WINDOW_REFILL * 0.8  # refilled to about WINDOW_REFILL, not just the last turn
     assert reply.prompt.messages[0].role == "system"
     assert reply.prompt.messages[-1].content == "And the newest message?"  # one speaker: no names
     assert "Turn 0:" not in " ".join(m.content for m in reply.prompt.messages)  # the oldest fell out of the prompt...

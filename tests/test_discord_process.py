@@ -36,15 +36,18 @@ async def start_process(fake: FakeDiscord, tmp_path: Path, **env: str) -> asynci
         TEMPERATURE="0",
     )
     full.update(env)
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "run", cwd=tmp_path, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+    log_path = tmp_path / f"bot-{len(list(tmp_path.glob('bot-*.log')))}.log"
+    with log_path.open("wb") as log:  # a file, not a pipe: a chatty log must never block the bot
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "run", cwd=tmp_path, env=full, stdout=log, stderr=log)
+    process.log_path = log_path  # type: ignore[attr-defined]
+    return process
 
 
 async def finish(process: asyncio.subprocess.Process, timeout: float = 60) -> tuple[int, str]:
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    """Wait for the process to end; returns its exit code and everything it logged."""
+    await asyncio.wait_for(process.wait(), timeout)
     assert process.returncode is not None
-    return process.returncode, stderr.decode()
+    return process.returncode, process.log_path.read_text()  # type: ignore[attr-defined]
 
 
 async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord, tmp_path: Path) -> None:

@@ -1,0 +1,340 @@
+"""Reliability and security: bad input, faults, nothing lost, no one let in.
+
+Through the local Discord API with the real model and real SQLite files, and the
+real CLI in a subprocess where a process has to die or fail to start."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import logging
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bot.discord_bot import MENTION_ONLY, NO_TEXT, SLOW_DOWN, SORRY, UNDELIVERED
+from tests.conftest import ROOT, World, mention, rows, run_cli, scope
+from tests.fakediscord import FakeDiscord
+from tests.test_discord_process import finish, start_process
+from tests.test_templates import EVIL
+
+
+def replies_to(world: World, channel: dict, message: dict) -> list[dict]:
+    return [m for m in world.fake.bot_messages(channel) if m.get("message_reference", {}).get("message_id") == message["id"]]
+
+
+async def send_and_wait(world: World, bot, channel: dict, content: str, **kw) -> list[dict]:
+    sent = await world.fake.send_message(channel, world.ann, content, **kw)
+    await world.fake.wait_for(lambda: replies_to(world, channel, sent), 120)
+    await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+    return replies_to(world, channel, sent)
+
+
+def statuses(db: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT role, status, content FROM messages ORDER BY id").fetchall()
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+ANSWERED = {
+    "emoji-only": "\U0001f389\U0001f389\U0001f44d",
+    "zalgo": "Z\u0338\u0322\u031ba\u0337l\u0334g\u0335o\u0336 t\u0337e\u0334x\u0335t\u0336 h\u0334e\u0335r\u0336e\u0337",
+    "right-to-left": "\u0645\u0631\u062d\u0628\u0627\u060c \u0643\u064a\u0641 \u062d\u0627\u0644\u0643\u061f",
+    "4000 characters": "Please read this. " + "word " * 796,
+    "one huge code block": "```python\n" + "print('hello world')\n" * 150 + "```",
+}
+
+
+@pytest.mark.parametrize("content", list(ANSWERED.values()), ids=list(ANSWERED))
+async def test_odd_but_real_text_is_answered_and_stored(world: World, start_bot, content: str) -> None:
+    async with start_bot(stream=False) as bot:
+        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} {content}")
+        assert reply["content"].strip() and reply["content"] != SORRY
+        stored = statuses(bot.settings.database_path)
+        assert [(r[0], r[1]) for r in stored] == [("user", "ok"), ("assistant", "ok")]
+        assert stored[0][2] == content.strip()  # stored whole, even when the prompt had to cut it
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "note"),
+    [
+        ("   \t  ", {}, MENTION_ONLY),
+        ("", {"sticker_items": [{"id": "111", "name": "wave", "format_type": 1}]}, NO_TEXT),
+        ("", {"attachments": [{"filename": "cat.png", "data": b"\x89PNG", "content_type": "image/png"}]}, NO_TEXT),
+    ],
+    ids=["whitespace-only", "sticker-only", "attachment-only"],
+)
+async def test_messages_without_text_get_a_short_note_and_nothing_is_stored(world: World, start_bot, content: str, extra: dict, note: str) -> None:
+    async with start_bot() as bot:
+        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)}{content}", **extra)
+        assert reply["content"] == note
+        assert statuses(bot.settings.database_path) == []
+
+
+async def test_typed_template_markup_stays_text(world: World, start_bot, engine) -> None:
+    async with start_bot(stream=False) as bot:
+        await send_and_wait(world, bot, world.general, f"{mention(world.fake)} {EVIL}")
+        assert statuses(bot.settings.database_path)[0][2] == EVIL.strip()
+        evil = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        await bot.chat.reset(scope(world, world.general))
+        await send_and_wait(world, bot, world.general, f"{mention(world.fake)} hello")
+        plain = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        control = [[t for t in p.tokens if engine.is_control(t)] for p in (evil, plain)]
+        assert control[0] == control[1]  # the same turns, so the same control tokens: none came from the user
+
+
+async def test_a_flood_from_one_user_neither_starves_others_nor_grows_memory(world: World, start_bot) -> None:
+    async with start_bot(stream=False, user_cooldown_s=2.0, max_queue=8) as bot:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        flood = [await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} spam {i}") for i in range(200)]
+        quiet = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} What is 2+2?")
+        answer = await world.fake.wait_for(lambda: replies_to(world, world.random, quiet), timeout=30)
+        assert answer[0]["content"] != SORRY
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 60)
+        users = [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"]
+        assert users.count("spam 0") == 1 and len([u for u in users if u.startswith("spam")]) <= 2
+        slow_notes = [m for m in world.fake.bot_messages(world.general) if m["content"] == SLOW_DOWN.format(s=2.0)]
+        assert len(slow_notes) == 1  # said once, not 199 times
+        answered = sum(1 for m in flood if replies_to(world, world.general, m))
+        assert answered <= 3
+        assert len(bot._accepted_at) <= 2 and bot.scheduler.waiting == 0
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grown_mb < 64
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+async def test_429_and_500_on_the_reply_are_retried_and_delivered_once(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        world.fake.fail_next("POST", r"/channels/\d+/messages$", 429)
+        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello!")
+        world.fake.fail_next("POST", r"/channels/\d+/messages$", 500)
+        [reply2] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello again!")
+        assert world.fake.injected_failures == 2
+        assert [r[1] for r in statuses(bot.settings.database_path)] == ["ok"] * 4
+        assert len(world.fake.bot_messages(world.general)) == 2  # each delivered exactly once
+
+
+async def test_reply_that_finally_fails_is_kept_undelivered_and_hidden_from_the_model(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        world.fake.fail_next("POST", r"/channels/\d+/messages$", 503)  # discord.py does not retry a 503
+        [note] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Tell me a secret number.")
+        assert note["content"] == UNDELIVERED
+        await world.fake.wait_for(lambda: len(statuses(bot.settings.database_path)) == 2)
+        assert [(r[0], r[1]) for r in statuses(bot.settings.database_path)] == [("user", "ok"), ("assistant", "undelivered")]
+        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        assert [m.role for m in prompt.messages] == ["system", "user"]  # the model never sees it as said
+
+
+async def test_decode_error_apologises_and_keeps_serving(world: World, start_bot, caplog: pytest.LogCaptureFixture) -> None:
+    async with start_bot(stream=False) as bot:
+        bot.chat.engine.inject_decode_failure()
+        with caplog.at_level(logging.ERROR):
+            [apology] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello!")
+        assert apology["content"] == SORRY
+        assert "generation failed for message" in caplog.text and scope(world, world.general) in caplog.text
+        [other] = await send_and_wait(world, bot, world.random, f"{mention(world.fake)} Hi from another channel")
+        [again] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello?")
+        assert other["content"] != SORRY and again["content"] != SORRY
+        assert bot.chat.engine.busy_slots == 0
+
+
+async def test_gateway_drop_while_generating_delivers_once(world: World, start_bot) -> None:
+    async with start_bot(stream=True, n_predict=200) as bot:
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a story about a cat.")
+        await world.fake.wait_for(lambda: bot.replies)
+        await world.fake.drop_connections(abrupt=True)
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0, 120)
+        await world.fake.wait_for(lambda: world.fake.connections == 1, 30)
+        assert len(replies_to(world, world.general, sent)) == 1
+        after = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Are you back?")
+        assert len(after) == 1
+        assert [r[1] for r in statuses(bot.settings.database_path)] == ["ok"] * 4
+
+
+async def test_disk_full_at_write_time_apologises_then_recovers(world: World, start_bot, caplog: pytest.LogCaptureFixture) -> None:
+    async with start_bot(stream=False) as bot:
+        db = bot.chat.store._db
+        pages = (await (await db.execute("PRAGMA page_count")).fetchone())[0]
+        await db.execute(f"PRAGMA max_page_count = {int(pages)}")  # SQLite answers SQLITE_FULL, as on a full disk
+        filler = "x" * 3000
+        with caplog.at_level(logging.ERROR):
+            for i in range(40):  # fill the last free pages
+                sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {filler} {i}")
+                await world.fake.wait_for(lambda: replies_to(world, world.general, sent), 60)
+                await world.fake.wait_for(lambda: bot.scheduler.running == 0, 60)
+                if replies_to(world, world.general, sent)[0]["content"] == SORRY:
+                    break
+            else:
+                pytest.fail("the database never filled up")
+        assert "database or disk is full" in caplog.text
+        await db.execute("PRAGMA max_page_count = 1073741823")  # space is back
+        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Still there?")
+        assert reply["content"] != SORRY
+
+
+def test_sigkill_during_generation_leaves_a_clean_database(tmp_path: Path) -> None:
+    asyncio.run(_sigkill_during_generation(tmp_path))
+
+
+async def _sigkill_during_generation(tmp_path: Path) -> None:
+    async with FakeDiscord() as fake:
+        guild = fake.add_guild("town")
+        general = fake.add_channel(guild, "general")
+        ann = fake.add_user("ann")
+        fake.add_member(guild, ann)
+        process = await start_process(fake, tmp_path, LLAMA_N_PREDICT="400", STREAM="1")
+        try:
+            await fake.wait_ready(timeout=60)
+            sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Write a long story about a dragon.")
+            await fake.wait_for_bot_message(general, after=sent, timeout=60)  # mid-reply
+            process.kill()
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+        db = tmp_path / "bot.sqlite3"
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert conn.execute("SELECT role, content FROM messages").fetchall() == [("user", "Write a long story about a dragon.")]
+        await fake.drop_connections()
+        restarted = await start_process(fake, tmp_path, LLAMA_N_PREDICT="16")
+        try:
+            await fake.wait_for(lambda: fake.identify_count >= 2, 60)
+            await asyncio.sleep(0.5)
+            again = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Hello again")
+            await fake.wait_for_bot_message(general, after=again, timeout=60)
+            restarted.send_signal(signal.SIGTERM)
+            code, log = await finish(restarted)
+        finally:
+            if restarted.returncode is None:
+                restarted.kill()
+        assert code == 0 and "Traceback" not in log
+        with sqlite3.connect(db) as conn:
+            assert [r[0] for r in conn.execute("SELECT role FROM messages ORDER BY id")] == ["user", "user", "assistant"]
+
+
+def test_unusable_database_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    not_sqlite = tmp_path / "notes.sqlite3"
+    not_sqlite.write_text("shopping list: milk, eggs\n" * 50)
+    result = run_cli("chat", "--db", str(not_sqlite), stdin="hi\n", cwd=tmp_path)
+    assert result.returncode == 2 and "is not a SQLite database" in result.stderr and "Traceback" not in result.stderr
+    assert not_sqlite.read_text().startswith("shopping list")  # left untouched
+
+    read_only = tmp_path / "ro.sqlite3"
+    assert run_cli("chat", "--db", str(read_only), stdin="", cwd=tmp_path).returncode == 0  # create it
+    with _read_only(read_only):
+        result = run_cli("chat", "--db", str(read_only), stdin="hi\n", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "is read-only" in result.stderr and "Traceback" not in result.stderr
+
+
+class _read_only:
+    """Make a file read-only for this process, root included (root ignores mode bits, not chattr +i)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.immutable = os.geteuid() == 0 and shutil.which("chattr") is not None
+
+    def __enter__(self) -> None:
+        self.path.chmod(0o444)
+        if self.immutable:
+            subprocess.run(["chattr", "+i", str(self.path)], check=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.immutable:
+            subprocess.run(["chattr", "-i", str(self.path)], check=True)
+        self.path.chmod(0o600)
+
+
+def test_truncated_model_is_a_clear_error_at_start(tmp_path: Path, model_path: Path) -> None:
+    truncated = tmp_path / "truncated.gguf"
+    with model_path.open("rb") as src:
+        truncated.write_bytes(src.read(20_000_000))
+    result = run_cli("chat", "--model", str(truncated), stdin="hi\n", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: llama.cpp could not load {truncated}: the file is truncated, corrupt or of an unsupported architecture (LLAMA_LOG=1 shows why)"
+
+
+# --- security ------------------------------------------------------------------------------
+
+
+async def test_two_guilds_and_two_dms_are_isolated(world: World, start_bot) -> None:
+    other_guild = world.fake.add_guild("village")
+    lobby = world.fake.add_channel(other_guild, "lobby")
+    world.fake.add_member(other_guild, world.ann)
+    bob = world.fake.add_user("bob")
+    places = {
+        "town": world.general,
+        "village": lobby,
+        "dm-ann": world.fake.dm_channel(world.ann),
+        "dm-bob": world.fake.dm_channel(bob),
+    }
+    authors = {"town": world.ann, "village": world.ann, "dm-ann": world.ann, "dm-bob": bob}
+    async with start_bot(stream=False) as bot:
+        for name, channel in places.items():
+            content = f"The secret word is {name.upper()}-WORD."
+            sent = await world.fake.send_message(channel, authors[name], content if "guild_id" not in channel else f"{mention(world.fake)} {content}")
+            await world.fake.wait_for(lambda: world.fake.bot_messages(channel) and bot.scheduler.running == 0, 60)
+            assert sent
+        set_template = await world.fake.invoke_command("template", user=world.fake.guild_members(other_guild)[other_guild["owner_id"]]["user"], channel=lobby, options={"name": "zephyr"})
+        await set_template.wait_done()
+        scopes = {
+            "town": scope(world, world.general),
+            "village": f"guild:{other_guild['id']}:channel:{lobby['id']}",
+            "dm-ann": f"dm:{world.ann['id']}",
+            "dm-bob": f"dm:{bob['id']}",
+        }
+        for name, key in scopes.items():
+            prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(key))
+            text = " ".join(m.content for m in prompt.messages)
+            assert f"{name.upper()}-WORD" in text
+            assert not any(f"{other.upper()}-WORD" in text for other in scopes if other != name)
+            shown = await (await world.fake.invoke_command("template", user=authors[name], channel=places[name])).wait_done()
+            assert shown.content.startswith("Template here: **zephyr**" if name == "village" else "Template here: **auto**")
+        for name, channel in places.items():  # each reply went only where it was asked
+            assert all(m["channel_id"] == channel["id"] for m in world.fake.bot_messages(channel))
+        reset = await (await world.fake.invoke_command("reset", user=bob, channel=places["dm-bob"])).wait_done()
+        assert reset.content == "Conversation cleared (2 messages)."
+        assert len(rows(bot.settings.database_path, scopes["dm-ann"])) == 2
+
+
+def test_every_sql_statement_uses_parameters() -> None:
+    """No SQL is built by formatting: every execute() gets a literal string (values go in parameters)."""
+    for path in (ROOT / "bot").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("execute", "execute_fetchall", "executemany", "executescript"):
+                first = node.args[0]
+                literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+                migration = isinstance(first, ast.BinOp) and isinstance(first.left, ast.Constant) and ast.unparse(first.right) == "m.sql"
+                assert literal or migration, f"{path.name}:{node.lineno}: SQL built at run time: {ast.unparse(first)}"
+
+
+async def test_token_never_logged_even_with_llama_log_and_debug(tmp_path: Path) -> None:
+    async with FakeDiscord() as fake:
+        guild = fake.add_guild("town")
+        general = fake.add_channel(guild, "general")
+        ann = fake.add_user("ann")
+        fake.add_member(guild, ann)
+        process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_LOG="1")
+        try:
+            await fake.wait_ready(timeout=60)
+            sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")
+            await fake.wait_for_bot_message(general, after=sent, timeout=60)
+            process.send_signal(signal.SIGTERM)
+            code, log = await finish(process)
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert code == 0
+    assert "llama_model_loader" in log and "timings guild:" in log  # LLAMA_LOG=1 really logged
+    assert fake.token not in log and fake.token.split(".")[-1] not in log  # nor its secret part
+    assert (tmp_path / "bot.sqlite3").stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,172 @@
+"""Soak: 1,000 messages in 20 channels and 2 DMs, with random reconnects and injected 500s.
+
+Run by CI like every test (with a small n_predict); `-m soak` runs it alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.chat import ChatService
+from bot.config import bundled_model_path
+from bot.discord_bot import LlamaBot, scope_for
+from bot.engine import Engine, EngineOptions
+from bot.store import Store
+from tests.conftest import make_settings
+from tests.fakediscord import FakeDiscord
+
+MESSAGES = 1000
+
+
+@pytest.fixture
+async def soak_engine() -> AsyncIterator[Engine]:
+    """A small context, so every conversation's window (and cached KV state) is full from the start
+    and slides as it grows: memory reaches its steady state during warm-up, as on a long-running bot."""
+    engine = await Engine.load(bundled_model_path(), EngineOptions(n_ctx=384, n_threads=len(os.sched_getaffinity(0)), parallel=4, kv_cache_mb=256))
+    yield engine
+    await engine.close()
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+@pytest.mark.soak
+async def test_soak(soak_engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    engine = soak_engine
+    rng = random.Random(1234)
+    async with FakeDiscord() as fake:
+        places: list[tuple[dict, dict]] = []  # (channel, the user who talks there)
+        for g in range(2):
+            guild = fake.add_guild(f"guild-{g}")
+            for c in range(10):
+                channel = fake.add_channel(guild, f"chan-{c}")
+                user = fake.add_user(f"user-{g}-{c}")
+                fake.add_member(guild, user)
+                places.append((channel, user))
+        for d in range(2):
+            user = fake.add_user(f"dm-user-{d}")
+            places.append((fake.dm_channel(user), user))
+
+        settings = make_settings(tmp_path, discord_token=fake.token, n_predict=4, user_cooldown_s=0.0, max_queue=64, stream=True)
+        async with await Store.open(settings.database_path) as store:
+            for channel, user in places:  # each conversation starts with a history that fills its window
+                conversation = await store.conversation(scope_for(int(channel["guild_id"]) if "guild_id" in channel else None, int(channel["id"]), int(user["id"])))
+                for i in range(30):
+                    await store.add_message(conversation.id, "user" if i % 2 == 0 else "assistant", f"Earlier message {i} about numbers.")
+            bot = LlamaBot(settings, ChatService(engine, store, settings), guild_ready_timeout=0.1)
+            bot.before_identify_hook = _no_wait  # type: ignore[method-assign]  # a re-IDENTIFY needs no 5 s pause here
+            sent: list[tuple[dict, dict]] = []
+            reconnects = 0
+            rss: dict[str, float] = {}
+
+            async with fake.running(bot):
+
+                async def speaker(channel: dict, user: dict, count: int) -> None:
+                    for i in range(count):
+                        content = f"Message {i}: what is {rng.randint(1, 99)}?"
+                        if "guild_id" in channel:
+                            content = f"<@{fake.bot_user['id']}> {content}"
+                        message = await fake.send_message(channel, user, content)
+                        sent.append((channel, message))
+                        await fake.wait_for(lambda: _answered(fake, channel, message), 120)
+                        if len(sent) % 100 == 0:  # the fake's request and event logs are test bookkeeping
+                            fake.requests.clear()
+                            fake.events.clear()
+                        if len(sent) == 200 and "warm" not in rss:
+                            rss["warm"] = peak_rss_mib()
+                        await asyncio.sleep(rng.random() * 0.05)
+
+                async def chaos() -> None:
+                    nonlocal reconnects
+                    while True:
+                        await asyncio.sleep(rng.uniform(2.0, 5.0))
+                        fault = rng.choice(["reconnect", "drop", "post-500", "edit-500"])
+                        if fault == "reconnect":
+                            await fake.request_reconnect()
+                            reconnects += 1
+                        elif fault == "drop":
+                            await fake.drop_connections(abrupt=True)
+                            reconnects += 1
+                        elif fault == "post-500":
+                            fake.fail_next("POST", r"/channels/\d+/messages$", 500)
+                        else:
+                            fake.fail_next("PATCH", r"/channels/\d+/messages/\d+$", 500)
+
+                started = time.monotonic()
+                counts = [MESSAGES // len(places) + (1 if i < MESSAGES % len(places) else 0) for i in range(len(places))]
+                chaos_task = asyncio.ensure_future(chaos())
+                try:
+                    await asyncio.gather(*(speaker(ch, user, n) for (ch, user), n in zip(places, counts)))
+                finally:
+                    chaos_task.cancel()
+                await fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+                await asyncio.sleep(1.0)  # anything late (a duplicate) would show up now
+                await bot.shutdown(grace=30)
+
+            leftover = [t for t in asyncio.all_tasks() if not t.done() and _is_ours(t)]
+            db_rows = _rows(settings.database_path)
+
+        # every message answered exactly once
+        assert len(sent) == MESSAGES
+        answers = {m["id"]: _replies(fake, ch, m) for ch, m in sent}
+        assert all(len(r) == 1 for r in answers.values()), [k for k, r in answers.items() if len(r) != 1][:5]
+        # the database matches what Discord shows
+        users = {r[2]: r for r in db_rows if r[0] == "user" and r[2]}
+        assert set(users) == {m["id"] for _, m in sent}
+        bot_ids = {r[2]: r for r in db_rows if r[0] == "assistant"}
+        for _, message in sent:
+            [reply] = answers[message["id"]]
+            stored = bot_ids.get(reply["id"])
+            assert stored is not None and stored[1] == "ok", (message["id"], reply["content"])
+            assert reply["content"].startswith(stored[3][:40])
+        # nothing left running, memory flat after warm-up
+        assert leftover == []
+        assert engine.busy_slots == 0
+        rss["peak"] = peak_rss_mib()
+        growth = rss["peak"] - rss["warm"]
+        assert growth < 40, rss
+        retries = fake.injected_failures
+        with capsys.disabled():
+            print(f"\nengine: steps={engine.steps} batched={engine.batched_steps} evaluated={engine.tokens_evaluated} cached={engine.cached_states} cache_mb={engine.cache_bytes/2**20:.0f} elapsed={time.monotonic() - started:.0f}s")
+            print(
+                f"\nsoak: messages={len(sent)} replies={sum(len(r) for r in answers.values())} retries={retries} "
+                f"reconnects={reconnects} (resumes={fake.resume_count}, identifies={fake.identify_count}) "
+                f"peak_rss_at_warmup={rss['warm']:.0f}MiB peak_rss_at_end={rss['peak']:.0f}MiB growth={growth:.1f}MiB"
+            )
+
+
+async def _no_wait(shard_id: int | None, *, initial: bool = False) -> None:
+    return None
+
+
+def _replies(fake: FakeDiscord, channel: dict, message: dict) -> list[dict]:
+    return [m for m in fake.bot_messages(channel) if m.get("message_reference", {}).get("message_id") == message["id"]]
+
+
+def _answered(fake: FakeDiscord, channel: dict, message: dict) -> bool:
+    """A reply that is more than the "you're #N in line" note (which becomes the reply later)."""
+    return any(not m["content"].startswith("\u23f3") for m in _replies(fake, channel, message))
+
+
+def _rows(db: Path) -> list[tuple[str, str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT role, status, platform_message_id, content FROM messages ORDER BY id").fetchall()
+
+
+def _is_ours(task: asyncio.Task) -> bool:
+    """Tasks started by the bot or discord.py (the fake's own server tasks are not ours)."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    filename = code.co_filename if code else ""
+    return "/bot/" in filename or "/discord/" in filename
