@@ -1,8 +1,9 @@
 """Conversations: from a user's message to a stored reply.
 
-`ChatService` ties the store, the templates and the engine together, and is
-what both the terminal chat and the Discord adapter call. It knows nothing of
-Discord: a conversation is a scope string and messages are plain text.
+`ChatService` ties the store, the templates and the model backend together,
+and is what both the terminal chat and the Discord adapter call. It knows
+nothing of Discord (a conversation is a scope string, messages are plain text)
+and nothing of what runs the model beyond the `Backend` interface.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+from bot.backend import Backend, LocalBackend, PreparedPrompt
 from bot.config import ConfigError, Settings
 from bot.engine import Engine, EngineOptions, Generation
 from bot.store import OK, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
@@ -35,9 +37,13 @@ class UserMessage:
     platform_message_id: str | None = None
 
 
+class TemplateChoiceError(ValueError):
+    """A template switch that cannot be done; the message says why, for the user."""
+
+
 @dataclass(frozen=True)
 class Prompt:
-    tokens: list[int]
+    prepared: PreparedPrompt
     messages: list[Message]
     template: Template
     n_history: int  # stored messages that made it into the prompt
@@ -83,6 +89,10 @@ class Reply:
     def finish_reason(self) -> str | None:
         return self.generation.finish_reason
 
+    def stop(self) -> None:
+        """/stop: end the reply now, keeping what was written."""
+        self.generation.cancel()
+
     async def save(self, *, delivered: bool = True, platform_message_id: str | None = None) -> int | None:
         """Store the finished reply. An undelivered one is kept but never shown to the model."""
         await self.generation.wait()
@@ -95,23 +105,23 @@ class Reply:
             "assistant",
             text,
             platform_message_id=platform_message_id,
-            token_count=len(self.generation.tokens),
+            token_count=self.generation.n_generated,
             status=status,
         )
         return self.saved_id
 
 
 class ChatService:
-    """Builds prompts from stored history and starts generations on the shared engine."""
+    """Builds prompts from stored history and starts generations on the backend."""
 
-    def __init__(self, engine: Engine, store: Store, settings: Settings) -> None:
-        self.engine = engine
+    def __init__(self, backend: Backend, store: Store, settings: Settings) -> None:
+        self.backend = backend
         self.store = store
         self.settings = settings
         self._templates: dict[str, Template] = {}
         self._window_start: dict[str, int] = {}  # scope -> id of the oldest message in its last prompt
-        if settings.n_predict >= engine.n_ctx:
-            raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({engine.n_ctx})")
+        if settings.n_predict >= backend.n_ctx:
+            raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({backend.n_ctx})")
 
     # --- templates ---------------------------------------------------------------------
 
@@ -119,7 +129,7 @@ class ChatService:
         """A template by name, `auto` resolved against the loaded model (cached)."""
         key = canonical_name(name)
         if key not in self._templates:
-            info = self.engine.info
+            info = self.backend.info
             self._templates[key] = get_template(key, gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
         return self._templates[key]
 
@@ -127,6 +137,8 @@ class ChatService:
         return conversation.template or self.settings.prompt_template
 
     def describe_template(self, conversation: Conversation) -> str:
+        if self.backend.applies_template:
+            return "the server's own (this bot sends whole conversations to the server, which applies its chat template)"
         name = self.template_name(conversation)
         resolved = self.template(name)
         if name == AUTO and resolved.name != AUTO:
@@ -135,7 +147,12 @@ class ChatService:
 
     async def set_template(self, scope: str, name: str) -> str:
         """Switch a conversation's template; its cached KV no longer matches."""
-        key = canonical_name(name)  # KeyError with the valid names for a bad one
+        if self.backend.applies_template:
+            raise TemplateChoiceError("The model server applies its own chat template here, so /template has no effect.")
+        try:
+            key = canonical_name(name)
+        except KeyError as exc:
+            raise TemplateChoiceError(exc.args[0]) from None
         await self.store.set_template(scope, key)
         self.forget(scope)
         return key
@@ -163,7 +180,7 @@ class ChatService:
     def forget(self, scope: str) -> None:
         """The stored history changed under a conversation: drop its cached KV and window."""
         self._window_start.pop(scope, None)
-        self.engine.forget(scope)
+        self.backend.forget(scope)
 
     # --- replying ----------------------------------------------------------------------
 
@@ -177,13 +194,13 @@ class ChatService:
             author_id=message.author_id,
             author_name=message.author_name,
             platform_message_id=message.platform_message_id,
-            token_count=len(self.engine.tokenize(message.content, special=False)),
+            token_count=(await self.backend.count([message.content]))[0],
         )
         prompt = await self.build_prompt(conversation)
-        log.debug("prompt for %s: %d tokens, %d history messages%s", message.scope, len(prompt.tokens), prompt.n_history, " (cut)" if prompt.cut else "")
-        generation = self.engine.generate(
+        log.debug("prompt for %s: %d tokens, %d history messages%s", message.scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
+        generation = self.backend.generate(
             message.scope,
-            prompt.tokens,
+            prompt.prepared,
             max_tokens=self.settings.n_predict,
             sampling=self.settings.sampling,
             stop=prompt.template.stop,
@@ -205,24 +222,25 @@ class ChatService:
         template = self.template(self.template_name(conversation))
         system = conversation.system_prompt if conversation.system_prompt is not None else self.settings.system_prompt
         head = [Message("system", system)] if system.strip() else []
-        budget = self.engine.n_ctx - self.settings.n_predict
+        budget = self.backend.n_ctx - self.settings.n_predict
         start = self._window_start.get(conversation.scope)
 
         # Pick turns newest first by an estimate; the exact rendering is checked below.
         picked: list[StoredMessage] = []
         costs: list[int] = []
-        used = len(self.engine.encode(template.render(head))) if head else 0
+        used = (await self.backend.prepare(template, head)).n_tokens if head else 0
         overflow = False
-        async for stored in self.store.newest_first(conversation.id):
-            if start is not None and stored.id < start:
-                break  # the window still begins where it began last time
-            cost = len(self.engine.tokenize(_content(stored, True), special=False)) + 8
-            if picked and used + cost > budget:
-                overflow = True
+        async for page in self._pages(conversation, start):
+            counts = await self.backend.count([_content(m, True) for m in page])
+            for stored, count in zip(page, counts):
+                if picked and used + count + 8 > budget:
+                    overflow = True
+                    break
+                picked.append(stored)
+                costs.append(count + 8)
+                used += count + 8
+            if overflow:
                 break
-            picked.append(stored)
-            costs.append(cost)
-            used += cost
         if overflow:  # slide the window: keep only the newest turns that fill WINDOW_REFILL of it
             while len(picked) > 1 and used > budget * WINDOW_REFILL:
                 picked.pop()
@@ -235,28 +253,37 @@ class ChatService:
         while True:
             names = shows_names(conversation.scope, {m.author_id or m.author_name for m in picked if m.role == "user"})
             messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
-            tokens = self.engine.encode(template.render(messages))
-            if len(tokens) <= budget:
+            prepared = await self.backend.prepare(template, messages)
+            if prepared.n_tokens <= budget:
                 if picked:
                     self._window_start[conversation.scope] = picked[0].id
-                return Prompt(tokens, messages, template, len(picked), cut)
+                return Prompt(prepared, messages, template, len(picked), cut)
             if len(picked) > 1:
                 picked.pop(0)
                 while len(picked) > 1 and picked[0].role == "assistant":
                     picked.pop(0)
                 continue
-            # One message alone is too long: keep its beginning.
-            if not picked:
+            # One message alone is too long: keep its beginning, shortened in proportion.
+            if not picked or not picked[0].content:
                 raise ValueError("the system prompt alone does not fit in the context window")
-            over = len(tokens) - budget
             only = picked[0]
-            content_tokens = self.engine.tokenize(only.content, special=False)
-            keep = max(0, len(content_tokens) - over - 8)
-            if keep == 0 and not content_tokens:
-                raise ValueError("the system prompt alone does not fit in the context window")
-            shorter = self.engine.detokenize(content_tokens[:keep])
-            picked = [_replace_content(only, shorter)]
+            [content_tokens] = await self.backend.count([only.content])
+            keep = max(0.0, 1 - (prepared.n_tokens - budget + 8) / max(content_tokens, 1)) * 0.97
+            picked = [_replace_content(only, only.content[: int(len(only.content) * keep)])]
             cut = True
+
+    async def _pages(self, conversation: Conversation, start: int | None) -> AsyncIterator[list[StoredMessage]]:
+        """Visible messages newest first, in pages, stopping at the window's start."""
+        page: list[StoredMessage] = []
+        async for stored in self.store.newest_first(conversation.id):
+            if start is not None and stored.id < start:
+                break  # the window still begins where it began last time
+            page.append(stored)
+            if len(page) == 32:
+                yield page
+                page = []
+        if page:
+            yield page
 
 
 def _content(message: StoredMessage, names: bool) -> str:
@@ -286,6 +313,7 @@ def engine_options(settings: Settings, *, parallel: int | None = None) -> Engine
         n_threads=settings.n_threads,
         parallel=parallel or settings.parallel,
         kv_cache_mb=settings.kv_cache_mb,
+        flash_attn=settings.flash_attn,
         llama_log=settings.llama_log,
     )
 
@@ -293,15 +321,25 @@ def engine_options(settings: Settings, *, parallel: int | None = None) -> Engine
 @contextlib.asynccontextmanager
 async def open_chat(settings: Settings, *, parallel: int | None = None) -> AsyncIterator[ChatService]:
     """Load the model, open the store, and close both afterwards (whatever happens)."""
-    engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel))
+    backend = await open_backend(settings, parallel=parallel)
     try:
         store = await Store.open(settings.database_path)
         try:
-            yield ChatService(engine, store, settings)
+            yield ChatService(backend, store, settings)
         finally:
             await store.close()
     finally:
-        await engine.close()
+        await backend.close()
 
 
-__all__ = ["ChatService", "Reply", "UserMessage", "Prompt", "OK", "STOPPED", "UNDELIVERED"]
+async def open_backend(settings: Settings, *, parallel: int | None = None) -> Backend:
+    """The configured backend: the local engine (default) or a remote OpenAI-compatible server."""
+    if settings.backend == "openai":
+        from bot.remote import RemoteBackend
+
+        return await RemoteBackend.connect(settings)
+    engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel))
+    return LocalBackend(engine)
+
+
+__all__ = ["ChatService", "Reply", "UserMessage", "Prompt", "TemplateChoiceError", "OK", "STOPPED", "UNDELIVERED"]

@@ -110,9 +110,9 @@ def start_terminal(settings: Settings) -> int:
     async def run() -> None:
         async with open_chat(settings, parallel=1) as chat:
             conversation = await chat.store.conversation(TerminalChat.scope)
-            print(f"[INFO] Model: {chat.engine.info.path} ({chat.engine.info.description})", file=sys.stderr)
+            print(f"[INFO] Model: {chat.backend.describe()}", file=sys.stderr)
             print(f"[INFO] Prompt template: {chat.describe_template(conversation)}; history: {settings.database_path}", file=sys.stderr)
-            print(f"[INFO] Context size: {chat.engine.n_ctx}; reply length: {settings.n_predict} tokens. Type /help for commands.", file=sys.stderr)
+            print(f"[INFO] Context size: {chat.backend.n_ctx}; reply length: {settings.n_predict} tokens. Type /help for commands.", file=sys.stderr)
             await TerminalChat(chat).run()
 
     asyncio.run(run())

@@ -59,6 +59,7 @@ class Settings:
     kv_cache_mb: int = 256
     max_queue: int = 32
     stream: bool = True
+    flash_attn: str = "off"
     user_cooldown_s: float = 1.0
     # Discord
     discord_token: str | None = None
@@ -67,11 +68,20 @@ class Settings:
     dev_guild_id: int | None = None
     admin_role_ids: frozenset[int] = frozenset()
     chat_channels: frozenset[int] = frozenset()
+    shard_count: int | None = None  # None: one connection; 0: "auto" (as Discord recommends)
+    # Remote inference (BACKEND=openai)
+    backend: str = "local"
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    openai_model: str | None = None
+    openai_mode: str = "chat"  # "chat": /v1/chat/completions; "completions": this bot's templates
     log_level: str | None = None  # None: INFO for the bot, WARNING for the terminal chat
 
     def __repr__(self) -> str:
         """Never show the token, even in a debug log of the settings."""
-        shown = dataclasses.replace(self, discord_token="***" if self.discord_token else None)
+        shown = dataclasses.replace(
+            self, discord_token="***" if self.discord_token else None, openai_api_key="***" if self.openai_api_key else None
+        )
         return dataclasses.asdict(shown).__repr__()
 
     def resolved_model_path(self) -> Path:
@@ -170,6 +180,19 @@ def _template(name: str, raw: str) -> str:
         raise ConfigError(f"{name}: {exc.args[0]}") from None
 
 
+def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def _shards(name: str, raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return 0
+    return _int(name, raw, 1, 4096)
+
+
 def _log_level(name: str, raw: str) -> str:
     value = raw.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -222,6 +245,7 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "kv_cache_mb", take("KV_CACHE_MB", lambda n, r: _int(n, r, 0, 1 << 20)))
     put(kwargs, "max_queue", take("MAX_QUEUE", lambda n, r: _int(n, r, 0, 100_000)))
     put(kwargs, "stream", take("STREAM", _bool))
+    put(kwargs, "flash_attn", take("FLASH_ATTN", lambda n, r: _choice(n, r, ("off", "on", "auto"))))
     put(kwargs, "user_cooldown_s", take("USER_COOLDOWN_S", lambda n, r: _float(n, r, 0.0, 3600.0)))
     token = values.get("DISCORD_TOKEN", "").strip()
     if token:
@@ -231,11 +255,21 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "dev_guild_id", take("DEV_GUILD_ID", lambda n, r: _int(n, r, 1)))
     put(kwargs, "admin_role_ids", take("ADMIN_ROLE_IDS", _ids))
     put(kwargs, "chat_channels", take("CHAT_CHANNELS", _ids))
+    put(kwargs, "shard_count", take("SHARD_COUNT", _shards))
+    put(kwargs, "backend", take("BACKEND", lambda n, r: _choice(n, r, ("local", "openai"))))
+    put(kwargs, "openai_base_url", take("OPENAI_BASE_URL", lambda n, r: _url(n, r, ("http", "https"))))
+    key = values.get("OPENAI_API_KEY", "").strip()
+    if key:
+        kwargs["openai_api_key"] = key
+    put(kwargs, "openai_model", take("OPENAI_MODEL", lambda n, r: r.strip()))
+    put(kwargs, "openai_mode", take("OPENAI_MODE", lambda n, r: _choice(n, r, ("chat", "completions"))))
     put(kwargs, "log_level", take("LOG_LEVEL", _log_level))
 
     if sampling:
         kwargs["sampling"] = Sampling(**sampling)  # type: ignore[arg-type]
     settings = Settings(**kwargs)  # type: ignore[arg-type]
+    if settings.backend == "openai" and not settings.openai_base_url:
+        raise ConfigError("BACKEND=openai needs OPENAI_BASE_URL, e.g. http://127.0.0.1:8080/v1")
     if settings.n_ctx is not None and settings.n_predict >= settings.n_ctx:
         raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({settings.n_ctx})")
     return settings

@@ -19,11 +19,11 @@ import discord
 import yarl
 from discord import app_commands
 
-from bot.chat import EMPTY_NOTE, ChatService, Reply, UserMessage, open_chat
+from bot.chat import EMPTY_NOTE, ChatService, Reply, TemplateChoiceError, UserMessage, open_chat
 from bot.config import Settings
 from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer
 from bot.scheduler import FairScheduler, QueueFull
-from bot.templates import NAMES, canonical_name
+from bot.templates import NAMES
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ class LlamaBot(discord.Client):
 
     def _stop_all(self) -> None:
         for reply in list(self.replies.values()):
-            reply.generation.cancel()
-        self.chat.engine.wake()
+            reply.stop()
 
     # --- messages ----------------------------------------------------------------------
 
@@ -229,7 +228,7 @@ class LlamaBot(discord.Client):
             await typing.stop()
             self.replies.pop(turn.scope, None)
             if reply is not None and not reply.generation.done:
-                reply.generation.cancel()  # this job was cancelled (shutdown): free the slot
+                reply.stop()  # this job was cancelled (shutdown): free the slot
         if reply.finish_reason == "error":
             log.error("generation failed for message %s in %s: %s", turn.message.id, turn.scope, reply.generation.error)
             await self._apologize(out)
@@ -312,6 +311,21 @@ class LlamaBot(discord.Client):
         return scope_for(interaction.guild_id, interaction.channel_id, interaction.user.id)
 
 
+class ShardedLlamaBot(LlamaBot, discord.AutoShardedClient):
+    """The same bot over several gateway connections (SHARD_COUNT), for very large bots.
+
+    LlamaBot's methods come first; AutoShardedClient's connection handling
+    replaces plain Client's underneath them.
+    """
+
+
+def create_bot(settings: Settings, chat: ChatService, **options: object) -> LlamaBot:
+    """A single connection by default; AutoShardedClient when SHARD_COUNT is set (0 = auto)."""
+    if settings.shard_count is None:
+        return LlamaBot(settings, chat, **options)
+    return ShardedLlamaBot(settings, chat, shard_count=settings.shard_count or None, **options)
+
+
 class _Typing:
     """The typing indicator while a reply is prepared; stops when text appears."""
 
@@ -379,13 +393,12 @@ def _register_commands(bot: LlamaBot) -> None:
             return
         if await refuse_unless_admin(interaction, "template"):
             return
-        try:
-            key = canonical_name(name)
-        except KeyError as exc:  # only a crafted client can send a name that was not offered
-            await interaction.response.send_message(str(exc.args[0]), ephemeral=True)
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await bot.chat.set_template(scope, key)
+        try:
+            key = await bot.chat.set_template(scope, name)
+        except TemplateChoiceError as exc:  # e.g. a name that was not offered (a crafted client)
+            await interaction.followup.send(str(exc), ephemeral=True)
+            return
         await interaction.followup.send(f"Template here is now **{key}**.", ephemeral=True)
 
     @bot.tree.command(name="chat", description="Answer every message in this channel (on), or only mentions (off)")
@@ -410,8 +423,7 @@ def _register_commands(bot: LlamaBot) -> None:
         if reply is None:
             await interaction.response.send_message("Nothing is being written here.", ephemeral=True)
             return
-        reply.generation.cancel()
-        bot.chat.engine.wake()
+        reply.stop()
         await interaction.response.send_message("Stopped.", ephemeral=True)
 
 
@@ -420,7 +432,7 @@ async def run_bot(settings: Settings) -> int:
     assert settings.discord_token
     configure_endpoints(settings)
     async with open_chat(settings) as chat:
-        bot = LlamaBot(settings, chat)
+        bot = create_bot(settings, chat)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

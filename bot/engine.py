@@ -28,7 +28,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +73,7 @@ class EngineOptions:
     kv_cache_mb: int = 256  # RAM for KV state of conversations that lost their slot
     n_batch: int = 512  # tokens per decode step
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
+    flash_attn: str = "off"  # "off", "on" or "auto"; off reads long histories faster on CPUs (bench/)
     llama_log: bool = False
 
 
@@ -98,7 +99,9 @@ class Generation:
     started_at: float | None = None  # when a slot took it
     first_token_at: float | None = None
     finished_at: float | None = None
+    n_generated: int = 0  # tokens generated (kept also where token ids are not known)
     _cancel: bool = False
+    _on_cancel: Callable[[], None] | None = None  # tells the producer to look now
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -108,6 +111,8 @@ class Generation:
     def cancel(self) -> None:
         """Stop as soon as possible, even mid-prompt; text generated so far is kept."""
         self._cancel = True
+        if self._on_cancel is not None and not self.done:
+            self._on_cancel()
 
     async def wait(self) -> Generation:
         while not self.done:
@@ -296,6 +301,9 @@ class Engine:
         cparams.n_batch = cparams.n_ubatch = options.n_batch
         cparams.n_threads = cparams.n_threads_batch = options.n_threads
         cparams.no_perf = not options.llama_log
+        cparams.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}.get(
+            options.flash_attn, L.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
         ctx = L.llama_init_from_model(model, cparams)
         if not ctx:
             L.llama_model_free(model)
@@ -407,7 +415,7 @@ class Engine:
             raise PromptTooLong(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
         if not prompt:
             raise ValueError("empty prompt")
-        gen = Generation(key=key, n_prompt=len(prompt), loop=asyncio.get_running_loop())
+        gen = Generation(key=key, n_prompt=len(prompt), loop=asyncio.get_running_loop(), _on_cancel=self.wake)
         request = _Request(gen, list(prompt), max_tokens, sampling, stop)
         with self._lock:
             if self._stopping:
@@ -711,8 +719,9 @@ class Engine:
             return
         req.n_generated += 1
         gen.tokens.append(token)
+        gen.n_generated = req.n_generated
         req.text += req.decoder.decode(self._cached_piece(token))
-        cut = _find_stop(req.text, req.stop, req.emitted)
+        cut = find_stop(req.text, req.stop, req.emitted)
         if cut is not None:
             req.text = req.text[:cut]
             self._finish(slot, "stop")
@@ -722,7 +731,7 @@ class Engine:
             self._finish(slot, "length")
             return
         req.next_token = token
-        safe = len(req.text) - _held_back(req.text, req.stop)
+        safe = len(req.text) - held_back(req.text, req.stop)
         if safe > req.emitted:
             self._report(req, req.text[req.emitted : safe], None)
             req.emitted = safe
@@ -808,7 +817,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
+def find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
     """Index of the earliest stop string in `text` (searching only where one could newly appear)."""
     best: int | None = None
     for stop in stops:
@@ -818,7 +827,7 @@ def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
     return best
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
+def held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters could be the start of a stop string, so must wait."""
     longest = 0
     for stop in stops:

@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import TextIO
 
-from bot.chat import ChatService, Reply, UserMessage
+from bot.chat import ChatService, Reply, TemplateChoiceError, UserMessage
 from bot.templates import NAMES
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ class TerminalChat:
     def _interrupt(self) -> None:
         """Ctrl-C: stop the reply being written, or leave when idle."""
         if self._reply_running is not None and self._current is not None:
-            self._current.generation.cancel()
-            self.chat.engine.wake()
+            self._current.stop()
         else:
             self._say("\n")
             raise KeyboardInterrupt
@@ -118,8 +117,8 @@ class TerminalChat:
             if arg:
                 try:
                     key = await self.chat.set_template(self.scope, arg)
-                except KeyError as exc:
-                    self._say(f"[ERROR] {exc.args[0]}\n")
+                except TemplateChoiceError as exc:
+                    self._say(f"[ERROR] {exc}\n")
                 else:
                     self._say(f"[INFO] Prompt template: {key}\n")
             else:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bot.backend import LocalBackend
 from bot.chat import ChatService
 from bot.config import Sampling, Settings, bundled_model_path
 from bot.discord_bot import LlamaBot
@@ -67,7 +68,7 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def chat(engine: Engine, store: Store, settings: Settings) -> ChatService:
-    return ChatService(engine, store, settings)
+    return ChatService(LocalBackend(engine), store, settings)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -127,7 +128,7 @@ def start_bot(world: World, engine: Engine, tmp_path: Path) -> Callable[..., con
         if db is not None:
             settings = make_settings(tmp_path, discord_token=world.fake.token, database_path=db, **changes)
         async with await Store.open(settings.database_path) as store:
-            bot = LlamaBot(settings, ChatService(engine, store, settings), guild_ready_timeout=0.1)
+            bot = LlamaBot(settings, ChatService(LocalBackend(engine), store, settings), guild_ready_timeout=0.1)
             async with world.fake.running(bot):
                 try:
                     yield bot

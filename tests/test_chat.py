@@ -54,8 +54,8 @@ async def test_history_far_longer_than_context(chat: ChatService, store: Store, 
         await store.add_message(conv.id, role, f"Turn {i}: " + "the quick brown fox jumps over the lazy dog " * 4, author_name="Ann")
     reply = await chat.respond(UserMessage(conv.scope, "And the newest message?", author_name="Ann"))
     budget = engine.n_ctx - settings.n_predict
-    assert len(reply.prompt.tokens) <= budget
-    assert len(reply.prompt.tokens) > budget * WINDOW_REFILL * 0.8  # refilled to about WINDOW_REFILL, not just the last turn
+    assert len(reply.prompt.prepared.tokens) <= budget
+    assert len(reply.prompt.prepared.tokens) > budget * WINDOW_REFILL * 0.8  # refilled to about WINDOW_REFILL, not just the last turn
     assert reply.prompt.messages[0].role == "system"
     assert reply.prompt.messages[-1].content == "And the newest message?"  # one speaker: no names
     assert "Turn 0:" not in " ".join(m.content for m in reply.prompt.messages)  # the oldest fell out of the prompt...
@@ -68,7 +68,7 @@ async def test_single_message_longer_than_window_is_cut(chat: ChatService, engin
     huge = "This sentence repeats to make a very long message. " * 600  # about 6,000 tokens
     reply = await chat.respond(UserMessage("dm:99", huge, author_name="Ann"))
     assert reply.prompt.cut and CUT_NOTE in reply.notes
-    assert len(reply.prompt.tokens) <= engine.n_ctx - settings.n_predict
+    assert len(reply.prompt.prepared.tokens) <= engine.n_ctx - settings.n_predict
     assert (await reply.text()).strip()
     assert reply.finish_reason in ("stop", "length")
     await reply.save()
@@ -98,10 +98,10 @@ async def test_window_keeps_its_start_so_the_kv_cache_is_reused(chat: ChatServic
     first = await chat.respond(UserMessage(conv.scope, "First new question?"))
     await first.save()
     budget = engine.n_ctx - settings.n_predict
-    assert len(first.prompt.tokens) <= budget * WINDOW_REFILL + 64
+    assert len(first.prompt.prepared.tokens) <= budget * WINDOW_REFILL + 64
     second = await chat.respond(UserMessage(conv.scope, "Second new question?"))
     await second.text()
     assert second.prompt.messages[1] == first.prompt.messages[1]  # same oldest turn: same prefix
-    assert second.generation.n_cached >= len(first.prompt.tokens) - 1
+    assert second.generation.n_cached >= len(first.prompt.prepared.tokens) - 1
     assert second.generation.n_evaluated < 64  # only the new turns were evaluated
     await second.save()

@@ -37,6 +37,11 @@ BAD_VALUES = [
     ("ADMIN_ROLE_IDS", "admins", "ADMIN_ROLE_IDS must be a comma-separated list of numeric Discord ids"),
     ("CHAT_CHANNELS", "1,two", "CHAT_CHANNELS must be a comma-separated list of numeric Discord ids"),
     ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+    ("SHARD_COUNT", "many", "SHARD_COUNT must be a whole number"),
+    ("BACKEND", "cloud", "BACKEND must be one of local, openai, got 'cloud'"),
+    ("OPENAI_BASE_URL", "localhost:8080", "OPENAI_BASE_URL must be a URL starting with http:// or https://"),
+    ("OPENAI_MODE", "edits", "OPENAI_MODE must be one of chat, completions"),
+    ("FLASH_ATTN", "yes", "FLASH_ATTN must be one of off, on, auto"),
 ]
 
 
@@ -109,9 +114,16 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_token_never_in_repr() -> None:
-    settings = load_settings({"DISCORD_TOKEN": "MTIz.secret.token"})
-    assert settings.discord_token == "MTIz.secret.token"
-    assert "secret" not in repr(settings)
+    settings = load_settings({"DISCORD_TOKEN": "MTIz.secret.token", "OPENAI_API_KEY": "sk-hidden"})
+    assert settings.discord_token == "MTIz.secret.token" and settings.openai_api_key == "sk-hidden"
+    assert "secret" not in repr(settings) and "hidden" not in repr(settings)
+
+
+def test_openai_backend_needs_a_base_url() -> None:
+    with pytest.raises(ConfigError, match="BACKEND=openai needs OPENAI_BASE_URL"):
+        load_settings({"BACKEND": "openai"})
+    assert load_settings({"SHARD_COUNT": "auto"}).shard_count == 0
+    assert load_settings({"SHARD_COUNT": "2"}).shard_count == 2
 
 
 def test_env_example_documents_every_variable_with_its_default() -> None:
@@ -122,7 +134,7 @@ def test_env_example_documents_every_variable_with_its_default() -> None:
 
     example = ROOT / ".env.example"
     source = (ROOT / "bot" / "config.py").read_text()
-    read = set(re.findall(r'take\("([A-Z_]+)"', source)) | {"SYSTEM_PROMPT", "DISCORD_TOKEN"}
+    read = set(re.findall(r'take\("([A-Z_]+)"', source)) | {"SYSTEM_PROMPT", "DISCORD_TOKEN", "OPENAI_API_KEY"}
     documented = set(re.findall(r"^([A-Z_]+)=", example.read_text(), re.M))
     assert read == documented
     from_example = load_settings(load_env(example, environ={}))

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from bot.config import Sampling
-from bot.engine import Engine, PromptTooLong, _find_stop, _held_back
+from bot.engine import Engine, PromptTooLong, find_stop, held_back
 from bot.templates import Message, get_template
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -103,8 +103,8 @@ async def test_prompt_too_long_is_refused(engine: Engine) -> None:
 
 
 def test_stop_helpers() -> None:
-    assert _find_stop("hello USER: x", ["USER:"], 0) == 6
-    assert _find_stop("abc", ["USER:"], 0) is None
-    assert _held_back("hello US", ["USER:"]) == 2
-    assert _held_back("hello", ["USER:"]) == 0
-    assert _held_back("x <|im", ["<|im_end|>", "<|im_start|>"]) == 4
+    assert find_stop("hello USER: x", ["USER:"], 0) == 6
+    assert find_stop("abc", ["USER:"], 0) is None
+    assert held_back("hello US", ["USER:"]) == 2
+    assert held_back("hello", ["USER:"]) == 0
+    assert held_back("x <|im", ["<|im_end|>", "<|im_start|>"]) == 4

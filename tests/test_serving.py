@@ -50,7 +50,7 @@ async def test_bot_wide_edit_budget_with_four_channels_streaming(world: World, s
             await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {STORY}")
         await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 8, timeout=180)
         elapsed = asyncio.get_running_loop().time() - started
-        assert bot.chat.engine.batched_steps > 0  # the four were decoded together
+        assert bot.chat.backend.engine.batched_steps > 0  # the four were decoded together
     edits = world.fake.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
     budget = bot.edit_budget
     assert len(edits) <= budget.burst + budget.rate * elapsed + len(channels)  # + one final edit per reply
@@ -87,7 +87,7 @@ async def test_stop_mid_reply_keeps_what_was_written(world: World, start_bot) ->
         assert statuses(bot.settings.database_path) == [("user", "ok"), ("assistant", "stopped")]
         stored = rows(bot.settings.database_path)[1][2]
         assert reply["content"] == stored + STOPPED and len(stored) > 0
-        assert bot.chat.engine.busy_slots == 0  # the slot is free
+        assert bot.chat.backend.engine.busy_slots == 0  # the slot is free
         again = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Thanks!")
         await world.fake.wait_for_bot_message(world.general, after=again)
 
@@ -104,7 +104,7 @@ async def test_stop_during_prompt_evaluation(world: World, start_bot) -> None:
         assert reply["content"] == STOPPED.strip()
         assert statuses(bot.settings.database_path) == [("user", "ok")]  # nothing written, nothing stored as said
         reply_obj_gone = not bot.replies
-        assert reply_obj_gone and bot.chat.engine.busy_slots == 0
+        assert reply_obj_gone and bot.chat.backend.engine.busy_slots == 0
 
 
 async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> None:

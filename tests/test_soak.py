@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.backend import LocalBackend
 from bot.chat import ChatService
 from bot.config import bundled_model_path
 from bot.discord_bot import LlamaBot, scope_for
@@ -65,7 +66,7 @@ async def test_soak(soak_engine: Engine, tmp_path: Path, capsys: pytest.CaptureF
                 conversation = await store.conversation(scope_for(int(channel["guild_id"]) if "guild_id" in channel else None, int(channel["id"]), int(user["id"])))
                 for i in range(30):
                     await store.add_message(conversation.id, "user" if i % 2 == 0 else "assistant", f"Earlier message {i} about numbers.")
-            bot = LlamaBot(settings, ChatService(engine, store, settings), guild_ready_timeout=0.1)
+            bot = LlamaBot(settings, ChatService(LocalBackend(engine), store, settings), guild_ready_timeout=0.1)
             bot.before_identify_hook = _no_wait  # type: ignore[method-assign]  # a re-IDENTIFY needs no 5 s pause here
             sent: list[tuple[dict, dict]] = []
             reconnects = 0
