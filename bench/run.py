@@ -71,10 +71,13 @@ def decode_rate(gen: Generation) -> float:
 
 
 def plain_llama(path: Path):  # noqa: ANN201 (llama_cpp.Llama)
-    """llama-cpp-python's high-level API, with the engine's context size, batch and threads."""
+    """llama-cpp-python's high-level API, with the engine's context size, batch, threads and
+    attention kernels (the engine's FLASH_ATTN=auto turns flash attention on for CPUs)."""
     import llama_cpp
 
-    return llama_cpp.Llama(str(path), n_ctx=3072, n_batch=512, n_threads=threads(), n_threads_batch=threads(), verbose=False)
+    return llama_cpp.Llama(
+        str(path), n_ctx=3072, n_batch=512, n_threads=threads(), n_threads_batch=threads(), flash_attn=True, verbose=False
+    )
 
 
 async def overhead(engine: Engine, llm, rounds: int) -> Row:  # noqa: ANN001
@@ -208,6 +211,52 @@ async def throughput_and_lag(engine: Engine, rounds: int) -> list[Row]:
     ]
 
 
+async def channels_per_box(path: Path) -> Row:
+    """How fast each channel gets its reply when 1, 2, 4 or 8 generate at once (PARALLEL=8)."""
+    engine = await Engine.load(path, EngineOptions(n_ctx=1024, n_threads=threads(), parallel=8, kv_cache_mb=64))
+    try:
+        prompts = [chat_prompt(engine, [Message("user", STORIES[i % 4])]) for i in range(8)]
+        cells = []
+        for n in (1, 2, 4, 8):
+            tokens, seconds = await generate_all(engine, prompts[:n], f"box-{n}", 96)
+            cells.append(f"{n}: {tokens / seconds / n:.0f}")
+    finally:
+        await engine.close()
+    return Row(
+        "Channels per box: tokens/s each channel sees when N channels generate at once (PARALLEL=8)",
+        "; ".join(cells) + " tok/s",
+        "",
+        None,
+    )
+
+
+async def flash_attention(path: Path, rounds: int) -> Row:
+    """FLASH_ATTN=auto (on, for CPUs) vs off, side by side: decode speed and a long-history follow-up."""
+    engines = {fa: await Engine.load(path, EngineOptions(n_ctx=2048, n_threads=threads(), parallel=1, flash_attn=fa)) for fa in ("auto", "off")}
+    decode: dict[str, list[float]] = {fa: [] for fa in engines}
+    follow: dict[str, list[float]] = {fa: [] for fa in engines}
+    try:
+        prompt = chat_prompt(engines["auto"], [Message("user", STORIES[0])])
+        long = chat_prompt(engines["auto"], history(40, 0))
+        for r in range(rounds):
+            for fa, engine in engines.items():
+                decode[fa].append(decode_rate(await engine.generate(f"fa-{r}", prompt, max_tokens=128, sampling=GREEDY).wait()))
+                await engine.generate("fa-long", long, max_tokens=1, sampling=GREEDY).wait()
+                gen = await engine.generate("fa-long", long + prompt[-16:], max_tokens=1, sampling=GREEDY).wait()
+                follow[fa].append(ttft(gen))
+    finally:
+        for engine in engines.values():
+            await engine.close()
+    d = {fa: statistics.median(v) for fa, v in decode.items()}
+    f = {fa: statistics.median(v) * 1000 for fa, v in follow.items()}
+    return Row(
+        "Flash attention, FLASH_ATTN=auto (on) vs off: decode tokens/s; time to first token of a follow-up after ~1,400 tokens",
+        f"decode {d['auto']:.0f} vs {d['off']:.0f} tok/s (**{d['auto'] / d['off']:.2f}x**); follow-up {f['auto']:.0f} vs {f['off']:.0f} ms",
+        "",
+        None,
+    )
+
+
 async def _ticker(lags: list[float]) -> None:
     while True:
         start = time.perf_counter()
@@ -318,6 +367,8 @@ async def run(quick: bool) -> tuple[list[Row], str]:
         del llm
         print("throughput and responsiveness...", file=sys.stderr)
         rows += await throughput_and_lag(engine, rounds)
+        rows.append(await channels_per_box(path))
+        rows.append(await flash_attention(path, rounds))
         print("memory...", file=sys.stderr)
         rows.append(memory())
         print("end to end through Discord...", file=sys.stderr)

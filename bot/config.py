@@ -59,7 +59,7 @@ class Settings:
     kv_cache_mb: int = 256
     max_queue: int = 32
     stream: bool = True
-    flash_attn: str = "off"
+    flash_attn: str = "auto"
     user_cooldown_s: float = 1.0
     # Discord
     discord_token: str | None = None

@@ -73,7 +73,7 @@ class EngineOptions:
     kv_cache_mb: int = 256  # RAM for KV state of conversations that lost their slot
     n_batch: int = 512  # tokens per decode step
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
-    flash_attn: str = "off"  # "off", "on" or "auto"; off reads long histories faster on CPUs (bench/)
+    flash_attn: str = "auto"  # "auto" (llama.cpp decides; on for CPUs), "on" or "off" (see bench/)
     llama_log: bool = False
 
 

@@ -74,9 +74,10 @@ class RemoteBackend:
         self._counts: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
-    async def connect(cls, settings: Settings) -> RemoteBackend:
+    async def connect(cls, settings: Settings, *, read_timeout: float = 120.0) -> RemoteBackend:
+        """Open a session and run the health check (which only logs: the server may come up later)."""
         headers = {"Authorization": f"Bearer {settings.openai_api_key}"} if settings.openai_api_key else {}
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=120)
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=read_timeout)
         backend = cls(settings, aiohttp.ClientSession(headers=headers, timeout=timeout))
         await backend.health_check()
         return backend

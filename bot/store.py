@@ -266,32 +266,32 @@ class Store:
         return cursor.rowcount
 
     async def edit_by_platform_id(self, platform_message_id: str, content: str) -> str | None:
-        """Follow an edit made in Discord. Returns the conversation's scope, or None if unknown."""
-        row = await (
-            await self._db.execute(
-                "SELECT c.scope FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ? AND m.role = 'user'",
-                (platform_message_id,),
-            )
-        ).fetchone()
-        if row is None:
+        """Follow an edit of a user's message made in Discord. Returns its conversation's scope, or None."""
+        found = await self._find_by_platform_id(platform_message_id)
+        if found is None or found[1] != "user":
             return None
         await self._db.execute("UPDATE messages SET content = ? WHERE platform_message_id = ? AND role = 'user'", (content, platform_message_id))
         await self._db.commit()
-        return str(row[0])
+        return found[0]
 
     async def delete_by_platform_id(self, platform_message_id: str) -> str | None:
         """Follow a delete made in Discord. Returns the conversation's scope, or None if unknown."""
-        row = await (
-            await self._db.execute(
-                "SELECT c.scope FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ?",
-                (platform_message_id,),
-            )
-        ).fetchone()
-        if row is None:
+        found = await self._find_by_platform_id(platform_message_id)
+        if found is None:
             return None
         await self._db.execute("DELETE FROM messages WHERE platform_message_id = ?", (platform_message_id,))
         await self._db.commit()
-        return str(row[0])
+        return found[0]
+
+    async def _find_by_platform_id(self, platform_message_id: str) -> tuple[str, str] | None:
+        """(scope, role) of the stored message with this platform id."""
+        row = await (
+            await self._db.execute(
+                "SELECT c.scope, m.role FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ?",
+                (platform_message_id,),
+            )
+        ).fetchone()
+        return (str(row[0]), str(row[1])) if row is not None else None
 
 
 def _conversation(row: aiosqlite.Row) -> Conversation:

@@ -50,11 +50,17 @@ async def finish(process: asyncio.subprocess.Process, timeout: float = 60) -> tu
     return process.returncode, process.log_path.read_text()  # type: ignore[attr-defined]
 
 
-async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord, tmp_path: Path) -> None:
+def one_channel(fake: FakeDiscord) -> tuple[dict, dict, dict]:
+    """A guild with one channel and one member: (guild, channel, member)."""
     guild = fake.add_guild("town")
-    general = fake.add_channel(guild, "general")
-    ann = fake.add_user("ann")
-    fake.add_member(guild, ann)
+    channel = fake.add_channel(guild, "general")
+    user = fake.add_user("ann")
+    fake.add_member(guild, user)
+    return guild, channel, user
+
+
+async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord, tmp_path: Path) -> None:
+    guild, general, ann = one_channel(fake)
     process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_N_PREDICT="300", DEV_GUILD_ID=guild["id"])
     try:
         await fake.wait_ready(timeout=60)

@@ -21,7 +21,7 @@ import pytest
 from bot.discord_bot import MENTION_ONLY, NO_TEXT, SLOW_DOWN, SORRY, UNDELIVERED
 from tests.conftest import ROOT, World, mention, rows, run_cli, scope
 from tests.fakediscord import FakeDiscord
-from tests.test_discord_process import finish, start_process
+from tests.test_discord_process import finish, one_channel, start_process
 from tests.test_templates import EVIL
 
 
@@ -187,10 +187,7 @@ def test_sigkill_during_generation_leaves_a_clean_database(tmp_path: Path) -> No
 
 async def _sigkill_during_generation(tmp_path: Path) -> None:
     async with FakeDiscord() as fake:
-        guild = fake.add_guild("town")
-        general = fake.add_channel(guild, "general")
-        ann = fake.add_user("ann")
-        fake.add_member(guild, ann)
+        _, general, ann = one_channel(fake)
         process = await start_process(fake, tmp_path, LLAMA_N_PREDICT="400", STREAM="1")
         try:
             await fake.wait_ready(timeout=60)
@@ -320,10 +317,7 @@ def test_every_sql_statement_uses_parameters() -> None:
 
 async def test_token_never_logged_even_with_llama_log_and_debug(tmp_path: Path) -> None:
     async with FakeDiscord() as fake:
-        guild = fake.add_guild("town")
-        general = fake.add_channel(guild, "general")
-        ann = fake.add_user("ann")
-        fake.add_member(guild, ann)
+        _, general, ann = one_channel(fake)
         process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_LOG="1")
         try:
             await fake.wait_ready(timeout=60)
