@@ -23,7 +23,8 @@ async def fake() -> AsyncIterator[FakeDiscord]:
         yield f
 
 
-async def start_process(fake: FakeDiscord, tmp_path: Path, **env: str) -> asyncio.subprocess.Process:
+async def start_process(fake: FakeDiscord, tmp_path: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
+    """`python -m bot run` (or `python -m bot *args`) pointed at the fake; its log goes to a file."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_"))}
     full.update(
         PYTHONPATH=str(ROOT),
@@ -38,7 +39,8 @@ async def start_process(fake: FakeDiscord, tmp_path: Path, **env: str) -> asynci
     full.update(env)
     log_path = tmp_path / f"bot-{len(list(tmp_path.glob('bot-*.log')))}.log"
     with log_path.open("wb") as log:  # a file, not a pipe: a chatty log must never block the bot
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "run", cwd=tmp_path, env=full, stdout=log, stderr=log)
+        command = args or ("run",)
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", *command, cwd=tmp_path, env=full, stdout=log, stderr=log)
     process.log_path = log_path  # type: ignore[attr-defined]
     return process
 
@@ -100,3 +102,19 @@ async def test_rejected_token_is_explained(fake: FakeDiscord, tmp_path: Path) ->
     assert code == 2
     assert "Discord rejected DISCORD_TOKEN" in log
     assert "not-the-token" not in log and "Traceback" not in log
+
+
+async def test_plain_python_m_bot_starts_discord_when_a_token_is_set(fake: FakeDiscord, tmp_path: Path) -> None:
+    _, general, ann = one_channel(fake)
+    process = await start_process(fake, tmp_path, "--env-file", str(tmp_path / "none"))
+    try:
+        await fake.wait_ready(timeout=60)
+        sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")
+        await fake.wait_for_bot_message(general, after=sent, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        code, log = await finish(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0
+    assert "[INFO] DISCORD_TOKEN is set: starting the Discord bot." in log

@@ -267,6 +267,7 @@ async def test_broken_server(world: World, tmp_path: Path, caplog: pytest.LogCap
                 assert reply["content"] == expected
                 assert broken.calls == calls
                 assert logged in caplog.text
+                assert "no tokenize endpoint: token counts for fitting the context are conservative estimates" in caplog.text
                 healthy = await ask(world, bot, world.random, "Still alive?")  # the bot keeps serving
                 assert healthy["content"]
 
