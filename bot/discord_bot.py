@@ -189,6 +189,7 @@ class LlamaBot(discord.Client):
             return False
         if len(self._accepted_at) > 10_000:  # keep memory bounded under a flood of new users
             self._accepted_at = {u: t for u, t in self._accepted_at.items() if now - t < cooldown}
+            self._warned &= self._accepted_at.keys()
         self._accepted_at[uid] = now
         self._warned.discard(uid)
         return True

@@ -628,7 +628,7 @@ class Engine:
         """Decode one batch: a token for each generating slot, then prompt chunks."""
         entries: list[tuple[int, int, int, bool]] = []
         outputs: list[tuple[_Slot, int]] = []  # slots that sample from this batch, with batch index
-        grown: list[tuple[_Slot, list[int]]] = []
+        grown: list[tuple[_Slot, list[int], bool]] = []  # (slot, tokens added, are they prompt tokens)
         budget = self.options.n_batch
         for slot in self._active():
             req = slot.request
@@ -636,7 +636,7 @@ class Engine:
             if req.next_token is not None:
                 outputs.append((slot, len(entries)))
                 entries.append((req.next_token, len(slot.tokens), slot.seq, True))
-                grown.append((slot, [req.next_token]))
+                grown.append((slot, [req.next_token], False))
                 budget -= 1
         prompt_tokens = 0
         for slot in self._active():
@@ -650,7 +650,7 @@ class Engine:
                     entries.append((token, start + j, slot.seq, last and j == len(chunk) - 1))
                 if last:
                     outputs.append((slot, len(entries) - 1))
-                grown.append((slot, chunk))
+                grown.append((slot, chunk, True))
                 budget -= len(chunk)
                 prompt_tokens += len(chunk)
         if not entries:
@@ -661,7 +661,7 @@ class Engine:
         self._fill_batch(entries)
         # The abort callback runs once per graph node; only pay for it on long prompt chunks.
         watch = prompt_tokens >= 32
-        self._watched = [s.request.gen for s, _ in grown if s.request is not None] if watch else []
+        self._watched = [s.request.gen for s, _, _ in grown if s.request is not None] if watch else []
         L.llama_set_abort_callback(self._ctx, self._abort_cb if watch else self._no_abort, None)
         rc = L.llama_decode(self._ctx, self._batch)
         self.steps += 1
@@ -669,14 +669,14 @@ class Engine:
         if rc != 0:
             self._after_failed_decode(rc, grown)
             return
-        for slot, toks in grown:
+        for slot, toks, prompt in grown:
             req = slot.request
             assert req is not None
-            if req.next_token is not None and toks == [req.next_token]:
-                req.next_token = None
-            else:
+            if prompt:
                 del req.pending[: len(toks)]
                 self.tokens_evaluated += len(toks)
+            else:
+                req.next_token = None
             slot.tokens += toks
         for slot, index in outputs:
             self._sample(slot, index)
@@ -685,26 +685,25 @@ class Engine:
         """Called by llama.cpp between graph nodes: stop now if a /stop or shutdown came in."""
         return self._abort_now or any(g._cancel for g in self._watched)
 
-    def _after_failed_decode(self, rc: int, grown: list[tuple[_Slot, list[int]]]) -> None:
+    def _after_failed_decode(self, rc: int, grown: list[tuple[_Slot, list[int], bool]]) -> None:
         """An aborted (/stop) or failed decode: resync each slot with what the KV really holds."""
-        for slot, toks in grown:
+        for slot, toks, prompt in grown:
             req = slot.request
             assert req is not None
             kept = L.llama_memory_seq_pos_max(self._mem, slot.seq) + 1  # -1 when empty
             processed = max(0, kept - len(slot.tokens))
             slot.tokens += toks[:processed]
-            if req.next_token is not None and toks == [req.next_token]:
-                if processed:
-                    req.next_token = None
-            else:
+            if prompt:
                 del req.pending[:processed]
+            elif processed:
+                req.next_token = None
         if rc == 2:  # aborted on purpose: the cancelled ones finish, the others simply continue
-            for slot, _ in grown:
+            for slot, _, _ in grown:
                 if slot.request is not None and slot.request.gen._cancel:
                     self._finish(slot, "cancelled")
             return
-        log.error("llama_decode failed with code %d; ending the replies in that batch: %s", rc, ", ".join(s.key or "?" for s, _ in grown))
-        for slot, _ in grown:
+        log.error("llama_decode failed with code %d; ending the replies in that batch: %s", rc, ", ".join(s.key or "?" for s, _, _ in grown))
+        for slot, _, _ in grown:
             self._finish(slot, "error", f"llama_decode returned {rc}")
 
     def _sample(self, slot: _Slot, index: int) -> None:

@@ -104,17 +104,22 @@ async def test_rejected_token_is_explained(fake: FakeDiscord, tmp_path: Path) ->
     assert "not-the-token" not in log and "Traceback" not in log
 
 
-async def test_plain_python_m_bot_starts_discord_when_a_token_is_set(fake: FakeDiscord, tmp_path: Path) -> None:
+async def one_reply_then_sigterm(fake: FakeDiscord, tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    """Start the bot process, get one reply in a fresh channel, stop it with SIGTERM."""
     _, general, ann = one_channel(fake)
-    process = await start_process(fake, tmp_path, "--env-file", str(tmp_path / "none"))
+    process = await start_process(fake, tmp_path, *args, **env)
     try:
         await fake.wait_ready(timeout=60)
         sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")
         await fake.wait_for_bot_message(general, after=sent, timeout=60)
         process.send_signal(signal.SIGTERM)
-        code, log = await finish(process)
+        return await finish(process)
     finally:
         if process.returncode is None:
             process.kill()
+
+
+async def test_plain_python_m_bot_starts_discord_when_a_token_is_set(fake: FakeDiscord, tmp_path: Path) -> None:
+    code, log = await one_reply_then_sigterm(fake, tmp_path, "--env-file", str(tmp_path / "none"))
     assert code == 0
     assert "[INFO] DISCORD_TOKEN is set: starting the Discord bot." in log

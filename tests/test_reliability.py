@@ -21,7 +21,7 @@ import pytest
 from bot.discord_bot import MENTION_ONLY, NO_TEXT, SLOW_DOWN, SORRY, UNDELIVERED
 from tests.conftest import ROOT, World, mention, rows, run_cli, scope
 from tests.fakediscord import FakeDiscord
-from tests.test_discord_process import finish, one_channel, start_process
+from tests.test_discord_process import finish, one_channel, one_reply_then_sigterm, start_process
 from tests.test_templates import EVIL
 
 
@@ -317,17 +317,7 @@ def test_every_sql_statement_uses_parameters() -> None:
 
 async def test_token_never_logged_even_with_llama_log_and_debug(tmp_path: Path) -> None:
     async with FakeDiscord() as fake:
-        _, general, ann = one_channel(fake)
-        process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_LOG="1")
-        try:
-            await fake.wait_ready(timeout=60)
-            sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")
-            await fake.wait_for_bot_message(general, after=sent, timeout=60)
-            process.send_signal(signal.SIGTERM)
-            code, log = await finish(process)
-        finally:
-            if process.returncode is None:
-                process.kill()
+        code, log = await one_reply_then_sigterm(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_LOG="1")
     assert code == 0
     assert "llama_model_loader" in log and "timings guild:" in log  # LLAMA_LOG=1 really logged
     assert fake.token not in log and fake.token.split(".")[-1] not in log  # nor its secret part
