@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from bot.chat import ChatService, Reply, TemplateChoiceError, UserMessage
@@ -20,6 +21,21 @@ log = logging.getLogger(__name__)
 
 SCOPE = "terminal:default"
 HELP = "commands: /reset (forget this conversation), /template [NAME], /quit"
+
+
+async def _line_reader() -> Callable[[], Awaitable[str]]:
+    """Read stdin without a blocking thread where possible, so Ctrl-C at the prompt ends at once."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except (ValueError, OSError):  # stdin is a regular file: a thread it is
+        return lambda: asyncio.to_thread(sys.stdin.readline)
+
+    async def read() -> str:
+        return (await reader.readline()).decode("utf-8", "replace")
+
+    return read
 
 
 class TerminalChat:
@@ -33,6 +49,8 @@ class TerminalChat:
         self.out = out
         self._reply_running: asyncio.Task[None] | None = None
         self._current: Reply | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._leaving = False
 
     def _say(self, text: str) -> None:
         self.out.write(text)
@@ -40,19 +58,28 @@ class TerminalChat:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        echo = not sys.stdin.isatty()  # piped input: show it, so the transcript reads like a chat
+        read_line = await _line_reader()
+        self._main = asyncio.current_task()
         try:
             loop.add_signal_handler(signal.SIGINT, self._interrupt)
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
         while True:
             self._say("[USER]:\n")
-            line = await asyncio.to_thread(sys.stdin.readline)
+            try:
+                line = await read_line()
+            except asyncio.CancelledError:
+                if self._leaving:  # Ctrl-C at the prompt
+                    self._say("\n")
+                    return
+                raise
             if line == "":  # end of input
                 return
             text = line.strip()
             if not text:
                 continue
-            if not sys.stdin.isatty():  # piped input: show it, so the transcript reads like a chat
+            if echo:
                 self._say(text + "\n")
             if text.startswith("/"):
                 if not await self._command(text):
@@ -68,9 +95,9 @@ class TerminalChat:
         """Ctrl-C: stop the reply being written, or leave when idle."""
         if self._reply_running is not None and self._current is not None:
             self._current.stop()
-        else:
-            self._say("\n")
-            raise KeyboardInterrupt
+        elif self._main is not None:
+            self._leaving = True
+            self._main.cancel()
 
     async def _reply(self, text: str) -> None:
         try:

@@ -64,3 +64,57 @@ def test_run_without_token_explains_how_to_get_one(tmp_path: Path) -> None:
     assert "DISCORD_TOKEN is not set" in result.stderr
     assert "Message Content Intent" in result.stderr and "DISCORD_TOKEN=" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_a_reply_then_leaves_at_the_prompt(tmp_path: Path) -> None:
+    """In a real terminal (a pty): the first Ctrl-C stops the reply, one at the prompt leaves."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", "chat", "--db", str(tmp_path / "chat.sqlite3"), "--n-predict", "2000", "--ctx-size", "4096"],
+        stdin=slave, stdout=slave, stderr=(tmp_path / "stderr.log").open("w"), cwd=tmp_path, env=env, start_new_session=True,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert marker in seen, (seen[-300:], process.poll())
+
+    try:
+        read_until(b"[USER]:")
+        os.write(master, b"Write a very long story about a dragon, a knight and a wizard.\n")
+        read_until(b"[ASSISTANT]:\r\n")
+        seen = b""
+        read_until(b" ", timeout=30)  # the reply's own text is arriving
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        read_until(b" [stopped]")
+        seen = b""
+        read_until(b"[USER]:")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    with sqlite3.connect(tmp_path / "chat.sqlite3") as conn:
+        assert conn.execute("SELECT role, status FROM messages ORDER BY id").fetchall() == [("user", "ok"), ("assistant", "stopped")]
