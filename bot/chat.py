@@ -269,7 +269,7 @@ class ChatService:
             only = picked[0]
             [content_tokens] = await self.backend.count([only.content])
             keep = max(0.0, 1 - (prepared.n_tokens - budget + 8) / max(content_tokens, 1)) * 0.97
-            picked = [_replace_content(only, only.content[: int(len(only.content) * keep)])]
+            picked = [replace(only, content=only.content[: int(len(only.content) * keep)])]
             cut = True
 
     async def _pages(self, conversation: Conversation, start: int | None) -> AsyncIterator[list[StoredMessage]]:
@@ -290,10 +290,6 @@ def _content(message: StoredMessage, names: bool) -> str:
     if names and message.role == "user" and message.author_name:
         return f"{message.author_name}: {message.content}"
     return message.content
-
-
-def _replace_content(message: StoredMessage, content: str) -> StoredMessage:
-    return replace(message, content=content)
 
 
 def _merge_turns(messages: list[Message]) -> list[Message]:

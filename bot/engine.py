@@ -150,13 +150,11 @@ class _Request:
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.sampling = sampling
-        self.stop = tuple(s for s in stop if s)
+        self.out = StopText(stop)
         self.pending: list[int] = []  # prompt tokens not yet evaluated
         self.next_token: int | None = None  # sampled, to be decoded next step
         self.sampler: int | None = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""  # everything decoded so far
-        self.emitted = 0  # how much of `text` was delivered
         self.n_generated = 0
 
 
@@ -263,21 +261,17 @@ class Engine:
     @classmethod
     async def load(cls, path: Path, options: EngineOptions) -> Engine:
         """Load and warm the model on the engine thread, then start serving."""
-        engine = cls()
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(engine._executor, engine._load, path, options)
-        except BaseException:
-            engine._executor.shutdown(wait=False)
-            raise
-        engine._serving = engine._executor.submit(engine._serve)
-        return engine
+        return await asyncio.to_thread(cls.load_sync, path, options)
 
     @classmethod
     def load_sync(cls, path: Path, options: EngineOptions) -> Engine:
-        """`load` for code without an event loop (the benchmark, the CLI's start-up)."""
+        """`load` for code without an event loop (the tests' session fixture)."""
         engine = cls()
-        engine._executor.submit(engine._load, path, options).result()
+        try:
+            engine._executor.submit(engine._load, path, options).result()
+        except BaseException:
+            engine._executor.shutdown(wait=False)
+            raise
         engine._serving = engine._executor.submit(engine._serve)
         return engine
 
@@ -321,6 +315,7 @@ class Engine:
         self.info = _describe(model, path)
         self._bos = L.llama_vocab_bos(self._vocab)
         self._space_prefix = self._detect_space_prefix()
+        self._anchor = self.tokenize("\n", special=False)
         self._warm_up()
         log.info("model loaded: %s (%s), context %d tokens x %d slots, %d threads", path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads)
 
@@ -381,10 +376,9 @@ class Engine:
         """
         if not self._space_prefix:
             return self.tokenize(text, special=special)
-        anchor = self.tokenize("\n", special=False)
         both = self.tokenize("\n" + text, special=special)
-        if both[: len(anchor)] == anchor:
-            return both[len(anchor) :]
+        if both[: len(self._anchor)] == self._anchor:
+            return both[len(self._anchor) :]
         return self.tokenize(text, special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
@@ -459,14 +453,7 @@ class Engine:
 
     async def close(self) -> None:
         """Finish: cancel what is running, stop the thread, free llama.cpp memory."""
-        with self._lock:
-            self._stopping = True
-            self._abort_now = True
-            self._lock.notify()
-        if self._serving is not None:
-            await asyncio.wrap_future(self._serving)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._free)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self.close_sync)
 
     def close_sync(self) -> None:
         with self._lock:
@@ -719,29 +706,24 @@ class Engine:
         req.n_generated += 1
         gen.tokens.append(token)
         gen.n_generated = req.n_generated
-        req.text += req.decoder.decode(self._cached_piece(token))
-        cut = find_stop(req.text, req.stop, req.emitted)
-        if cut is not None:
-            req.text = req.text[:cut]
+        shown = req.out.add(req.decoder.decode(self._cached_piece(token)))
+        if req.out.stopped:
             self._finish(slot, "stop")
             return
+        if shown:
+            self._report(req, shown, None)
         if req.n_generated >= req.max_tokens or len(slot.tokens) + 1 >= self.n_ctx:
-            req.text += req.decoder.decode(b"", final=True)
+            req.out.text += req.decoder.decode(b"", final=True)
             self._finish(slot, "length")
             return
         req.next_token = token
-        safe = len(req.text) - held_back(req.text, req.stop)
-        if safe > req.emitted:
-            self._report(req, req.text[req.emitted : safe], None)
-            req.emitted = safe
         if gen._cancel:
             self._finish(slot, "cancelled")
 
     def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
         req = slot.request
         assert req is not None
-        self._report(req, req.text[req.emitted :], reason, error)
-        req.emitted = len(req.text)
+        self._report(req, req.out.rest(), reason, error)
         if req.sampler is not None:
             L.llama_sampler_free(req.sampler)
             req.sampler = None
@@ -806,6 +788,36 @@ def read_model_info(path: Path, *, verbose: bool = False) -> ModelInfo:
         return _describe(model, path)
     finally:
         L.llama_model_free(model)
+
+
+class StopText:
+    """A reply's text as it arrives: cut where a stop string appears, and held back
+    while its end could still be the start of one, so no stop marker is ever shown."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.emitted = 0  # how much of `text` was handed out
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        """Append a piece; returns the text now safe to show (empty once a stop string ended it)."""
+        self.text += piece
+        cut = find_stop(self.text, self.stops, self.emitted)
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return ""
+        safe = len(self.text) - held_back(self.text, self.stops)
+        if safe <= self.emitted:
+            return ""
+        shown, self.emitted = self.text[self.emitted : safe], safe
+        return shown
+
+    def rest(self) -> str:
+        """Everything not handed out yet (at the end of the reply)."""
+        rest, self.emitted = self.text[self.emitted :], len(self.text)
+        return rest
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

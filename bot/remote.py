@@ -29,7 +29,7 @@ import aiohttp
 
 from bot.backend import PreparedPrompt
 from bot.config import Sampling, Settings
-from bot.engine import Generation, ModelInfo, find_stop, held_back
+from bot.engine import Generation, ModelInfo, StopText
 from bot.templates import Message, Template
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,12 @@ class _Stream:
 
     def __init__(self, gen: Generation, stop: tuple[str, ...]) -> None:
         self.gen = gen
-        self.stop = stop
-        self.text = ""
-        self.emitted = 0
+        self.out = StopText(stop)
         self.reason: str | None = None
+
+    @property
+    def emitted(self) -> bool:
+        return self.out.emitted > 0
 
     async def read(self, resp: aiohttp.ClientResponse) -> None:
         done = False
@@ -262,24 +264,19 @@ class _Stream:
         if gen.first_token_at is None:
             gen.first_token_at = time.perf_counter()
         gen.n_generated += 1
-        self.text += piece
-        cut = find_stop(self.text, self.stop, self.emitted)
-        if cut is not None:
-            self.text = self.text[:cut]
+        shown = self.out.add(piece)
+        if shown:
+            gen._deliver(shown, None, None)
+        if self.out.stopped:
             self.reason = "stop"
-            return True
-        safe = len(self.text) - held_back(self.text, self.stop)
-        if safe > self.emitted:
-            gen._deliver(self.text[self.emitted : safe], None, None)
-            self.emitted = safe
-        return False
+        return self.out.stopped
 
     def finish(self, reason: str | None = None, error: str | None = None) -> None:
         if self.gen.done:
             return
         reason = reason or ("length" if self.reason == "length" else "stop")
-        self.gen._deliver(self.text[self.emitted :] if reason != "error" else "", reason, error)
-        self.emitted = len(self.text)
+        rest = self.out.rest()
+        self.gen._deliver(rest if reason != "error" else "", reason, error)
 
 
 def _reason(exc: BaseException) -> str:

@@ -57,9 +57,6 @@ class FairScheduler:
     def running(self) -> int:
         return len(self._running)
 
-    def running_job(self, key: str) -> Job | None:
-        return self._running.get(key)
-
     def submit(self, key: str, run: Callable[[], Awaitable[None]]) -> Job:
         """Queue `run` for `key`; it starts at once if there is room. Raises QueueFull."""
         if self._closed:

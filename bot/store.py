@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 # Message states (see migrations/0002_discord.sql).
 OK, STOPPED, UNDELIVERED = "ok", "stopped", "undelivered"
-VISIBLE = (OK, STOPPED)  # what the model is shown
 
 
 class StoreError(Exception):
@@ -173,18 +172,9 @@ class Store:
         assert row is not None
         return _conversation(row)
 
-    async def find_conversation(self, scope: str) -> Conversation | None:
-        row = await (await self._db.execute("SELECT * FROM conversations WHERE scope = ?", (scope,))).fetchone()
-        return _conversation(row) if row else None
-
     async def set_template(self, scope: str, template: str | None) -> None:
         await self.conversation(scope)
         await self._db.execute("UPDATE conversations SET template = ? WHERE scope = ?", (template, scope))
-        await self._db.commit()
-
-    async def set_system_prompt(self, scope: str, system_prompt: str | None) -> None:
-        await self.conversation(scope)
-        await self._db.execute("UPDATE conversations SET system_prompt = ? WHERE scope = ?", (system_prompt, scope))
         await self._db.commit()
 
     async def set_chat_enabled(self, scope: str, enabled: bool) -> None:
@@ -220,22 +210,9 @@ class Store:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    async def set_status(self, message_id: int, status: str) -> None:
-        await self._db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
-        await self._db.commit()
-
-    async def set_platform_id(self, message_id: int, platform_message_id: str) -> None:
-        await self._db.execute("UPDATE messages SET platform_message_id = ? WHERE id = ?", (platform_message_id, message_id))
-        await self._db.commit()
-
-    async def messages(self, conversation_id: int, *, visible_only: bool = False) -> list[StoredMessage]:
+    async def messages(self, conversation_id: int) -> list[StoredMessage]:
         """All messages of a conversation, oldest first."""
-        if visible_only:
-            rows = await self._db.execute_fetchall(
-                "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped') ORDER BY id", (conversation_id,)
-            )
-        else:
-            rows = await self._db.execute_fetchall("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        rows = await self._db.execute_fetchall("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [_message(r) for r in rows]
 
     async def newest_first(self, conversation_id: int, page: int = 64) -> AsyncIterator[StoredMessage]:
