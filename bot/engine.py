@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import ctypes
 import logging
+import mmap
 import secrets
 import threading
 import time
@@ -165,6 +166,16 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # exactly what the KV cache holds for this seq
     last_used: float = 0.0
     request: _Request | None = None
+
+
+def _state_buffer(size: int) -> ctypes.Array[ctypes.c_uint8]:
+    """Room for one saved KV state, in its own anonymous memory mapping.
+
+    States are megabytes each and come and go all day. From malloc, glibc soon serves
+    blocks that size from its heap, where freed ones leave holes the process keeps
+    (seen in the soak: RSS swinging 80 MiB above the live cache). A mapping is given
+    back to the system the moment the state is dropped."""
+    return (ctypes.c_uint8 * size).from_buffer(mmap.mmap(-1, size))
 
 
 class _StateCache:
@@ -565,7 +576,7 @@ class Engine:
         if self.options.reuse and slot.tokens and self._states.limit:
             size = L.llama_state_seq_get_size(self._ctx, slot.seq)
             if 0 < size <= self._states.limit:
-                data = (ctypes.c_uint8 * size)()
+                data = _state_buffer(size)
                 if L.llama_state_seq_get_data(self._ctx, data, size, slot.seq) == size:
                     self._states.put(slot.key, data, list(slot.tokens))
         self._clear(slot)
