@@ -40,6 +40,16 @@ async def test_stop_string_never_leaks(engine: Engine) -> None:
     assert "Paris" not in "".join(chunks) and "".join(chunks) == gen.text
 
 
+async def test_plain_greedy_picks_what_the_sampler_chain_picks(engine: Engine) -> None:
+    """Greedy without a repeat penalty skips llama.cpp's sampler chain for an argmax; a chain
+    that keeps only the top token (top_k=1) must choose exactly the same tokens."""
+    tokens = chat_tokens(engine, "Write a short poem about the sea.")
+    fast = await generate(engine, "argmax", tokens, max_tokens=40)
+    chain = await generate(engine, "chain", tokens, max_tokens=40, sampling=Sampling(temperature=0.7, top_k=1, repeat_penalty=1.0))
+    assert len(fast.tokens) > 10
+    assert fast.tokens == chain.tokens and fast.text == chain.text
+
+
 async def test_end_of_turn_token_ends_the_reply(engine: Engine) -> None:
     gen = await generate(engine, "eot", chat_tokens(engine, "Say hi."), max_tokens=200)
     assert gen.finish_reason == "stop"
