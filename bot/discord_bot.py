@@ -279,12 +279,9 @@ class LlamaBot(discord.Client):
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         """An edited message changes the stored turn, so the bot never remembers the old text."""
-        content = payload.data.get("content")
-        author = payload.data.get("author", {})
-        if content is None or author.get("bot") or self.user is None:
-            return
-        text = re.sub(rf"<@!?{self.user.id}>", " ", content).strip()
-        scope = await self.chat.edit_message(str(payload.message_id), text)
+        if "content" not in payload.data or payload.message.author.bot or self.user is None:
+            return  # e.g. Discord adding a link preview: the text did not change
+        scope = await self.chat.edit_message(str(payload.message_id), self._text_of(payload.message))
         if scope is not None:
             log.info("followed an edit in %s", scope)
 
