@@ -212,7 +212,7 @@ class RemoteBackend:
             except asyncio.CancelledError:
                 return stream.finish("cancelled")
             except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable) as exc:
-                if stream.emitted or attempt == RETRIES:
+                if stream.received or attempt == RETRIES:
                     log.warning("model server request for %s failed: %s", gen.key, _reason(exc))
                     return stream.finish("error", _reason(exc))
                 log.info("model server request for %s failed (%s); retrying", gen.key, _reason(exc))
@@ -231,8 +231,9 @@ class _Stream:
         self.reason: str | None = None
 
     @property
-    def emitted(self) -> bool:
-        return self.out.emitted > 0
+    def received(self) -> bool:
+        """Any text came in (shown or held back): a retry would repeat it."""
+        return self.gen.n_generated > 0
 
     async def read(self, resp: aiohttp.ClientResponse) -> None:
         done = False

@@ -235,14 +235,15 @@ class BrokenServer:
             return web.Response(status=503, text="overloaded")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        chunk = '{"choices": [{"index": 0, "delta": {"content": "Hello "}, "finish_reason": null}]}'
+        first = "[INS" if behaviour == "held" else "Hello "  # "held": could start a stop string, so not shown yet
+        chunk = '{"choices": [{"index": 0, "delta": {"content": "%s"}, "finish_reason": null}]}' % first
         await response.write(f"data: {chunk}\n\n".encode())
         if behaviour == "ok":
             done = '{"choices": [{"index": 0, "delta": {"content": "there."}, "finish_reason": "stop"}]}'
             await response.write(f"data: {done}\n\ndata: [DONE]\n\n".encode())
         elif behaviour == "malformed":
             await response.write(b"data: {not json at all\n\n")
-        elif behaviour == "stall":
+        elif behaviour in ("stall", "held"):
             await asyncio.sleep(5)
         # "truncated": end the stream here, with no finish_reason and no [DONE]
         return response
@@ -254,10 +255,11 @@ class BrokenServer:
         (["503", "ok"], "Hello there.", 2, "retrying"),  # nothing streamed yet: retried
         (["malformed"], SORRY, 1, "malformed stream"),
         (["truncated", "ok"], SORRY, 1, "truncated"),  # something was streamed: not retried
+        (["held", "ok"], SORRY, 1, "timed out"),  # text came in, though none was shown yet: not retried either
         (["stall", "ok"], SORRY, 1, "timed out"),
         (["503", "503", "503"], SORRY, 3, "HTTP 503"),
     ],
-    ids=["5xx-then-ok", "malformed", "truncated", "timeout", "5xx-always"],
+    ids=["5xx-then-ok", "malformed", "truncated", "held-back", "timeout", "5xx-always"],
 )
 async def test_broken_server(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture, script: list[str], expected: str, calls: int, logged: str) -> None:
     async with BrokenServer(script) as broken:
