@@ -162,7 +162,7 @@ class _Request:
         self.out = StopText(stop)
         self.pending: list[int] = []  # prompt tokens not yet evaluated
         self.next_token: int | None = None  # sampled, to be decoded next step
-        self.sampler: int | None = None
+        self.sampler: int | None = None  # llama.cpp's sampler chain; None for plain greedy
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.n_generated = 0
         # Greedy with no repeat penalty is a plain argmax over the logits: numpy does it in
@@ -581,7 +581,7 @@ class Engine:
         request.pending = prompt[keep:]
         request.gen.n_cached = keep
         request.gen.n_evaluated = len(request.pending)
-        request.sampler = self._make_sampler(request.sampling, prompt)
+        request.sampler = None if request.argmax else self._make_sampler(request.sampling, prompt)
 
     def _evict(self, slot: _Slot) -> None:
         """Save an idle slot's KV state to the RAM cache, then empty the slot."""
@@ -719,8 +719,8 @@ class Engine:
 
     def _sample(self, slot: _Slot, index: int) -> None:
         req = slot.request
-        assert req is not None and req.sampler is not None
-        if req.argmax:
+        assert req is not None
+        if req.sampler is None:  # plain greedy (req.argmax)
             token = int(np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)).argmax())
         else:
             token = L.llama_sampler_sample(req.sampler, self._ctx, index)
