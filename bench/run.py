@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bot.config import Sampling, bundled_model_path
-from bot.engine import Engine, EngineOptions, Generation
+from bot.backend import Generation
+from bot.engine import Engine, EngineOptions
 from bot.templates import Message, Template, get_template
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +59,7 @@ def template_for(engine: Engine) -> Template:
 
 
 def chat_prompt(engine: Engine, messages: Sequence[Message]) -> list[int]:
-    return engine.encode(template_for(engine).render(messages))
+    return engine.vocab.encode(template_for(engine).render(messages))
 
 
 def decode_rate(gen: Generation) -> float:
@@ -319,7 +320,7 @@ async def discord_end_to_end(engine: Engine, messages: int = 5) -> Row:
     sys.path.insert(0, str(HERE.parent))
     import tempfile
 
-    from bot.backend import LocalBackend
+    from bot.engine import LocalBackend
     from bot.chat import ChatService
     from bot.config import Settings
     from bot.discord_bot import LlamaBot

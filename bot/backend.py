@@ -1,21 +1,49 @@
 """The one small interface between conversations and whatever runs the model.
 
-`ChatService` talks to a `Backend` and never looks past it. `LocalBackend`
+`ChatService` talks to a `Backend` and never looks past it. `bot.engine.LocalBackend`
 wraps the in-process llama.cpp engine (the default); `bot.remote.RemoteBackend`
 sends the same work to an OpenAI-compatible server (llama-server, vLLM,
 Ollama, ...). Both hand back a `Generation`, so streaming, /stop and the
 Discord adapter work the same way on either.
+
+This module imports neither llama.cpp nor numpy: a bot that only talks to a
+remote server never loads the local engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from bot.config import Sampling
-from bot.engine import Engine, Generation, ModelInfo
+from bot.reasoning import ReplyFormat
 from bot.templates import Message, Template
+
+
+class ModelError(Exception):
+    """The model file cannot be used. The message is one line for the user."""
+
+
+class PromptTooLong(ValueError):
+    """A prompt does not fit in a conversation's context window."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the bot needs to know about the loaded model."""
+
+    path: Path
+    description: str
+    n_ctx_train: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -26,6 +54,102 @@ class PreparedPrompt:
     tokens: list[int] | None = None  # local engine: exact token ids
     text: str | None = None  # remote /v1/completions: the rendered prompt
     messages: list[dict[str, str]] | None = None  # remote /v1/chat/completions: the server renders
+    fmt: ReplyFormat = field(default_factory=ReplyFormat)  # how the reply will be laid out
+
+
+@dataclass
+class Generation:
+    """One reply being generated: an async stream of text plus its outcome.
+
+    Created by a backend on the event loop; the producer reports into it with
+    `_deliver` (from another thread through `call_soon_threadsafe`). `text` is
+    the answer only; a reasoning model's private thoughts go to `reasoning`, and
+    `thinking` is True while they are being written. Iterate `stream()` for the
+    answer as it arrives, `updates()` to follow both, or `await gen.wait()`.
+    """
+
+    key: str
+    n_prompt: int
+    loop: asyncio.AbstractEventLoop
+    text: str = ""
+    reasoning: str = ""
+    thinking: bool = False
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+    n_cached: int = 0  # prompt tokens reused from the KV cache
+    n_evaluated: int = 0  # prompt tokens actually evaluated
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when a slot took it
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    thought_from: float | None = None  # when reasoning began (first token of a thinking reply)
+    thought_until: float | None = None  # when the answer began after reasoning
+    n_generated: int = 0  # tokens generated (kept also where token ids are not known)
+    _cancel: bool = False
+    _on_cancel: Callable[[], None] | None = None  # tells the producer to look now
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def thought_s(self) -> float | None:
+        """How long the model reasoned before answering (None: it did not)."""
+        if self.thought_from is None:
+            return None
+        end = self.thought_until or self.finished_at or time.perf_counter()
+        return max(0.0, end - self.thought_from)
+
+    def cancel(self) -> None:
+        """Stop as soon as possible, even mid-prompt; text generated so far is kept."""
+        self._cancel = True
+        if self._on_cancel is not None and not self.done:
+            self._on_cancel()
+
+    async def wait(self) -> Generation:
+        while not self.done:
+            await self._changed.wait()
+            self._changed.clear()
+        return self
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Yield new answer text as it arrives (pieces coalesce when the reader is slower)."""
+        sent = 0
+        while True:
+            if len(self.text) > sent:
+                chunk, sent = self.text[sent:], len(self.text)
+                yield chunk
+                continue
+            if self.done:
+                return
+            await self._changed.wait()
+            self._changed.clear()
+
+    async def updates(self) -> AsyncIterator[None]:
+        """Wake once per change of text, reasoning or state, until done (read the fields)."""
+        while not self.done:
+            await self._changed.wait()
+            self._changed.clear()
+            yield None
+
+    def _deliver(self, text: str, finish_reason: str | None = None, error: str | None = None, *, reasoning: str = "", thinking: bool | None = None) -> None:
+        """Called on the event loop with what the producer has for us since last time."""
+        now = time.perf_counter()
+        if thinking or reasoning:
+            self.thought_from = self.thought_from or self.first_token_at or now
+        self.reasoning += reasoning
+        if thinking is not None:
+            if self.thinking and not thinking:
+                self.thought_until = now
+            self.thinking = thinking
+        self.text += text
+        if finish_reason is not None:
+            self.finish_reason, self.error = finish_reason, error
+            self.finished_at = now
+            self.thinking = False
+        self._changed.set()
 
 
 class Backend(Protocol):
@@ -41,7 +165,7 @@ class Backend(Protocol):
 
     async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt: ...
 
-    def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling, stop: Sequence[str]) -> Generation:
+    def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         """Start a reply for conversation `key`; call on the event loop."""
         ...
 
@@ -52,34 +176,3 @@ class Backend(Protocol):
     def describe(self) -> str: ...
 
     async def close(self) -> None: ...
-
-
-class LocalBackend:
-    """The in-process engine: one preloaded GGUF, exact tokens, KV reuse, batching."""
-
-    applies_template = False
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.n_ctx = engine.n_ctx
-        self.info = engine.info
-
-    async def count(self, texts: Sequence[str]) -> list[int]:
-        return [len(self.engine.tokenize(t, special=False)) for t in texts]
-
-    async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
-        tokens = self.engine.encode(template.render(messages))
-        return PreparedPrompt(n_tokens=len(tokens), tokens=tokens)
-
-    def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling, stop: Sequence[str]) -> Generation:
-        assert prompt.tokens is not None
-        return self.engine.generate(key, prompt.tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
-
-    def forget(self, key: str) -> None:
-        self.engine.forget(key)
-
-    def describe(self) -> str:
-        return f"{self.info.path.name} ({self.info.description}), in this process"
-
-    async def close(self) -> None:
-        await self.engine.close()

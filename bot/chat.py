@@ -12,12 +12,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from bot.backend import Backend, LocalBackend, PreparedPrompt
+from bot.backend import Backend, Generation, PreparedPrompt
 from bot.config import ConfigError, Settings
-from bot.engine import Engine, EngineOptions, Generation
 from bot.store import OK, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
 from bot.templates import AUTO, Message, Template, canonical_name, get_template
+
+if TYPE_CHECKING:
+    from bot.engine import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +201,7 @@ class ChatService:
         )
         prompt = await self.build_prompt(conversation)
         log.debug("prompt for %s: %d tokens, %d history messages%s", message.scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
-        generation = self.backend.generate(
-            message.scope,
-            prompt.prepared,
-            max_tokens=self.settings.n_predict,
-            sampling=self.settings.sampling,
-            stop=prompt.template.stop,
-        )
+        generation = self.backend.generate(message.scope, prompt.prepared, max_tokens=self.settings.n_predict, sampling=self.settings.sampling)
         reply = Reply(self, conversation, generation, prompt, user_id)
         if prompt.cut:
             reply.notes.append(CUT_NOTE)
@@ -304,6 +301,8 @@ def _merge_turns(messages: list[Message]) -> list[Message]:
 
 
 def engine_options(settings: Settings, *, parallel: int | None = None) -> EngineOptions:
+    from bot.engine import EngineOptions
+
     return EngineOptions(
         n_ctx=settings.n_ctx,
         n_threads=settings.n_threads,
@@ -334,6 +333,8 @@ async def open_backend(settings: Settings, *, parallel: int | None = None) -> Ba
         from bot.remote import RemoteBackend
 
         return await RemoteBackend.connect(settings)
+    from bot.engine import Engine, LocalBackend
+
     engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel))
     return LocalBackend(engine)
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bot.config import ConfigError, Settings, load_env, load_settings
-from bot.engine import ModelError, read_model_info
+from bot.backend import ModelError
 from bot.store import StoreError
 from bot.templates import NAMES, AUTO, Message, get_template, prompt_text
 
@@ -147,6 +147,8 @@ def render_prompt(template_name: str, messages_file: Path, settings: Settings) -
         raise ConfigError(exc.args[0]) from None
     kwargs = {}
     if key == AUTO:
+        from bot.vocab import read_model_info
+
         info = read_model_info(settings.resolved_model_path())
         kwargs = dict(gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
     template = get_template(key, **kwargs)

@@ -13,6 +13,10 @@ what the slot holds). When a slot is needed for another channel, the idle one
 used longest ago is saved to a byte-bounded LRU cache in RAM and restored when
 its channel speaks again.
 
+A fault on the engine thread fails only the replies it touches; the thread
+keeps serving. If it cannot go on, every waiting and later reply fails at once
+and `on_fatal` tells the process to exit, so the service manager restarts it.
+
 Nothing here knows about Discord or the store: callers pass token ids in and
 get text out.
 """
@@ -23,46 +27,35 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
+import functools
 import logging
 import mmap
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp as L
 import numpy as np
 
+from bot.backend import Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
-from bot.templates import Segment
+from bot.reasoning import ReplyFormat, ReplyText
+from bot.templates import Message, Template, reply_format
+from bot.vocab import Vocab, check_model_file, init_backend
 
 log = logging.getLogger(__name__)
-llama_log = logging.getLogger("llama.cpp")
+
+FATAL_AFTER = 5
+"""Faults in a row (with no successful step between them) after which the engine gives up."""
 
 
-class ModelError(Exception):
-    """The model file cannot be used. The message is one line for the user."""
-
-
-class PromptTooLong(ValueError):
-    """A prompt does not fit in a conversation's context window."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the rest of the bot needs to know about the loaded model."""
-
-    path: Path
-    description: str
-    n_ctx_train: int
-    chat_template: str | None
-    bos_token: str
-    eos_token: str
-    add_bos: bool
-    size_bytes: int
+class EngineDead(RuntimeError):
+    """The engine thread cannot go on; the process should exit and be restarted."""
 
 
 @dataclass(frozen=True)
@@ -79,71 +72,6 @@ class EngineOptions:
     llama_log: bool = False
 
 
-@dataclass
-class Generation:
-    """One reply being generated: an async stream of text plus its outcome.
-
-    Created by `Engine.generate` on the event loop; the engine thread reports
-    into it with `call_soon_threadsafe`. Iterate it for text as it arrives, or
-    `await gen.wait()` for the whole reply.
-    """
-
-    key: str
-    n_prompt: int
-    loop: asyncio.AbstractEventLoop
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-    error: str | None = None
-    n_cached: int = 0  # prompt tokens reused from the KV cache
-    n_evaluated: int = 0  # prompt tokens actually evaluated
-    queued_at: float = field(default_factory=time.perf_counter)
-    started_at: float | None = None  # when a slot took it
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    n_generated: int = 0  # tokens generated (kept also where token ids are not known)
-    _cancel: bool = False
-    _on_cancel: Callable[[], None] | None = None  # tells the producer to look now
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """Stop as soon as possible, even mid-prompt; text generated so far is kept."""
-        self._cancel = True
-        if self._on_cancel is not None and not self.done:
-            self._on_cancel()
-
-    async def wait(self) -> Generation:
-        while not self.done:
-            await self._changed.wait()
-            self._changed.clear()
-        return self
-
-    async def stream(self) -> AsyncIterator[str]:
-        """Yield new text as it arrives (pieces coalesce when the reader is slower)."""
-        sent = 0
-        while True:
-            if len(self.text) > sent:
-                chunk, sent = self.text[sent:], len(self.text)
-                yield chunk
-                continue
-            if self.done:
-                return
-            await self._changed.wait()
-            self._changed.clear()
-
-    # called on the event loop, scheduled by the engine thread
-    def _deliver(self, text: str, finish_reason: str | None, error: str | None) -> None:
-        self.text += text
-        if finish_reason is not None:
-            self.finish_reason, self.error = finish_reason, error
-            self.finished_at = time.perf_counter()
-        self._changed.set()
-
-
 REPORT_EVERY_S = 0.05
 """Streamed text reaches the caller at most this often (the first piece at once). Each
 delivery wakes the event loop, which on a 2-core box takes CPU from the decoding threads:
@@ -154,12 +82,14 @@ Discord's one edit a second, can tell."""
 class _Request:
     """Engine-thread state of one generation."""
 
-    def __init__(self, gen: Generation, prompt: list[int], max_tokens: int, sampling: Sampling, stop: Sequence[str]):
+    def __init__(self, gen: Generation, prompt: list[int], max_tokens: int, sampling: Sampling, fmt: ReplyFormat, grammar: str | None):
         self.gen = gen
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.sampling = sampling
-        self.out = StopText(stop)
+        self.out = ReplyText(fmt)
+        self.special = fmt.harmony  # control tokens are part of the text (gpt-oss channels)
+        self.grammar = grammar
         self.pending: list[int] = []  # prompt tokens not yet evaluated
         self.next_token: int | None = None  # sampled, to be decoded next step
         self.sampler: int | None = None  # llama.cpp's sampler chain; None for plain greedy
@@ -167,8 +97,10 @@ class _Request:
         self.n_generated = 0
         # Greedy with no repeat penalty is a plain argmax over the logits: numpy does it in
         # microseconds, where the sampler chain first copies all n_vocab logits (~3% of a step).
-        self.argmax = sampling.temperature <= 0 and (sampling.repeat_penalty == 1.0 or not sampling.repeat_last_n)
-        self.unsent = ""  # text shown but not yet delivered (see REPORT_EVERY_S)
+        self.argmax = grammar is None and sampling.temperature <= 0 and (sampling.repeat_penalty == 1.0 or not sampling.repeat_last_n)
+        self.unsent = ""  # answer text not yet delivered (see REPORT_EVERY_S)
+        self.unsent_reasoning = ""
+        self.reported_thinking = False
         self.reported_at = 0.0
 
 
@@ -222,59 +154,26 @@ class _StateCache:
         return len(self._entries)
 
 
-_log_callback_ref = None  # keeps the ctypes callback alive for the process lifetime
-_backend_ready = False
-
-
-def _init_backend(verbose: bool) -> None:
-    """Route llama.cpp's own log lines to `logging` (or drop them), once per process."""
-    global _log_callback_ref, _backend_ready
-    levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level; 5 continues a line
-
-    @L.llama_log_callback
-    def forward(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
-        if verbose and text:
-            llama_log.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip("\n"))
-
-    _log_callback_ref = forward
-    L.llama_log_set(forward, ctypes.c_void_p(0))
-    if not _backend_ready:
-        L.llama_backend_init()
-        _backend_ready = True
-
-
-def check_model_file(path: Path) -> None:
-    """Fail early, in one line, on a path that cannot be a GGUF model."""
-    if not path.exists():
-        raise ModelError(f"model file not found: {path}")
-    if not path.is_file():
-        raise ModelError(f"model path is not a file: {path}")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from None
-    if magic != b"GGUF":
-        raise ModelError(f"{path} is not a GGUF model file (it does not start with the GGUF signature)")
-
-
 class Engine:
     """The shared model. Create it with `await Engine.load(...)`; `close()` when done."""
 
     def __init__(self) -> None:  # use Engine.load
         self.info: ModelInfo
+        self.vocab: Vocab
         self.options: EngineOptions
         self.n_ctx: int  # tokens per conversation
+        self.on_fatal: Callable[[str], None] | None = None  # called (from the engine thread) when it gives up
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._lock = threading.Condition()
         self._incoming: collections.deque[_Request] = collections.deque()
         self._forget: set[str] = set()
         self._stopping = False
+        self._dead: str | None = None  # why the engine gave up, once it has
         self._serving: concurrent.futures.Future[None] | None = None
         self._abort_now = False  # set on shutdown: abort the decode in progress
         self._watched: list[Generation] = []  # generations in the decode in progress
-        self._piece_cache: dict[int, bytes] = {}
-        self._poison_next = 0  # fault drills: decodes to feed an invalid token (see inject_decode_failure)
+        self._faults: collections.Counter[str] = collections.Counter()  # fault drills (see inject_fault)
+        self._faults_in_a_row = 0
         # counters (read by tests and the benchmark)
         self.steps = 0
         self.batched_steps = 0  # steps that decoded more than one sequence
@@ -283,31 +182,38 @@ class Engine:
     # --- loading -----------------------------------------------------------------------
 
     @classmethod
-    async def load(cls, path: Path, options: EngineOptions) -> Engine:
-        """Load and warm the model on the engine thread, then start serving."""
-        return await asyncio.to_thread(cls.load_sync, path, options)
+    async def load(cls, path: Path, options: EngineOptions, *, abort: threading.Event | None = None) -> Engine:
+        """Load and warm the model on the engine thread, then start serving.
+
+        Setting `abort` (a shutdown signal) stops the load between tensors with a ModelError."""
+        return await asyncio.to_thread(cls.load_sync, path, options, abort=abort)
 
     @classmethod
-    def load_sync(cls, path: Path, options: EngineOptions) -> Engine:
+    def load_sync(cls, path: Path, options: EngineOptions, *, abort: threading.Event | None = None) -> Engine:
         """`load` for code without an event loop (the tests' session fixture)."""
         engine = cls()
         try:
-            engine._executor.submit(engine._load, path, options).result()
+            engine._executor.submit(engine._load, path, options, abort).result()
         except BaseException:
             engine._executor.shutdown(wait=False)
             raise
         engine._serving = engine._executor.submit(engine._serve)
+        engine._serving.add_done_callback(engine._serving_ended)
         return engine
 
-    def _load(self, path: Path, options: EngineOptions) -> None:
+    def _load(self, path: Path, options: EngineOptions, abort: threading.Event | None) -> None:
         check_model_file(path)
-        _init_backend(options.llama_log)
+        init_backend(options.llama_log)
         mparams = L.llama_model_default_params()
+        if abort is not None:
+            keep_going = L.llama_progress_callback(lambda _progress, _data: not abort.is_set())
+            mparams.progress_callback = keep_going
         model = L.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
+            if abort is not None and abort.is_set():
+                raise ModelError("stopped while loading the model")
             raise ModelError(f"llama.cpp could not load {path}: the file is truncated, corrupt or of an unsupported architecture (LLAMA_LOG=1 shows why)")
         self._model = model
-        self._vocab = L.llama_model_get_vocab(model)
         n_ctx_train = L.llama_model_n_ctx_train(model)
         n_ctx = options.n_ctx or min(4096, n_ctx_train)
         if n_ctx > n_ctx_train:
@@ -335,107 +241,45 @@ class Engine:
         self._states = _StateCache(options.kv_cache_mb * 1024 * 1024)
         self._abort_cb = L.ggml_abort_callback(self._should_abort)
         self._no_abort = L.ggml_abort_callback()  # a NULL callback: no per-node Python call
-        self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
-        self.info = _describe(model, path)
-        self._bos = L.llama_vocab_bos(self._vocab)
-        self._space_prefix = self._detect_space_prefix()
-        self._anchor = self.tokenize("\n", special=False)
+        self.vocab = Vocab(model, path)
+        self._vocab = L.llama_model_get_vocab(model)
+        self.info = self.vocab.info
         self._warm_up()
         log.info("model loaded: %s (%s), context %d tokens x %d slots, %d threads", path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads)
 
     def _warm_up(self) -> None:
         """One real decode, so the first user does not pay for page faults and graph setup."""
-        tokens = self.tokenize("Hello", special=False) or [0]
+        tokens = self.vocab.tokenize("Hello", special=False) or [0]
         self._fill_batch([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
         if L.llama_decode(self._ctx, self._batch) != 0:
             raise ModelError("the model failed its first decode")
         L.llama_memory_seq_rm(self._mem, 0, -1, -1)
 
-    # --- tokens ------------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Text to token ids. `special=True` only for template markup, never for user text."""
-        data = text.encode("utf-8")
-        if not data:
-            return []
-        n_max = len(data) + 16
-        buf = (L.llama_token * n_max)()
-        n = L.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
-        if n < 0:
-            n_max = -n
-            buf = (L.llama_token * n_max)()
-            n = L.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
-        return list(buf[:n])
-
-    def encode(self, segments: Sequence[Segment]) -> list[int]:
-        """A rendered prompt to token ids, parsing special tokens in markup only.
-
-        Segments are tokenized one by one and joined, so text a user typed can
-        never turn into a control token. Spaces at a boundary move to the start
-        of the next segment, where whole-string tokenization would put them.
-        """
-        texts = [s.text for s in segments]
-        for i in range(len(texts) - 1):
-            stripped = texts[i].rstrip(" ")
-            if stripped != texts[i]:
-                texts[i + 1] = texts[i][len(stripped) :] + texts[i + 1]
-                texts[i] = stripped
-        tokens: list[int] = []
-        for text, seg in zip(texts, segments):
-            if text:
-                tokens += self._tokenize_continuation(text, seg.special) if tokens else self.tokenize(text, special=seg.special)
-        if self.info.add_bos and (not tokens or tokens[0] != self._bos):
-            tokens.insert(0, self._bos)
-        return tokens
-
-    def _detect_space_prefix(self) -> bool:
-        """SentencePiece vocabularies put a space before every tokenize call's text."""
-        return self._piece_text(self.tokenize("a", special=False)).startswith(" ")
-
-    def _tokenize_continuation(self, text: str, special: bool) -> list[int]:
-        """Tokenize `text` as it would be in the middle of a prompt.
-
-        With a space-prefixing vocabulary, tokenize after an anchor and cut the
-        anchor's tokens off, so no spurious space is added at the seam.
-        """
-        if not self._space_prefix:
-            return self.tokenize(text, special=special)
-        both = self.tokenize("\n" + text, special=special)
-        if both[: len(self._anchor)] == self._anchor:
-            return both[len(self._anchor) :]
-        return self.tokenize(text, special=special)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """Token ids to text; control tokens render as nothing."""
-        return self._piece_text(tokens)
-
-    def _piece_text(self, tokens: Sequence[int]) -> str:
-        return b"".join(self._cached_piece(t) for t in tokens).decode("utf-8", "replace")
-
-    def _cached_piece(self, token: int) -> bytes:
-        piece = self._piece_cache.get(token)
-        if piece is None:
-            piece = self._piece_cache[token] = self._piece(token, special=False)
-        return piece
-
-    def _piece(self, token: int, *, special: bool) -> bytes:
-        return _piece(self._vocab, token, special=special)
-
-    def is_control(self, token: int) -> bool:
-        """True for control tokens (`<|im_start|>`, `</s>`, ...), which no user text may produce."""
-        return bool(L.llama_vocab_get_attr(self._vocab, token) & L.LLAMA_TOKEN_ATTR_CONTROL) or bool(L.llama_vocab_is_eog(self._vocab, token))
-
     # --- serving -----------------------------------------------------------------------
 
-    def generate(self, key: str, prompt: list[int], *, max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()) -> Generation:
-        """Start generating a reply to `prompt` for conversation `key`. Call on the event loop."""
+    def generate(
+        self,
+        key: str,
+        prompt: list[int],
+        *,
+        max_tokens: int,
+        sampling: Sampling,
+        fmt: ReplyFormat = ReplyFormat(),
+        grammar: str | None = None,
+    ) -> Generation:
+        """Start generating a reply to `prompt` for conversation `key`. Call on the event loop.
+
+        `fmt` says how the reply is laid out (stop strings, reasoning); `grammar`
+        (GBNF) constrains what may be generated."""
         if len(prompt) >= self.n_ctx:
             raise PromptTooLong(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
         if not prompt:
             raise ValueError("empty prompt")
         gen = Generation(key=key, n_prompt=len(prompt), loop=asyncio.get_running_loop(), _on_cancel=self.wake)
-        request = _Request(gen, list(prompt), max_tokens, sampling, stop)
+        request = _Request(gen, list(prompt), max_tokens, sampling, fmt, grammar)
         with self._lock:
+            if self._dead is not None:
+                raise EngineDead(self._dead)
             if self._stopping:
                 raise RuntimeError("engine is closed")
             self._incoming.append(request)
@@ -448,15 +292,25 @@ class Engine:
             self._forget.add(key)
             self._lock.notify()
 
-    def inject_decode_failure(self, times: int = 1) -> None:
-        """Fault drill: give llama.cpp an invalid token in the next `times` decode steps.
+    def inject_fault(self, where: str, times: int = 1) -> None:
+        """Fault drill, for the reliability tests: make the next `times` passes through
+        `where` fail for real.
 
-        llama_decode then really fails, and everything downstream (resync, the
-        apology, serving on) runs for real. Used by the reliability tests.
-        """
+        "decode" gives llama.cpp an invalid token, so llama_decode really fails;
+        "admit", "restore" and "sample" raise inside those steps. Everything
+        downstream (the apology, serving on) runs as it would for a real fault."""
+        if where not in ("decode", "admit", "restore", "sample"):
+            raise ValueError(f"unknown fault point {where!r}")
         with self._lock:
-            self._poison_next += times
+            self._faults[where] += times
             self._lock.notify()
+
+    def _fault(self, where: str) -> bool:
+        """True (once per injected fault) when a drill asks `where` to fail now."""
+        if self._faults[where] <= 0:
+            return False
+        self._faults[where] -= 1
+        return True
 
     def wake(self) -> None:
         """Make the engine thread look at cancellations now."""
@@ -475,6 +329,11 @@ class Engine:
     def cache_bytes(self) -> int:
         return self._states.used
 
+    @property
+    def dead(self) -> str | None:
+        """Why the engine gave up (None while it serves)."""
+        return self._dead
+
     async def close(self) -> None:
         """Finish: cancel what is running, stop the thread, free llama.cpp memory."""
         await asyncio.to_thread(self.close_sync)
@@ -485,7 +344,8 @@ class Engine:
             self._abort_now = True
             self._lock.notify()
         if self._serving is not None:
-            self._serving.result()
+            with contextlib.suppress(Exception):  # a dead thread already said why
+                self._serving.result()
         self._executor.submit(self._free).result()
         self._executor.shutdown(wait=True)
 
@@ -500,7 +360,10 @@ class Engine:
     # --- the engine thread -------------------------------------------------------------
 
     def _serve(self) -> None:
-        """The loop: admit requests, decode one batch, sample, report; until closed."""
+        """The loop: admit requests, decode one batch, sample, report; until closed.
+
+        A fault fails only the replies it touches, and the loop goes on. After
+        FATAL_AFTER faults in a row the engine gives up (see `_give_up`)."""
         while True:
             with self._lock:
                 while not self._stopping and not self._incoming and not self._forget and not self._active():
@@ -509,27 +372,71 @@ class Engine:
                     break
                 forget, self._forget = self._forget, set()
                 incoming = self._take_admissible()
-            for key in forget:
-                self._drop_key(key)
-            for request in incoming:
-                self._admit(request)
-            for slot in self._active():
-                if slot.request is not None and slot.request.gen._cancel:
-                    self._finish(slot, "cancelled")
-            if self._active():
-                try:
+            try:
+                for key in forget:
+                    self._drop_key(key)
+                for request in incoming:
+                    self._admit_or_fail(request)
+                for slot in self._active():
+                    if slot.request is not None and slot.request.gen._cancel:
+                        self._finish(slot, "cancelled")
+                if self._active():
                     self._step()
-                except Exception as exc:  # a failed decode must not take the other channels down
-                    log.exception("decode step failed")
-                    for slot in self._active():
-                        self._finish(slot, "error", f"{type(exc).__name__}: {exc}")
-                        self._clear(slot)
+                    self._faults_in_a_row = 0
+            except Exception as exc:  # whatever broke, the other channels keep being served
+                log.exception("engine step failed; ending the replies it held: %s", ", ".join(s.key or "?" for s in self._active()))
+                for slot in self._active():
+                    self._fail(slot, exc)
+                self._faults_in_a_row += 1
+                if self._faults_in_a_row >= FATAL_AFTER:
+                    self._give_up(f"{FATAL_AFTER} engine faults in a row, the last: {type(exc).__name__}: {exc}")
+                    return
         for slot in self._active():
             self._finish(slot, "cancelled")
         with self._lock:
             leftovers, self._incoming = list(self._incoming), collections.deque()
         for request in leftovers:
             self._report(request, "", "cancelled")
+
+    def _admit_or_fail(self, request: _Request) -> None:
+        """Admit a request; if that fails, fail it (with its slot emptied) and nothing else."""
+        try:
+            self._admit(request)
+        except Exception as exc:
+            log.exception("could not start the reply for %s", request.gen.key)
+            slot = next((s for s in self._slots if s.request is request), None)
+            if slot is not None:
+                self._fail(slot, exc)
+            else:
+                self._report(request, "", "error", f"{type(exc).__name__}: {exc}")
+            self._faults_in_a_row += 1
+
+    def _fail(self, slot: _Slot, exc: BaseException) -> None:
+        """End a slot's reply with an error and empty the slot: its KV may be half-written."""
+        with contextlib.suppress(Exception):
+            self._finish(slot, "error", f"{type(exc).__name__}: {exc}")
+        slot.request = None
+        with contextlib.suppress(Exception):
+            self._clear(slot)
+
+    def _give_up(self, why: str) -> None:
+        """The engine cannot go on: fail every waiting reply now, refuse new ones, and say so."""
+        log.critical("the model engine stopped: %s", why)
+        with self._lock:
+            self._dead = why
+            leftovers, self._incoming = list(self._incoming), collections.deque()
+        for slot in self._active():
+            self._fail(slot, EngineDead(why))
+        for request in leftovers:
+            self._report(request, "", "error", why)
+        if self.on_fatal is not None:
+            self.on_fatal(why)
+
+    def _serving_ended(self, future: concurrent.futures.Future[None]) -> None:
+        """The engine thread ended by an exception that escaped everything: give up too."""
+        exc = future.exception()
+        if exc is not None and self._dead is None:
+            self._give_up(f"the engine thread crashed: {type(exc).__name__}: {exc}")
 
     def _active(self) -> list[_Slot]:
         return [s for s in self._slots if s.request is not None]
@@ -562,6 +469,8 @@ class Engine:
             slot = next((s for s in idle if s.key is None), None) or min(idle, key=lambda s: s.last_used)
             if slot.key is not None:
                 self._evict(slot)
+            slot.key = key
+            slot.request = request  # from here on, a fault fails this request and empties the slot
             self._restore(slot, key)
         if not self.options.reuse:
             self._clear(slot)
@@ -569,6 +478,8 @@ class Engine:
         slot.request = request
         slot.last_used = time.perf_counter()
         request.gen.started_at = slot.last_used
+        if self._fault("admit"):
+            raise RuntimeError("injected fault while admitting a request")
         prompt = request.prompt
         keep = _common_prefix(slot.tokens, prompt)
         if keep == len(prompt):
@@ -576,12 +487,13 @@ class Engine:
         if keep < len(slot.tokens):
             if not L.llama_memory_seq_rm(self._mem, slot.seq, keep, -1):
                 self._clear(slot)
+                slot.key = key
                 keep = 0
             del slot.tokens[keep:]
         request.pending = prompt[keep:]
         request.gen.n_cached = keep
         request.gen.n_evaluated = len(request.pending)
-        request.sampler = None if request.argmax else self._make_sampler(request.sampling, prompt)
+        request.sampler = None if request.argmax else self._make_sampler(request.sampling, prompt, request.grammar)
 
     def _evict(self, slot: _Slot) -> None:
         """Save an idle slot's KV state to the RAM cache, then empty the slot."""
@@ -598,17 +510,26 @@ class Engine:
         entry = self._states.take(key)
         if entry is None or not self.options.reuse:
             return
+        if self._fault("restore"):
+            raise RuntimeError("injected fault while restoring a cached state")
         data, tokens = entry
         if L.llama_state_seq_set_data(self._ctx, data, len(data), slot.seq) == len(data):
             slot.tokens = tokens
         else:
             log.warning("could not restore cached state for %s; evaluating its prompt again", key)
             self._clear(slot)
+            slot.key = key
 
-    def _make_sampler(self, s: Sampling, prompt: list[int]) -> int:
+    def _make_sampler(self, s: Sampling, prompt: list[int], grammar: str | None = None) -> int:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if grammar is not None:
+            constrain = L.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not constrain:
+                L.llama_sampler_free(chain)
+                raise ValueError("the grammar does not parse")
+            L.llama_sampler_chain_add(chain, constrain)
         if s.repeat_penalty != 1.0 and s.repeat_last_n:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(self._n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(self.vocab.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
         if s.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -620,8 +541,9 @@ class Engine:
             seed = s.seed if s.seed is not None else secrets.randbelow(2**32 - 1)
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
         # the repeat penalty looks at recent prompt tokens too, as llama.cpp's server does
-        for token in prompt[-s.repeat_last_n :] if s.repeat_last_n else []:
-            L.llama_sampler_accept(chain, token)
+        if s.repeat_penalty != 1.0 and s.repeat_last_n:
+            for token in prompt[-s.repeat_last_n :]:
+                L.llama_sampler_accept(chain, token)
         return chain
 
     def _fill_batch(self, entries: list[tuple[int, int, int, bool]]) -> None:
@@ -666,9 +588,8 @@ class Engine:
                 prompt_tokens += len(chunk)
         if not entries:
             return
-        if self._poison_next:
-            self._poison_next -= 1
-            entries[0] = (self._n_vocab + 1, *entries[0][1:])  # an id the vocabulary does not have
+        if self._fault("decode"):
+            entries[0] = (self.vocab.n_vocab + 1, *entries[0][1:])  # an id the vocabulary does not have
         self._fill_batch(entries)
         # The abort callback runs once per graph node; only pay for it on long prompt chunks.
         watch = prompt_tokens >= 32
@@ -720,31 +641,36 @@ class Engine:
     def _sample(self, slot: _Slot, index: int) -> None:
         req = slot.request
         assert req is not None
+        if self._fault("sample"):
+            raise RuntimeError("injected fault while sampling")
         if req.sampler is None:  # plain greedy (req.argmax)
-            token = int(np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)).argmax())
+            token = int(np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, index), shape=(self.vocab.n_vocab,)).argmax())
         else:
             token = L.llama_sampler_sample(req.sampler, self._ctx, index)
         gen = req.gen
         if gen.first_token_at is None:
             gen.first_token_at = time.perf_counter()
-        if self.is_control(token):
+        vocab = self.vocab
+        # A control token ends the reply; where control tokens are the format (gpt-oss), only an end token does.
+        if vocab.is_end(token) if req.special else vocab.is_control(token):
             self._finish(slot, "stop")
             return
         req.n_generated += 1
         gen.tokens.append(token)
         gen.n_generated = req.n_generated
-        shown = req.out.add(req.decoder.decode(self._cached_piece(token)))
+        piece = vocab.special_piece(token) if req.special else vocab.piece(token)
+        reasoning, shown = req.out.add(req.decoder.decode(piece))
         if req.out.stopped:
             self._finish(slot, "stop")
             return
-        if shown:
+        if shown or reasoning:
             req.unsent += shown
+            req.unsent_reasoning += reasoning
             now = time.perf_counter()
-            if now - req.reported_at >= REPORT_EVERY_S:
-                self._report(req, req.unsent, None)
-                req.unsent, req.reported_at = "", now
+            if now - req.reported_at >= REPORT_EVERY_S or req.out.thinking != req.reported_thinking:
+                self._report(req, req.unsent, None, reasoning=req.unsent_reasoning)
+                req.unsent, req.unsent_reasoning, req.reported_at = "", "", now
         if req.n_generated >= req.max_tokens or len(slot.tokens) + 1 >= self.n_ctx:
-            req.out.text += req.decoder.decode(b"", final=True)
             self._finish(slot, "length")
             return
         req.next_token = token
@@ -754,7 +680,13 @@ class Engine:
     def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
         req = slot.request
         assert req is not None
-        self._report(req, req.unsent + req.out.rest(), reason, error)
+        reasoning, rest = "", ""
+        if reason != "error":
+            tail = req.decoder.decode(b"", final=True)  # an incomplete character at a length cut
+            reasoning, rest = req.out.add(tail) if tail else ("", "")
+            late_reasoning, late = req.out.finish()
+            reasoning, rest = reasoning + late_reasoning, rest + late
+        self._report(req, req.unsent + rest, reason, error, reasoning=req.unsent_reasoning + reasoning)
         if req.sampler is not None:
             L.llama_sampler_free(req.sampler)
             req.sampler = None
@@ -769,86 +701,52 @@ class Engine:
                 g.key, g.n_prompt, g.n_cached, prompt_s, req.n_generated, gen_s, req.n_generated / gen_s if gen_s > 0 else 0.0, reason,
             )
 
-    def _report(self, req: _Request, text: str, reason: str | None, error: str | None = None) -> None:
+    def _report(self, req: _Request, text: str, reason: str | None, error: str | None = None, *, reasoning: str = "") -> None:
+        thinking = req.out.thinking if reason is None else False
+        req.reported_thinking = thinking
         try:
-            req.gen.loop.call_soon_threadsafe(req.gen._deliver, text, reason, error)
+            req.gen.loop.call_soon_threadsafe(functools.partial(req.gen._deliver, text, reason, error, reasoning=reasoning, thinking=thinking))
         except RuntimeError:  # the caller's event loop is gone; nobody is listening
             req.gen._cancel = True
 
 
-def _piece(vocab: int, token: int, *, special: bool) -> bytes:
-    buf = ctypes.create_string_buffer(64)
-    n = L.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    if n < 0:
-        buf = ctypes.create_string_buffer(-n)
-        n = L.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
-    return buf.raw[:n]
+class LocalBackend:
+    """The in-process engine as a `Backend`: one preloaded GGUF, exact tokens, KV reuse, batching.
 
+    Rendering templates and tokenizing long histories take real time, so they run
+    in a worker thread, never on the event loop."""
 
-def _describe(model: int, path: Path) -> ModelInfo:
-    vocab = L.llama_model_get_vocab(model)
+    applies_template = False
 
-    def special_text(token: int) -> str:
-        return _piece(vocab, token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.n_ctx = engine.n_ctx
+        self.info = engine.info
 
-    desc = ctypes.create_string_buffer(256)
-    L.llama_model_desc(model, desc, len(desc))
-    template = L.llama_model_chat_template(model, None)
-    return ModelInfo(
-        path=path,
-        description=desc.value.decode("utf-8", "replace"),
-        n_ctx_train=L.llama_model_n_ctx_train(model),
-        chat_template=template.decode("utf-8", "replace") if template else None,
-        bos_token=special_text(L.llama_vocab_bos(vocab)),
-        eos_token=special_text(L.llama_vocab_eos(vocab)),
-        add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
-        size_bytes=L.llama_model_size(model),
-    )
+    async def count(self, texts: Sequence[str]) -> list[int]:
+        vocab = self.engine.vocab
+        return await asyncio.to_thread(lambda: [len(vocab.tokenize(t, special=False)) for t in texts])
 
+    async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
+        def build() -> PreparedPrompt:
+            segments = template.render(messages)
+            tokens = self.engine.vocab.encode(segments)
+            return PreparedPrompt(n_tokens=len(tokens), tokens=tokens, fmt=reply_format(template, segments))
 
-def read_model_info(path: Path, *, verbose: bool = False) -> ModelInfo:
-    """Read a model's metadata (chat template, special tokens) without loading its weights."""
-    check_model_file(path)
-    _init_backend(verbose)
-    params = L.llama_model_default_params()
-    params.vocab_only = True
-    model = L.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ModelError(f"llama.cpp could not read {path}: the file is truncated, corrupt or of an unsupported architecture")
-    try:
-        return _describe(model, path)
-    finally:
-        L.llama_model_free(model)
+        return await asyncio.to_thread(build)
 
+    def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
+        assert prompt.tokens is not None
+        return self.engine.generate(key, prompt.tokens, max_tokens=max_tokens, sampling=sampling, fmt=prompt.fmt)
 
-class StopText:
-    """A reply's text as it arrives: cut where a stop string appears, and held back
-    while its end could still be the start of one, so no stop marker is ever shown."""
+    def forget(self, key: str) -> None:
+        self.engine.forget(key)
 
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.text = ""
-        self.emitted = 0  # how much of `text` was handed out
-        self.stopped = False
+    def describe(self) -> str:
+        return f"{self.info.path.name} ({self.info.description}), in this process"
 
-    def add(self, piece: str) -> str:
-        """Append a piece; returns the text now safe to show (empty once a stop string ended it)."""
-        self.text += piece
-        cut = find_stop(self.text, self.stops, self.emitted)
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.stopped = True
-            return ""
-        safe = len(self.text) - held_back(self.text, self.stops)
-        if safe <= self.emitted:
-            return ""
-        shown, self.emitted = self.text[self.emitted : safe], safe
-        return shown
-
-    def rest(self) -> str:
-        """Everything not handed out yet (at the end of the reply)."""
-        rest, self.emitted = self.text[self.emitted :], len(self.text)
-        return rest
+    async def close(self) -> None:
+        await self.engine.close()
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -857,24 +755,3 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
-    """Index of the earliest stop string in `text` (searching only where one could newly appear)."""
-    best: int | None = None
-    for stop in stops:
-        at = text.find(stop, max(0, emitted - len(stop) + 1))
-        if at != -1 and (best is None or at < best):
-            best = at
-    return best
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could be the start of a stop string, so must wait."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest

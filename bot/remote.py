@@ -27,9 +27,9 @@ from typing import Any
 
 import aiohttp
 
-from bot.backend import PreparedPrompt
+from bot.backend import Generation, ModelInfo, PreparedPrompt
 from bot.config import Sampling, Settings
-from bot.engine import Generation, ModelInfo, StopText
+from bot.reasoning import StopText
 from bot.templates import Message, Template
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,9 @@ class RemoteBackend:
         [n] = await self.count([text])
         return PreparedPrompt(n_tokens=n, text=text)
 
-    def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling, stop: Sequence[str]) -> Generation:
+    def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         gen = Generation(key=key, n_prompt=prompt.n_tokens, loop=asyncio.get_running_loop())
-        task = asyncio.ensure_future(self._run(gen, prompt, max_tokens, sampling, tuple(s for s in stop if s)))
+        task = asyncio.ensure_future(self._run(gen, prompt, max_tokens, sampling, tuple(s for s in prompt.fmt.stop if s)))
         gen._on_cancel = task.cancel  # /stop closes the stream at once
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -22,6 +22,8 @@ import jinja2
 import jinja2.sandbox
 from jinja2.ext import loopcontrols
 
+from bot.reasoning import THINK_OPEN, ReplyFormat
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -49,6 +51,7 @@ class Template(Protocol):
 
     name: str
     stop: tuple[str, ...]  # strings that end a reply (and never appear in it)
+    harmony: bool  # replies use gpt-oss's channels (analysis, then final)
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]: ...
 
@@ -56,6 +59,16 @@ class Template(Protocol):
 def prompt_text(segments: Sequence[Segment]) -> str:
     """The plain text of a rendered prompt (for `render-prompt` and golden tests)."""
     return "".join(s.text for s in segments)
+
+
+def reply_format(template: Template, segments: Sequence[Segment]) -> ReplyFormat:
+    """How the reply to this rendered prompt will be laid out.
+
+    A prompt whose markup ends by opening `<think>` (DeepSeek-R1's generation
+    prompt does) makes the reply start inside the model's reasoning."""
+    last = next((s for s in reversed(segments) if s.text.strip()), None)
+    opened = last is not None and last.special and last.text.rstrip().endswith(THINK_OPEN)
+    return ReplyFormat(stop=template.stop, harmony=template.harmony, thinking=opened)
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class TurnTemplate:
     begin: str = ""
     system: tuple[str, str] | None = None
     fold_system: tuple[str, str] = ("", "\n\n")
+    harmony: bool = False
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         out: list[Segment] = [Segment(self.begin, True)]
@@ -246,6 +260,7 @@ class JinjaTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.stop: tuple[str, ...] = tuple(s for s in (eos_token,) if s)
+        self.harmony = "<|channel|>" in source  # gpt-oss: analysis and final channels
         env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

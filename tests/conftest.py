@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bot.backend import LocalBackend
+from bot.engine import LocalBackend
 from bot.chat import ChatService
 from bot.config import Sampling, Settings, bundled_model_path
 from bot.discord_bot import LlamaBot

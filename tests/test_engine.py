@@ -7,7 +7,9 @@ import asyncio
 import pytest
 
 from bot.config import Sampling
-from bot.engine import Engine, PromptTooLong, find_stop, held_back
+from bot.backend import PromptTooLong
+from bot.engine import Engine
+from bot.reasoning import ReplyFormat, find_stop, held_back
 from bot.templates import Message, get_template
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -19,7 +21,7 @@ def chat_tokens(engine: Engine, *turns: str) -> list[int]:
     messages = [Message("system", "You are a helpful assistant.")]
     for i, turn in enumerate(turns):
         messages.append(Message("user" if i % 2 == 0 else "assistant", turn))
-    return engine.encode(template.render(messages))
+    return engine.vocab.encode(template.render(messages))
 
 
 async def generate(engine: Engine, key: str, tokens: list[int], **kw: object):
@@ -32,7 +34,7 @@ async def test_stop_string_never_leaks(engine: Engine) -> None:
     free = await generate(engine, "stop-a", tokens, max_tokens=40)
     assert "Paris" in free.text
     chunks = []
-    gen = engine.generate("stop-b", tokens, max_tokens=40, sampling=GREEDY, stop=["Paris"])
+    gen = engine.generate("stop-b", tokens, max_tokens=40, sampling=GREEDY, fmt=ReplyFormat(stop=("Paris",)))
     async for chunk in gen.stream():
         chunks.append(chunk)
     assert gen.finish_reason == "stop"

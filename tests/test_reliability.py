@@ -86,7 +86,7 @@ async def test_typed_template_markup_stays_text(world: World, start_bot, engine)
         await bot.chat.reset(scope(world, world.general))
         await send_and_wait(world, bot, world.general, f"{mention(world.fake)} hello")
         plain = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
-        control = [[t for t in p.prepared.tokens if engine.is_control(t)] for p in (evil, plain)]
+        control = [[t for t in p.prepared.tokens if engine.vocab.is_control(t)] for p in (evil, plain)]
         assert control[0] == control[1]  # the same turns, so the same control tokens: none came from the user
 
 
@@ -136,7 +136,7 @@ async def test_reply_that_finally_fails_is_kept_undelivered_and_hidden_from_the_
 
 async def test_decode_error_apologises_and_keeps_serving(world: World, start_bot, caplog: pytest.LogCaptureFixture) -> None:
     async with start_bot(stream=False) as bot:
-        bot.chat.backend.engine.inject_decode_failure()
+        bot.chat.backend.engine.inject_fault("decode")
         with caplog.at_level(logging.ERROR):
             [apology] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello!")
         assert apology["content"] == SORRY

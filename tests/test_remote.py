@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from bot.backend import LocalBackend
+from bot.engine import LocalBackend
 from bot.chat import ChatService, UserMessage
 from bot.config import Settings
 from bot.discord_bot import SORRY, STOPPED, ShardedLlamaBot, create_bot
@@ -277,8 +277,8 @@ async def test_broken_server(world: World, tmp_path: Path, caplog: pytest.LogCap
 def test_defang_keeps_text_readable_and_markup_inert(engine: Engine) -> None:
     safe = defang(EVIL)
     assert safe.replace("\u2060", "") == EVIL
-    assert not [t for t in engine.tokenize(safe, special=True) if engine.is_control(t)]  # even parsed as a server would
-    assert [t for t in engine.tokenize(EVIL, special=True) if engine.is_control(t)]
+    assert not [t for t in engine.vocab.tokenize(safe, special=True) if engine.vocab.is_control(t)]  # even parsed as a server would
+    assert [t for t in engine.vocab.tokenize(EVIL, special=True) if engine.vocab.is_control(t)]
 
 
 # --- sharding ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.backend import LocalBackend
+from bot.engine import LocalBackend
 from bot.chat import ChatService
 from bot.config import bundled_model_path
 from bot.discord_bot import LlamaBot, scope_for

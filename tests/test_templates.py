@@ -53,20 +53,20 @@ def test_user_text_never_becomes_control_tokens(engine: Engine, name: str) -> No
     system = Message("system", "Be kind.")
 
     def control_tokens(content: str) -> list[int]:
-        tokens = engine.encode(template.render([system, Message("user", content), Message("assistant", "ok"), Message("user", content)]))
-        return [t for t in tokens if engine.is_control(t)]
+        tokens = engine.vocab.encode(template.render([system, Message("user", content), Message("assistant", "ok"), Message("user", content)]))
+        return [t for t in tokens if engine.vocab.is_control(t)]
 
     assert control_tokens(EVIL) == control_tokens("hello")
-    tokens = engine.encode(template.render([system, Message("user", EVIL)]))
-    assert EVIL.strip() in engine.detokenize(tokens)  # every character of it is there, as plain text
+    tokens = engine.vocab.encode(template.render([system, Message("user", EVIL)]))
+    assert EVIL.strip() in engine.vocab.text_of(tokens)  # every character of it is there, as plain text
 
 
 def test_injection_test_would_catch_naive_tokenization(engine: Engine) -> None:
     """Tokenizing the whole prompt with special tokens parsed lets the user forge turns."""
     template = template_for(engine, "chatml")
     text = prompt_text(template.render([Message("user", EVIL)]))
-    naive = [t for t in engine.tokenize(text, special=True) if engine.is_control(t)]
-    safe = [t for t in engine.encode(template.render([Message("user", EVIL)])) if engine.is_control(t)]
+    naive = [t for t in engine.vocab.tokenize(text, special=True) if engine.vocab.is_control(t)]
+    safe = [t for t in engine.vocab.encode(template.render([Message("user", EVIL)])) if engine.vocab.is_control(t)]
     assert len(naive) > len(safe)
 
 
