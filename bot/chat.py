@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from bot.backend import Backend, Generation, PreparedPrompt
 from bot.config import ConfigError, Settings
-from bot.store import OK, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
+from bot.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
 from bot.templates import AUTO, Message, Template, canonical_name, get_template
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class UserMessage:
     author_id: str | None = None
     author_name: str | None = None
     platform_message_id: str | None = None
+    channel_id: str | None = None  # where it was said (to catch up on a channel after a restart)
 
 
 class TemplateChoiceError(ValueError):
@@ -69,6 +71,7 @@ class Reply:
     user_message_id: int
     saved_id: int | None = None
     notes: list[str] = field(default_factory=list)
+    discarded: bool = False  # the user took their message back: nothing is stored
 
     async def stream(self) -> AsyncIterator[str]:
         """The reply's text as it is generated, leading whitespace removed."""
@@ -88,6 +91,10 @@ class Reply:
     def clean_text(self) -> str:
         return self.generation.text.strip()
 
+    def reasoning_text(self) -> str:
+        """The model's private reasoning, if it wrote any (never shown in `hide` mode, never in prompts)."""
+        return self.generation.reasoning.strip()
+
     @property
     def finish_reason(self) -> str | None:
         return self.generation.finish_reason
@@ -96,17 +103,24 @@ class Reply:
         """/stop: end the reply now, keeping what was written."""
         self.generation.cancel()
 
+    def discard(self) -> None:
+        """The user deleted their message: stop now and store nothing for this turn."""
+        self.discarded = True
+        self.generation.cancel()
+
     async def save(self, *, delivered: bool = True, platform_message_id: str | None = None) -> int | None:
-        """Store the finished reply. An undelivered one is kept but never shown to the model."""
+        """Store the finished reply with its turn, in one transaction. An undelivered one is
+        kept but never shown to the model; a failed or empty one stores only the turn."""
         await self.generation.wait()
-        text = self.clean_text()
-        if self.generation.finish_reason == "error" or not text:
+        if self.discarded:
             return None
+        text = self.clean_text()
+        failed = self.generation.finish_reason == "error" or not text
         status = UNDELIVERED if not delivered else STOPPED if self.generation.finish_reason == "cancelled" else OK
-        self.saved_id = await self.chat.store.add_message(
-            self.conversation.id,
-            "assistant",
-            text,
+        self.saved_id = await self.chat.store.finish_turn(
+            self.user_message_id,
+            None if failed else text,
+            reasoning=self.reasoning_text() or None,
             platform_message_id=platform_message_id,
             token_count=self.generation.n_generated,
             status=status,
@@ -167,18 +181,36 @@ class ChatService:
         return removed
 
     async def edit_message(self, platform_message_id: str, content: str) -> str | None:
-        """Follow an edit made on the platform; returns the conversation's scope if it was stored."""
-        scope = await self.store.edit_by_platform_id(platform_message_id, content)
-        if scope is not None:
+        """Follow an edit made on the platform; returns the conversation's scope if it was stored.
+
+        A message still waiting for its turn is simply answered in its new form; one
+        already in the history makes the cached prompt of its conversation stale."""
+        found = await self.store.edit_by_platform_id(platform_message_id, content)
+        if found is None:
+            return None
+        scope, visible = found
+        if visible:
             self.forget(scope)
         return scope
 
     async def delete_message(self, platform_message_id: str) -> str | None:
         """Follow a delete made on the platform; returns the conversation's scope if it was stored."""
-        scope = await self.store.delete_by_platform_id(platform_message_id)
-        if scope is not None:
+        found = await self.store.delete_by_platform_id(platform_message_id)
+        if found is None:
+            return None
+        scope, visible = found
+        if visible:
             self.forget(scope)
         return scope
+
+    def backend_dead(self) -> bool:
+        """True once the model engine gave up (the process is about to exit and restart)."""
+        return getattr(self.backend, "dead", None) is not None
+
+    def on_backend_fatal(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(why)` (from any thread) if the model engine gives up for good."""
+        if hasattr(self.backend, "on_fatal"):
+            self.backend.on_fatal = callback  # type: ignore[attr-defined]
 
     def forget(self, scope: str) -> None:
         """The stored history changed under a conversation: drop its cached KV and window."""
@@ -187,27 +219,49 @@ class ChatService:
 
     # --- replying ----------------------------------------------------------------------
 
-    async def respond(self, message: UserMessage) -> Reply:
-        """Store the user's message, then start generating the reply."""
-        conversation = await self.store.conversation(message.scope)
-        user_id = await self.store.add_message(
+    async def receive(self, message: UserMessage) -> int | None:
+        """Store a message to be answered, as pending, the moment it arrives (before it
+        waits its turn), so a restart cannot lose it. None: it was stored already."""
+        conversation = await self.store.conversation(message.scope, channel_id=message.channel_id)
+        return await self.store.receive(
             conversation.id,
-            "user",
             message.content,
             author_id=message.author_id,
             author_name=message.author_name,
             platform_message_id=message.platform_message_id,
-            token_count=(await self.backend.count([message.content]))[0],
         )
-        prompt = await self.build_prompt(conversation)
-        log.debug("prompt for %s: %d tokens, %d history messages%s", message.scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
-        generation = self.backend.generate(message.scope, prompt.prepared, max_tokens=self.settings.n_predict, sampling=self.settings.sampling)
-        reply = Reply(self, conversation, generation, prompt, user_id)
+
+    async def answer(self, scope: str, message_id: int) -> Reply | None:
+        """Start answering a stored pending message, in its latest form.
+
+        None when it is no longer waiting (deleted, or answered already)."""
+        stored = await self.store.message(message_id)
+        if stored is None or stored.status != PENDING:
+            return None
+        conversation = await self.store.conversation(scope)
+        prompt = await self.build_prompt(conversation, include=message_id)
+        log.debug("prompt for %s: %d tokens, %d history messages%s", scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
+        generation = self.backend.generate(scope, prompt.prepared, max_tokens=self.settings.n_predict, sampling=self.settings.sampling)
+        reply = Reply(self, conversation, generation, prompt, message_id)
         if prompt.cut:
             reply.notes.append(CUT_NOTE)
         return reply
 
-    async def build_prompt(self, conversation: Conversation) -> Prompt:
+    async def settle(self, message_id: int) -> None:
+        """A turn that got an apology instead of an answer still becomes part of the
+        history (as it always was), so a restart does not answer it again."""
+        await self.store.finish_turn(message_id, None)
+
+    async def respond(self, message: UserMessage) -> Reply:
+        """Store the user's message, then start generating the reply (the terminal chat)."""
+        message_id = await self.receive(message)
+        if message_id is None:
+            raise ValueError(f"message {message.platform_message_id} was stored already")
+        reply = await self.answer(message.scope, message_id)
+        assert reply is not None
+        return reply
+
+    async def build_prompt(self, conversation: Conversation, *, include: int | None = None) -> Prompt:
         """The system prompt plus the newest turns that fit in n_ctx - n_predict.
 
         The oldest turn of the prompt stays put while everything after it fits,
@@ -227,7 +281,7 @@ class ChatService:
         costs: list[int] = []
         used = (await self.backend.prepare(template, head)).n_tokens if head else 0
         overflow = False
-        async for page in self._pages(conversation, start):
+        async for page in self._pages(conversation, start, include):
             counts = await self.backend.count([_content(m, True) for m in page])
             for stored, count in zip(page, counts):
                 if picked and used + count + 8 > budget:
@@ -269,11 +323,12 @@ class ChatService:
             picked = [replace(only, content=only.content[: int(len(only.content) * keep)])]
             cut = True
 
-    async def _pages(self, conversation: Conversation, start: int | None) -> AsyncIterator[list[StoredMessage]]:
-        """Visible messages newest first, in pages, stopping at the window's start."""
+    async def _pages(self, conversation: Conversation, start: int | None, include: int | None) -> AsyncIterator[list[StoredMessage]]:
+        """Visible messages (and `include`, the turn being answered) newest first, in pages,
+        stopping at the window's start."""
         page: list[StoredMessage] = []
-        async for stored in self.store.newest_first(conversation.id):
-            if start is not None and stored.id < start:
+        async for stored in self.store.newest_first(conversation.id, include=include):
+            if start is not None and stored.id < start and stored.id != include:
                 break  # the window still begins where it began last time
             page.append(stored)
             if len(page) == 32:
@@ -314,9 +369,11 @@ def engine_options(settings: Settings, *, parallel: int | None = None) -> Engine
 
 
 @contextlib.asynccontextmanager
-async def open_chat(settings: Settings, *, parallel: int | None = None) -> AsyncIterator[ChatService]:
-    """Load the model, open the store, and close both afterwards (whatever happens)."""
-    backend = await open_backend(settings, parallel=parallel)
+async def open_chat(settings: Settings, *, parallel: int | None = None, abort: threading.Event | None = None) -> AsyncIterator[ChatService]:
+    """Load the model, open the store, and close both afterwards (whatever happens).
+
+    Setting `abort` while the model loads stops the load (a shutdown signal)."""
+    backend = await open_backend(settings, parallel=parallel, abort=abort)
     try:
         store = await Store.open(settings.database_path)
         try:
@@ -327,7 +384,7 @@ async def open_chat(settings: Settings, *, parallel: int | None = None) -> Async
         await backend.close()
 
 
-async def open_backend(settings: Settings, *, parallel: int | None = None) -> Backend:
+async def open_backend(settings: Settings, *, parallel: int | None = None, abort: threading.Event | None = None) -> Backend:
     """The configured backend: the local engine (default) or a remote OpenAI-compatible server."""
     if settings.backend == "openai":
         from bot.remote import RemoteBackend
@@ -335,7 +392,7 @@ async def open_backend(settings: Settings, *, parallel: int | None = None) -> Ba
         return await RemoteBackend.connect(settings)
     from bot.engine import Engine, LocalBackend
 
-    engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel))
+    engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel), abort=abort)
     return LocalBackend(engine)
 
 

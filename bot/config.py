@@ -61,6 +61,13 @@ class Settings:
     stream: bool = True
     flash_attn: str = "auto"
     user_cooldown_s: float = 1.0
+    # Reasoning models
+    thinking: str = "hide"  # hide | spoiler | show: what Discord and the terminal show of a model's reasoning
+    enable_thinking: bool | None = None  # passed to templates that take it (Qwen3); None: the template's default
+    # Restarts and outages
+    resume_max_age_s: float = 600.0  # pending messages younger than this are answered after a restart
+    catchup_max_age_s: float = 3600.0  # messages that arrived while the bot was down, answered if younger than this
+    catchup_max_messages: int = 20  # per channel
     # Discord
     discord_token: str | None = None
     discord_api_base: str | None = None
@@ -247,6 +254,11 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "stream", take("STREAM", _bool))
     put(kwargs, "flash_attn", take("FLASH_ATTN", lambda n, r: _choice(n, r, ("off", "on", "auto"))))
     put(kwargs, "user_cooldown_s", take("USER_COOLDOWN_S", lambda n, r: _float(n, r, 0.0, 3600.0)))
+    put(kwargs, "thinking", take("THINKING", lambda n, r: _choice(n, r, ("hide", "spoiler", "show"))))
+    put(kwargs, "enable_thinking", take("ENABLE_THINKING", lambda n, r: _choice(n, r, ("on", "off")) == "on"))
+    put(kwargs, "resume_max_age_s", take("RESUME_MAX_AGE_S", lambda n, r: _float(n, r, 0.0, 30 * 86400.0)))
+    put(kwargs, "catchup_max_age_s", take("CATCHUP_MAX_AGE_S", lambda n, r: _float(n, r, 0.0, 14 * 86400.0)))
+    put(kwargs, "catchup_max_messages", take("CATCHUP_MAX_MESSAGES", lambda n, r: _int(n, r, 0, 100)))
     token = values.get("DISCORD_TOKEN", "").strip()
     if token:
         kwargs["discord_token"] = token

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import re
 import signal
+import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
 
+from bot.backend import ModelError
 from bot.chat import EMPTY_NOTE, ChatService, Reply, TemplateChoiceError, UserMessage, open_chat
 from bot.config import Settings
-from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer
-from bot.scheduler import FairScheduler, QueueFull
+from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
+from bot.scheduler import FairScheduler, Job, QueueFull
+from bot.store import EXPIRED
 from bot.templates import NAMES
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,8 @@ MENTION_ONLY = "You mentioned me, but there is no message. Ask me something!"
 IGNORED = "I ignored the attachment, sticker or embed; I can only read text."
 SLOW_DOWN = "Please slow down a little: I answer one message from you every {s:g} seconds."
 STOPPED = " *(stopped)*"
+RESTARTED = "Sorry, I was restarting when you sent this and it is too old to answer now. Please ask again."
+THOUGHT_ONLY = "(I spent my whole reply length thinking and did not get to an answer. Ask me again, or raise LLAMA_N_PREDICT.)"
 NEED_ADMIN = "You need the Manage Messages permission (or an admin role) to use /{name} here."
 PERMISSIONS = discord.Permissions(
     view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True, add_reactions=True
@@ -59,13 +68,14 @@ def configure_endpoints(settings: Settings) -> None:
 
 @dataclass
 class _Turn:
-    """A message the bot decided to answer, waiting for or holding a slot."""
+    """A stored message the bot will answer, waiting for or holding a slot."""
 
     message: discord.Message
     scope: str
-    text: str
+    stored: asyncio.Future[int | None]  # the stored (pending) row's id, once it is on disk; None: seen before
     notes: list[str] = field(default_factory=list)
-    waiting_note: asyncio.Task[discord.Message] | None = None
+    waiting_note: asyncio.Task[discord.Message | None] | None = None
+    first: discord.Message | None = None  # the bot's message already posted for it (before a restart)
 
 
 discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # a text bot: no voice warnings
@@ -88,8 +98,13 @@ class LlamaBot(discord.Client):
         self.edit_budget = EditBudget()
         self.chat_scopes: set[str] = set()  # channels turned on with /chat on
         self.replies: dict[str, Reply] = {}  # replies being generated, by scope (for /stop)
+        self._answering: dict[int, Reply] = {}  # the same, by the Discord id of the message being answered
         self._accepted_at: dict[int, float] = {}  # user id -> when we last took a message (cooldown)
         self._warned: set[int] = set()
+        self._caught_up = asyncio.Event()  # set once restart work is done; live messages wait for it
+        self._catching_up = asyncio.Lock()
+        self._resumed = False
+        self._background: set[asyncio.Task[None]] = set()
         _register_commands(self)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -109,9 +124,20 @@ class LlamaBot(discord.Client):
         assert self.user is not None
         invite = discord.utils.oauth_url(self.user.id, permissions=PERMISSIONS, scopes=("bot", "applications.commands"))
         log.info("logged in as %s (id %s) in %d guild(s); invite link: %s", self.user, self.user.id, len(self.guilds), invite)
+        # A new gateway session (first start, or after an outage too long to resume) missed events: catch up.
+        self._in_background(self._after_connect())
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def shutdown(self, grace: float = 20.0) -> None:
-        """Finish in-flight replies (or stop them after `grace` s, keeping what was written), then log out."""
+        """Finish in-flight replies (or stop them after `grace` s, keeping what was written), then log out.
+
+        Messages still waiting their turn stay pending in the database: the next start answers them."""
+        for task in list(self._background):
+            task.cancel()
         await self.scheduler.close(grace, wind_down=self._stop_all)
         await self.close()
 
@@ -119,16 +145,121 @@ class LlamaBot(discord.Client):
         for reply in list(self.replies.values()):
             reply.stop()
 
+    # --- after a restart or an outage --------------------------------------------------
+
+    async def _after_connect(self) -> None:
+        """Answer what waited across a restart (once), then what arrived while the bot was away."""
+        async with self._catching_up:
+            try:
+                if not self._resumed:
+                    self._resumed = True
+                    await self._resume_pending()
+                await self._catch_up()
+            except Exception:
+                log.exception("could not finish catching up after connecting")
+            finally:
+                self._caught_up.set()
+
+    async def _resume_pending(self) -> None:
+        """Messages stored as pending by an earlier run: answer the recent ones, in order, as if
+        nothing happened; tell the senders of older ones that the bot was restarting."""
+        now = discord.utils.utcnow()
+        resumed = expired = 0
+        for turn in await self.chat.store.pending():
+            if not turn.scope.startswith(("guild:", "dm:")) or not turn.message.platform_message_id:
+                continue  # not a Discord conversation (the terminal chat's)
+            message = await self._fetch_message(turn.channel_id, turn.message.platform_message_id)
+            if message is None:  # deleted while the bot was down, or no longer reachable
+                await self.chat.delete_message(turn.message.platform_message_id)
+                continue
+            first = await self._fetch_message(turn.channel_id, turn.message.reply_message_id) if turn.message.reply_message_id else None
+            age = (now - message.created_at).total_seconds()
+            if age > self.settings.resume_max_age_s:
+                await self.chat.store.set_status(turn.message.id, EXPIRED)
+                await self._show_note(message, first, RESTARTED)
+                expired += 1
+                continue
+            text = self._text_of(message)
+            if text != turn.message.content:  # edited while the bot was down
+                await self.chat.edit_message(turn.message.platform_message_id, text)
+            self._queue(_Turn(message, turn.scope, _done(turn.message.id), first=first))
+            resumed += 1
+        if resumed or expired:
+            log.info("after the restart: answering %d waiting message(s); %d were too old (RESUME_MAX_AGE_S)", resumed, expired)
+
+    async def _catch_up(self) -> None:
+        """Read each channel where the bot talks from the last message it stored, and answer
+        what was addressed to it while it was away (bounded by CATCHUP_MAX_AGE_S and
+        CATCHUP_MAX_MESSAGES per channel). A message already stored is never answered again."""
+        if not self.settings.catchup_max_messages:
+            return
+        oldest = discord.utils.utcnow() - datetime.timedelta(seconds=self.settings.catchup_max_age_s)
+        floor = discord.utils.time_snowflake(oldest)
+        channels: dict[int, int | None] = {}  # channel id -> newest stored message id there
+        for conversation in await self.chat.store.conversations():
+            channel_id = conversation.channel_id or _channel_of_scope(conversation.scope)
+            if channel_id is not None:
+                channels[int(channel_id)] = await self.chat.store.newest_platform_id(conversation.id)
+        for channel_id in self.settings.chat_channels:
+            channels.setdefault(channel_id, None)
+        answered = 0
+        for channel_id, newest in channels.items():
+            channel = await self._channel(str(channel_id))
+            if channel is None:
+                continue
+            try:
+                async for message in channel.history(after=discord.Object(max(newest or 0, floor)), oldest_first=True, limit=self.settings.catchup_max_messages):
+                    if self._wants_answer(message) and not await self.chat.store.has_platform_id(str(message.id)):
+                        text = self._text_of(message)
+                        if text:
+                            answered += await self._accept(message, text, [], force=True)
+            except discord.HTTPException as exc:
+                log.warning("could not read what arrived in channel %s while I was away: %s", channel_id, exc)
+        if answered:
+            log.info("caught up: answering %d message(s) that arrived while I was away", answered)
+
+    async def _channel(self, channel_id: str | None) -> discord.abc.Messageable | None:
+        if channel_id is None:
+            return None
+        channel = self.get_channel(int(channel_id))
+        if channel is None:
+            try:
+                channel = await self.fetch_channel(int(channel_id))
+            except discord.HTTPException:
+                return None
+        return channel if isinstance(channel, discord.abc.Messageable) else None
+
+    async def _fetch_message(self, channel_id: str | None, message_id: str | None) -> discord.Message | None:
+        channel = await self._channel(channel_id)
+        if channel is None or message_id is None:
+            return None
+        try:
+            return await channel.fetch_message(int(message_id))
+        except discord.HTTPException:
+            return None
+
+    async def _show_note(self, message: discord.Message, first: discord.Message | None, text: str) -> None:
+        """A note in reply to `message`, in the bot's message already there if there is one."""
+        if first is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await first.edit(content=text, allowed_mentions=NO_PINGS)
+                return
+        await self._note(message, text)
+
     # --- messages ----------------------------------------------------------------------
 
-    async def on_message(self, message: discord.Message) -> None:
+    def _wants_answer(self, message: discord.Message) -> bool:
+        """A message from a person, of a normal kind, addressed to the bot."""
         if message.author.bot or message.webhook_id is not None:
-            return  # never bots, including this one
+            return False  # never bots, including this one
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
-            return  # joins, pins, boosts...
-        if not self._addressed(message):
+            return False  # joins, pins, boosts...
+        return self._addressed(message)
+
+    async def on_message(self, message: discord.Message) -> None:
+        if not self._wants_answer(message):
             return
-        scope = scope_for(message.guild.id if message.guild else None, message.channel.id, message.author.id)
+        await self._caught_up.wait()  # what waited across a restart goes first, in order
         text = self._text_of(message)
         extras = bool(message.attachments or message.embeds or message.stickers)
         if not text:
@@ -137,16 +268,63 @@ class LlamaBot(discord.Client):
             return
         if not await self._take_from(message):
             return
-        turn = _Turn(message, scope, text, [IGNORED] if extras else [])
+        await self._accept(message, text, [IGNORED] if extras else [])
+
+    async def _accept(self, message: discord.Message, text: str, notes: list[str], *, force: bool = False) -> bool:
+        """Take a message: its place in line is taken at once (arrival order), and it is
+        stored as pending before its turn can start, so from here on a restart cannot lose it.
+
+        `force` takes it even past MAX_QUEUE: it was accepted before (a restart, an outage)."""
+        scope = scope_for(message.guild.id if message.guild else None, message.channel.id, message.author.id)
+        turn = _Turn(message, scope, asyncio.get_running_loop().create_future(), notes)
         try:
-            job = self.scheduler.submit(scope, lambda: self._answer(turn))
+            job = self.scheduler.submit(scope, lambda: self._answer(turn), force=force)
         except QueueFull:
-            log.warning("queue full: turned away a message in %s", scope)
-            await self._note(message, BUSY)
-            return
+            if not self.scheduler.closed:
+                log.warning("queue full: turned away a message in %s", scope)
+                await self._note(message, BUSY)
+            return False
+        author = message.author
+        try:
+            stored = await self.chat.receive(
+                UserMessage(
+                    scope, text, author_id=str(author.id), author_name=author.display_name,
+                    platform_message_id=str(message.id), channel_id=str(message.channel.id),
+                )
+            )
+        except Exception as exc:  # e.g. the disk is full: the turn apologises
+            turn.stored.set_exception(exc)
+            return False
+        turn.stored.set_result(stored)
+        if stored is None:
+            return False  # stored already: seen twice (a catch-up racing a live event)
+        self._note_position(turn, job)
+        return True
+
+    def _queue(self, turn: _Turn) -> None:
+        """Queue a turn stored before (by an earlier run)."""
+        try:
+            job = self.scheduler.submit(turn.scope, lambda: self._answer(turn), force=True)
+        except QueueFull:
+            return  # shutting down: it stays pending, and the next start answers it
+        self._note_position(turn, job)
+
+    def _note_position(self, turn: _Turn, job: Job) -> None:
         position = self.scheduler.position(job)
         if position:
-            turn.waiting_note = asyncio.ensure_future(self._note(message, f"\u23f3 Busy: you're #{position} in line."))
+            turn.waiting_note = asyncio.ensure_future(self._waiting_note(turn, position))
+
+    async def _waiting_note(self, turn: _Turn, position: int) -> discord.Message | None:
+        """Tell the sender their place in line (in the bot's own message, if it already has one)."""
+        text = f"\u23f3 Busy: you're #{position} in line."
+        if turn.first is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await turn.first.edit(content=text, allowed_mentions=NO_PINGS)
+                return turn.first
+        note = await self._note(turn.message, text)
+        if note is not None and turn.stored.done() and turn.stored.result() is not None:
+            await self.chat.store.set_reply_message(turn.stored.result(), str(note.id))
+        return note
 
     def _addressed(self, message: discord.Message) -> bool:
         """DMs, mentions, replies to the bot, and every message in chat-enabled channels."""
@@ -205,34 +383,43 @@ class LlamaBot(discord.Client):
             return None
 
     async def _answer(self, turn: _Turn) -> None:
-        """Generate and post the reply to one message; store it as delivered or not."""
-        first = await turn.waiting_note if turn.waiting_note is not None else None
+        """Generate and post the reply to one stored message; store it with its turn."""
+        first = await turn.waiting_note if turn.waiting_note is not None else turn.first
         out = ReplyStreamer(turn.message, budget=self.edit_budget, first=first)
-        author = turn.message.author
         typing = _Typing(turn.message.channel)
         await typing.start()
         reply: Reply | None = None
         try:
-            reply = await self.chat.respond(
-                UserMessage(turn.scope, turn.text, author_id=str(author.id), author_name=author.display_name, platform_message_id=str(turn.message.id))
-            )
+            message_id = await turn.stored
+            if message_id is None:
+                return  # seen twice: the other sighting answers it
+            reply = await self.chat.answer(turn.scope, message_id)
+            if reply is None:  # deleted while it waited: nothing to answer
+                await _delete_all(out.messages)
+                return
             self.replies[turn.scope] = reply
-            if self.settings.stream:
-                await self._stream(reply, out, typing)
+            self._answering[turn.message.id] = reply
+            await self._stream(reply, out, typing, turn)
             await reply.generation.wait()
         except Exception:
             log.exception("could not answer message %s in %s", turn.message.id, turn.scope)
             await typing.stop()
             await self._apologize(out)
+            await self._settle(turn)
             return
         finally:
             await typing.stop()
             self.replies.pop(turn.scope, None)
+            self._answering.pop(turn.message.id, None)
             if reply is not None and not reply.generation.done:
                 reply.stop()  # this job was cancelled (shutdown): free the slot
+        if reply.discarded:  # the message was deleted while its reply was written
+            await _delete_all(out.messages)
+            return
         if reply.finish_reason == "error":
             log.error("generation failed for message %s in %s: %s", turn.message.id, turn.scope, reply.generation.error)
             await self._apologize(out)
+            await self._settle(turn)
             return
         delivered = True
         try:
@@ -246,14 +433,25 @@ class LlamaBot(discord.Client):
         except Exception:
             log.exception("could not store the reply to message %s in %s", turn.message.id, turn.scope)
 
-    async def _stream(self, reply: Reply, out: ReplyStreamer, typing: _Typing) -> None:
+    async def _settle(self, turn: _Turn) -> None:
+        """After an apology the turn is done, unless the model engine is gone: then the
+        process restarts and answers it (it stays pending)."""
+        if self.chat.backend_dead() or not turn.stored.done() or turn.stored.exception() is not None:
+            return
+        message_id = turn.stored.result()
+        if message_id is not None:
+            with contextlib.suppress(Exception):
+                await self.chat.settle(message_id)
+
+    async def _stream(self, reply: Reply, out: ReplyStreamer, typing: _Typing, turn: _Turn) -> None:
         """Show the reply while it is generated; if Discord refuses an edit, wait for the end."""
-        shown = ""
-        live = True
-        async for chunk in reply.stream():
-            shown += chunk
+        gen = reply.generation
+        live = self.settings.stream
+        recorded = bool(out.messages)
+        async for _ in gen.updates():
             if not live:
                 continue
+            shown = reply_view(gen.text, gen.reasoning, mode=self.settings.thinking, thinking=gen.thinking, thought_s=gen.thought_s, final=False)
             try:
                 await out.update(shown)
             except discord.HTTPException as exc:
@@ -261,10 +459,16 @@ class LlamaBot(discord.Client):
                 live = False
             if out.messages:
                 await typing.stop()
+                if not recorded:  # a restart now finishes this message instead of posting another
+                    recorded = True
+                    await self.chat.store.set_reply_message(reply.user_message_id, str(out.messages[0].id))
 
-    @staticmethod
-    def _final_text(reply: Reply, turn: _Turn) -> str:
-        text = reply.clean_text()
+    def _final_text(self, reply: Reply, turn: _Turn) -> str:
+        gen = reply.generation
+        answer = reply.clean_text()
+        if not answer and reply.reasoning_text() and reply.finish_reason != "cancelled":
+            answer = THOUGHT_ONLY
+        text = reply_view(answer, gen.reasoning, mode=self.settings.thinking, thinking=False, thought_s=gen.thought_s, final=True)
         if reply.finish_reason == "cancelled":
             text = text + STOPPED if text else STOPPED.strip()
         elif not text:
@@ -278,7 +482,8 @@ class LlamaBot(discord.Client):
             await out.finish(SORRY)
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        """An edited message changes the stored turn, so the bot never remembers the old text."""
+        """An edited message changes the stored turn, so the bot never remembers the old text.
+        A message still waiting for its turn is answered in its edited form."""
         if "content" not in payload.data or payload.message.author.bot or self.user is None:
             return  # e.g. Discord adding a link preview: the text did not change
         scope = await self.chat.edit_message(str(payload.message_id), self._text_of(payload.message))
@@ -286,7 +491,11 @@ class LlamaBot(discord.Client):
             log.info("followed an edit in %s", scope)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        """A deleted message leaves the history: the bot forgets what users take back."""
+        """A deleted message leaves the history: the bot forgets what users take back. If its
+        reply is being written, that stops and nothing of it is kept."""
+        reply = self._answering.get(payload.message_id)
+        if reply is not None:
+            reply.discard()
         scope = await self.chat.delete_message(str(payload.message_id))
         if scope is not None:
             log.info("followed a delete in %s", scope)
@@ -340,6 +549,24 @@ class _Typing:
         if self._on:
             self._on = False
             await self._context.__aexit__(None, None, None)
+
+
+def _done(value: int) -> asyncio.Future[int | None]:
+    future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+async def _delete_all(messages: list[discord.Message]) -> None:
+    for message in messages:
+        with contextlib.suppress(discord.HTTPException):
+            await message.delete()
+
+
+def _channel_of_scope(scope: str) -> str | None:
+    """The channel id inside a guild scope ("guild:G:channel:C"); DMs need the stored one."""
+    parts = scope.split(":")
+    return parts[3] if len(parts) == 4 and parts[0] == "guild" else None
 
 
 def _role_name(guild: discord.Guild, role_id: int) -> str:
@@ -426,35 +653,85 @@ def _register_commands(bot: LlamaBot) -> None:
 
 
 async def run_bot(settings: Settings) -> int:
-    """`python -m bot run`: load the model, open the store, serve Discord until SIGINT/SIGTERM."""
+    """`python -m bot run`: load the model, open the store, serve Discord until SIGINT/SIGTERM.
+
+    A signal stops it on time in every state: loading the model, logging in, connected,
+    or waiting to reconnect to an unreachable Discord. Exit status 0 after a signal, 2
+    for a configuration problem Discord reports, 1 when the model engine gave up (so a
+    service manager restarts it; messages waiting stay pending and are answered then)."""
     assert settings.discord_token
     configure_endpoints(settings)
-    async with open_chat(settings) as chat:
-        bot = create_bot(settings, chat)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        runner = asyncio.ensure_future(bot.start(settings.discord_token))
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if stopper.done():
-            log.info("shutting down: finishing replies in progress")
-            await bot.shutdown()
-        stopper.cancel()
-        try:
-            await runner
-        except discord.PrivilegedIntentsRequired:
-            log.error(
-                "Discord refused the Message Content intent. Turn on 'Message Content Intent' on your "
-                "application's Bot page (https://discord.com/developers/applications), then start the bot again."
-            )
-            return 2
-        except discord.LoginFailure:
-            log.error("Discord rejected DISCORD_TOKEN. Copy a fresh token from the Developer Portal (Bot > Reset Token) into .env.")
-            return 2
-        finally:
-            if not bot.is_closed():
-                await bot.close()
-        log.info("stopped")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    aborted = threading.Event()  # tells a model load in progress to give up
+    fatal: list[str] = []
+
+    def request_stop() -> None:
+        stop.set()
+        aborted.set()
+
+    def engine_gave_up(why: str) -> None:  # called from the engine thread
+        fatal.append(why)
+        loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, request_stop)
+    try:
+        async with open_chat(settings, abort=aborted) as chat:
+            if stop.is_set():
+                return 0
+            chat.on_backend_fatal(engine_gave_up)
+            bot = create_bot(settings, chat)
+            runner = asyncio.ensure_future(_serve_discord(bot, settings.discord_token, stop))
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper.done():
+                log.info("shutting down: finishing replies in progress")
+                await bot.shutdown(grace=0.0 if fatal else 20.0)
+            stopper.cancel()
+            try:
+                # After close(), discord.py may still be asleep in its reconnect back-off: don't wait for it.
+                await asyncio.wait_for(asyncio.shield(runner), 5.0)
+            except asyncio.TimeoutError:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+            except discord.PrivilegedIntentsRequired:
+                log.error(
+                    "Discord refused the Message Content intent. Turn on 'Message Content Intent' on your "
+                    "application's Bot page (https://discord.com/developers/applications), then start the bot again."
+                )
+                return 2
+            except discord.LoginFailure:
+                log.error("Discord rejected DISCORD_TOKEN. Copy a fresh token from the Developer Portal (Bot > Reset Token) into .env.")
+                return 2
+            finally:
+                if not bot.is_closed():
+                    await bot.close()
+    except ModelError:
+        if stop.is_set():
+            log.info("stopped while loading the model")
+            return 0
+        raise
+    if fatal:
+        log.critical("exiting so that the service manager restarts the bot: %s", fatal[0])
+        return 1
+    log.info("stopped")
     return 0
+
+
+async def _serve_discord(bot: LlamaBot, token: str, stop: asyncio.Event) -> None:
+    """Log in (retrying while Discord cannot be reached, until a stop), then stay connected."""
+    delay = 1.0
+    while True:
+        try:
+            await bot.login(token)
+            break
+        except (OSError, aiohttp.ClientError, discord.DiscordServerError) as exc:
+            log.warning("cannot reach Discord (%s); trying again in %.0f s", exc, delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            delay = min(delay * 2, 60.0)
+    await bot.connect()

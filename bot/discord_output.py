@@ -159,3 +159,35 @@ class ReplyStreamer:
         self.messages.append(message)
         self._shown.append(page)
         self._edited_at.append(time.monotonic())
+
+
+# --- what a reply looks like: answer, reasoning, notes ---------------------------------------
+
+THINKING_NOTE = "-# \U0001f4ad thinking\u2026 {s:.0f} s"
+THOUGHT_NOTE = "-# thought for {s:.0f} s"
+REASONING_LIMIT = 1500  # characters of reasoning shown in `spoiler` mode (its end: the conclusion)
+
+
+def reply_view(answer: str, reasoning: str, *, mode: str, thinking: bool, thought_s: float | None, final: bool) -> str:
+    """The text of a reply as Discord shows it, while it is written and when it is done.
+
+    `mode` is THINKING: `hide` shows the answer only (a small "thought for N s" line
+    at the end); `spoiler` puts the reasoning first, inside a spoiler; `show` quotes it
+    as it is written. While a model is still thinking, hide and spoiler show only
+    "thinking… N s", never a half-finished thought.
+    """
+    answer = answer.strip()
+    reasoning = reasoning.strip()
+    seconds = thought_s or 0.0
+    if mode == "show" and reasoning:
+        quoted = "\n".join("> " + line if line.strip() else ">" for line in reasoning.splitlines())
+        return f"-# \U0001f4ad reasoning\n{quoted}\n\n{answer}".rstrip()
+    if thinking or (reasoning and not answer and not final):
+        return THINKING_NOTE.format(s=seconds)
+    if mode == "spoiler" and reasoning:
+        shown = reasoning if len(reasoning) <= REASONING_LIMIT else "\u2026" + reasoning[-REASONING_LIMIT:]
+        shown = shown.replace("||", "| |")
+        return f"-# \U0001f4ad reasoning ({seconds:.0f} s), click to show:\n||{shown}||\n\n{answer}".rstrip()
+    if reasoning and final and answer:
+        return f"{answer}\n{THOUGHT_NOTE.format(s=seconds)}"
+    return answer

@@ -742,6 +742,19 @@ class LocalBackend:
     def forget(self, key: str) -> None:
         self.engine.forget(key)
 
+    @property
+    def dead(self) -> str | None:
+        """Why the engine gave up, once it has (the process should exit and be restarted)."""
+        return self.engine.dead
+
+    @property
+    def on_fatal(self) -> Callable[[str], None] | None:
+        return self.engine.on_fatal
+
+    @on_fatal.setter
+    def on_fatal(self, callback: Callable[[str], None] | None) -> None:
+        self.engine.on_fatal = callback
+
     def describe(self) -> str:
         return f"{self.info.path.name} ({self.info.description}), in this process"
 

@@ -50,6 +50,10 @@ class FairScheduler:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
@@ -57,15 +61,23 @@ class FairScheduler:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, key: str, run: Callable[[], Awaitable[None]]) -> Job:
-        """Queue `run` for `key`; it starts at once if there is room. Raises QueueFull."""
+    def has_room(self, key: str) -> bool:
+        """Whether a job for `key` would be taken now (it starts at once, or fits in the queue)."""
+        if self._closed:
+            return False
+        if key not in self._running and len(self._running) < self.parallel and not self._waiting.get(key):
+            return True
+        return self.waiting < self.max_queue and len(self._waiting.get(key, ())) < self.per_key
+
+    def submit(self, key: str, run: Callable[[], Awaitable[None]], *, force: bool = False) -> Job:
+        """Queue `run` for `key`; it starts at once if there is room. Raises QueueFull.
+
+        `force` takes it past the bounds (work accepted earlier, e.g. before a restart)."""
         if self._closed:
             raise QueueFull("shutting down")
+        if not force and not self.has_room(key):
+            raise QueueFull(f"{self.waiting} waiting")
         job = Job(key, run)
-        can_start_now = key not in self._running and len(self._running) < self.parallel and not self._waiting.get(key)
-        if not can_start_now:
-            if self.waiting >= self.max_queue or len(self._waiting.get(key, ())) >= self.per_key:
-                raise QueueFull(f"{self.waiting} waiting")
         self._waiting.setdefault(key, collections.deque()).append(job)
         self._dispatch()
         return job

@@ -1,12 +1,15 @@
 """The conversation store: SQLite through aiosqlite, with numbered migrations.
 
-Every write commits at once: a user's message is on disk before generation
-starts, and a reply only once it is complete, so a crash can lose neither nor
-leave half a reply. WAL mode lets readers and the writer overlap.
+Every write commits at once. A message the bot will answer is on disk the
+moment it arrives, as *pending*, before it waits for its turn; it becomes part
+of the conversation together with its reply, in one transaction, so a crash or
+restart can lose neither, answer nothing twice, nor leave half a reply. WAL mode
+lets readers and the writer overlap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import logging
 import os
@@ -21,8 +24,9 @@ import aiosqlite
 
 log = logging.getLogger(__name__)
 
-# Message states (see migrations/0002_discord.sql).
-OK, STOPPED, UNDELIVERED = "ok", "stopped", "undelivered"
+# Message states (see migrations/0002_discord.sql and 0003_durable.sql). Only VISIBLE ones reach prompts.
+OK, STOPPED, UNDELIVERED, PENDING, EXPIRED = "ok", "stopped", "undelivered", "pending", "expired"
+VISIBLE = (OK, STOPPED)
 
 
 class StoreError(Exception):
@@ -43,6 +47,7 @@ class Conversation:
     template: str | None
     system_prompt: str | None
     chat_enabled: bool
+    channel_id: str | None = None  # the platform channel (where to read what arrived while down)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,17 @@ class StoredMessage:
     created_at: str
     token_count: int | None
     status: str
+    reasoning: str | None = None
+    reply_message_id: str | None = None  # for a pending turn: the bot's message already posted for it
+
+
+@dataclass(frozen=True)
+class PendingTurn:
+    """A stored message still waiting for its answer, with where it was said."""
+
+    message: StoredMessage
+    scope: str
+    channel_id: str | None
 
 
 def load_migrations() -> list[Migration]:
@@ -88,6 +104,7 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        self._writing = asyncio.Lock()  # one write transaction at a time: another's commit must not commit half of ours
 
     @classmethod
     async def open(cls, path: Path | str, *, upto: int | None = None) -> Store:
@@ -164,23 +181,28 @@ class Store:
 
     # --- conversations -----------------------------------------------------------------
 
-    async def conversation(self, scope: str) -> Conversation:
-        """The conversation for `scope`, created on first use."""
-        await self._db.execute("INSERT OR IGNORE INTO conversations (scope, created_at) VALUES (?, ?)", (scope, _now()))
-        await self._db.commit()
+    async def conversation(self, scope: str, *, channel_id: str | None = None) -> Conversation:
+        """The conversation for `scope`, created on first use; `channel_id` records where it happens."""
+        async with self._writing:
+            await self._db.execute("INSERT OR IGNORE INTO conversations (scope, created_at) VALUES (?, ?)", (scope, _now()))
+            if channel_id is not None:
+                await self._db.execute("UPDATE conversations SET channel_id = ? WHERE scope = ? AND channel_id IS NOT ?", (channel_id, scope, channel_id))
+            await self._db.commit()
         row = await (await self._db.execute("SELECT * FROM conversations WHERE scope = ?", (scope,))).fetchone()
         assert row is not None
         return _conversation(row)
 
+    async def conversations(self) -> list[Conversation]:
+        """Every conversation (for catching up on what arrived while the bot was down)."""
+        return [_conversation(r) for r in await self._db.execute_fetchall("SELECT * FROM conversations ORDER BY id")]
+
     async def set_template(self, scope: str, template: str | None) -> None:
         await self.conversation(scope)
-        await self._db.execute("UPDATE conversations SET template = ? WHERE scope = ?", (template, scope))
-        await self._db.commit()
+        await self._write("UPDATE conversations SET template = ? WHERE scope = ?", (template, scope))
 
     async def set_chat_enabled(self, scope: str, enabled: bool) -> None:
         await self.conversation(scope)
-        await self._db.execute("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (int(enabled), scope))
-        await self._db.commit()
+        await self._write("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (int(enabled), scope))
 
     async def chat_enabled_scopes(self) -> set[str]:
         rows = await self._db.execute_fetchall("SELECT scope FROM conversations WHERE chat_enabled = 1")
@@ -199,24 +221,105 @@ class Store:
         platform_message_id: str | None = None,
         token_count: int | None = None,
         status: str = OK,
+        reasoning: str | None = None,
     ) -> int:
         """Append a message and commit it."""
-        cursor = await self._db.execute(
-            "INSERT INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, token_count, status)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (conversation_id, role, content, author_id, author_name, platform_message_id, _now(), token_count, status),
+        cursor = await self._write(
+            "INSERT INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, token_count, status, reasoning)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, role, content, author_id, author_name, platform_message_id, _now(), token_count, status, reasoning),
         )
-        await self._db.commit()
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    async def receive(
+        self, conversation_id: int, content: str, *, author_id: str | None, author_name: str | None, platform_message_id: str | None
+    ) -> int | None:
+        """Store a message to be answered, as pending, the moment it arrives.
+
+        Returns its id, or None when that platform message is already stored (a
+        message is answered once, however often it is seen)."""
+        cursor = await self._write(
+            "INSERT OR IGNORE INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, status)"
+            " VALUES (?, 'user', ?, ?, ?, ?, ?, ?)",
+            (conversation_id, content, author_id, author_name, platform_message_id, _now(), PENDING),
+        )
+        return cursor.lastrowid if cursor.rowcount else None
+
+    async def message(self, message_id: int) -> StoredMessage | None:
+        row = await (await self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,))).fetchone()
+        return _message(row) if row is not None else None
+
+    async def set_status(self, message_id: int, status: str) -> None:
+        await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
+
+    async def set_reply_message(self, message_id: int, platform_message_id: str | None) -> None:
+        """Remember the bot's message for a pending turn (a restart finishes that message)."""
+        await self._write("UPDATE messages SET reply_message_id = ? WHERE id = ?", (platform_message_id, message_id))
+
+    async def finish_turn(
+        self,
+        user_message_id: int,
+        reply: str | None,
+        *,
+        reasoning: str | None = None,
+        platform_message_id: str | None = None,
+        token_count: int | None = None,
+        status: str = OK,
+    ) -> int | None:
+        """Store a reply and make its user turn part of the conversation, in one transaction.
+
+        Nothing is stored when the user's message was deleted meanwhile (returns None), or
+        no reply when `reply` is None (the turn still becomes part of the history)."""
+        async with self._writing:
+            try:
+                row = await (await self._db.execute("SELECT conversation_id FROM messages WHERE id = ?", (user_message_id,))).fetchone()
+                if row is None:
+                    return None
+                # The turn joins the conversation now, after the turns answered while it waited:
+                # it moves to the end, so the history reads in the order things were answered.
+                await self._db.execute(
+                    "UPDATE messages SET status = ?, id = (SELECT MAX(id) + 1 FROM messages) WHERE id = ? AND status = ?",
+                    (OK, user_message_id, PENDING),
+                )
+                reply_id = None
+                if reply is not None:
+                    cursor = await self._db.execute(
+                        "INSERT INTO messages (conversation_id, role, content, platform_message_id, created_at, token_count, status, reasoning)"
+                        " VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?)",
+                        (row[0], reply, platform_message_id, _now(), token_count, status, reasoning),
+                    )
+                    reply_id = cursor.lastrowid
+                await self._db.commit()
+                return reply_id
+            except BaseException:
+                await self._db.rollback()
+                raise
+
+    async def pending(self) -> list[PendingTurn]:
+        """Messages still waiting for an answer, oldest first, with their conversation."""
+        rows = await self._db.execute_fetchall(
+            "SELECT m.*, c.scope AS scope, c.channel_id AS conv_channel_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE m.status = ? ORDER BY m.id",
+            (PENDING,),
+        )
+        return [PendingTurn(_message(r), r["scope"], r["conv_channel_id"]) for r in rows]
 
     async def messages(self, conversation_id: int) -> list[StoredMessage]:
         """All messages of a conversation, oldest first."""
         rows = await self._db.execute_fetchall("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [_message(r) for r in rows]
 
-    async def newest_first(self, conversation_id: int, page: int = 64) -> AsyncIterator[StoredMessage]:
-        """Visible messages from the newest back, fetched a page at a time (for context fitting)."""
+    async def newest_first(self, conversation_id: int, page: int = 64, *, include: int | None = None) -> AsyncIterator[StoredMessage]:
+        """Visible messages from the newest back, a page at a time (for context fitting).
+
+        `include` is one pending message, the turn being answered: it comes first (it
+        is the newest turn, whatever its id). Other pending messages (waiting their own
+        turn) are not part of the conversation yet."""
+        if include is not None:
+            row = await (await self._db.execute("SELECT * FROM messages WHERE id = ? AND conversation_id = ?", (include, conversation_id))).fetchone()
+            if row is not None:
+                yield _message(row)
         before = None
         while True:
             rows = await self._db.execute_fetchall(
@@ -234,41 +337,68 @@ class Store:
         row = await (await self._db.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation_id,))).fetchone()
         return int(row[0]) if row else 0
 
+    async def newest_platform_id(self, conversation_id: int) -> int | None:
+        """The newest platform message id stored for a conversation (theirs or the bot's)."""
+        row = await (
+            await self._db.execute(
+                "SELECT MAX(CAST(platform_message_id AS INTEGER)), MAX(CAST(reply_message_id AS INTEGER)) FROM messages WHERE conversation_id = ?",
+                (conversation_id,),
+            )
+        ).fetchone()
+        values = [int(v) for v in (row or ()) if v is not None]
+        return max(values) if values else None
+
+    async def has_platform_id(self, platform_message_id: str) -> bool:
+        return await self._find_by_platform_id(platform_message_id) is not None
+
     async def clear(self, scope: str) -> int:
-        """Delete a conversation's messages (its settings stay). Returns how many were deleted."""
-        cursor = await self._db.execute(
-            "DELETE FROM messages WHERE conversation_id = (SELECT id FROM conversations WHERE scope = ?)", (scope,)
+        """Delete a conversation's messages (its settings stay). Returns how many were deleted.
+
+        Messages still waiting for their answer stay: they are answered after the reset."""
+        cursor = await self._write(
+            "DELETE FROM messages WHERE conversation_id = (SELECT id FROM conversations WHERE scope = ?) AND status != ?", (scope, PENDING)
         )
-        await self._db.commit()
         return cursor.rowcount
 
-    async def edit_by_platform_id(self, platform_message_id: str, content: str) -> str | None:
-        """Follow an edit of a user's message made in Discord. Returns its conversation's scope, or None."""
+    async def edit_by_platform_id(self, platform_message_id: str, content: str) -> tuple[str, bool] | None:
+        """Follow an edit of a user's message made on the platform.
+
+        Returns (scope, visible) — visible when the edited turn was already part of
+        the conversation (so cached prompts no longer hold) — or None if unknown."""
         found = await self._find_by_platform_id(platform_message_id)
         if found is None or found[1] != "user":
             return None
-        await self._db.execute("UPDATE messages SET content = ? WHERE platform_message_id = ? AND role = 'user'", (content, platform_message_id))
-        await self._db.commit()
-        return found[0]
+        await self._write("UPDATE messages SET content = ? WHERE platform_message_id = ? AND role = 'user'", (content, platform_message_id))
+        return found[0], found[2] in VISIBLE
 
-    async def delete_by_platform_id(self, platform_message_id: str) -> str | None:
-        """Follow a delete made in Discord. Returns the conversation's scope, or None if unknown."""
+    async def delete_by_platform_id(self, platform_message_id: str) -> tuple[str, bool] | None:
+        """Follow a delete made on the platform. Returns (scope, visible), or None if unknown."""
         found = await self._find_by_platform_id(platform_message_id)
         if found is None:
             return None
-        await self._db.execute("DELETE FROM messages WHERE platform_message_id = ?", (platform_message_id,))
-        await self._db.commit()
-        return found[0]
+        await self._write("DELETE FROM messages WHERE platform_message_id = ?", (platform_message_id,))
+        return found[0], found[2] in VISIBLE
 
-    async def _find_by_platform_id(self, platform_message_id: str) -> tuple[str, str] | None:
-        """(scope, role) of the stored message with this platform id."""
+    async def _find_by_platform_id(self, platform_message_id: str) -> tuple[str, str, str] | None:
+        """(scope, role, status) of the stored message with this platform id."""
         row = await (
             await self._db.execute(
-                "SELECT c.scope, m.role FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ?",
+                "SELECT c.scope, m.role, m.status FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ?",
                 (platform_message_id,),
             )
         ).fetchone()
-        return (str(row[0]), str(row[1])) if row is not None else None
+        return (str(row[0]), str(row[1]), str(row[2])) if row is not None else None
+
+    async def _write(self, sql: str, params: tuple[object, ...]) -> aiosqlite.Cursor:
+        """One statement, committed at once (or rolled back)."""
+        async with self._writing:
+            try:
+                cursor = await self._db.execute(sql, params)
+                await self._db.commit()
+                return cursor
+            except BaseException:
+                await self._db.rollback()
+                raise
 
 
 def _conversation(row: aiosqlite.Row) -> Conversation:
@@ -279,10 +409,12 @@ def _conversation(row: aiosqlite.Row) -> Conversation:
         template=row["template"],
         system_prompt=row["system_prompt"],
         chat_enabled=bool(row["chat_enabled"]) if "chat_enabled" in keys else False,
+        channel_id=row["channel_id"] if "channel_id" in keys else None,
     )
 
 
 def _message(row: aiosqlite.Row) -> StoredMessage:
+    keys = row.keys()
     return StoredMessage(
         id=row["id"],
         conversation_id=row["conversation_id"],
@@ -293,7 +425,9 @@ def _message(row: aiosqlite.Row) -> StoredMessage:
         platform_message_id=row["platform_message_id"],
         created_at=row["created_at"],
         token_count=row["token_count"],
-        status=row["status"] if "status" in row.keys() else OK,
+        status=row["status"] if "status" in keys else OK,
+        reasoning=row["reasoning"] if "reasoning" in keys else None,
+        reply_message_id=row["reply_message_id"] if "reply_message_id" in keys else None,
     )
 
 

@@ -12,10 +12,11 @@ from bot.store import Store
 
 async def test_reply_is_generated_and_stored(chat: ChatService, settings: Settings) -> None:
     reply = await chat.respond(UserMessage("dm:42", "What is the capital of France?", author_id="42", author_name="Ann", platform_message_id="9001"))
-    # The user's message is on disk before the reply exists (read through another connection).
+    # The user's message is on disk before the reply exists (read through another connection),
+    # pending: not yet part of the conversation any other prompt sees.
     with sqlite3.connect(settings.database_path) as db:
-        rows = db.execute("SELECT role, content, author_name, platform_message_id, token_count FROM messages").fetchall()
-    assert rows == [("user", "What is the capital of France?", "Ann", "9001", rows[0][4])] and rows[0][4] > 0
+        rows = db.execute("SELECT role, content, author_name, platform_message_id, status FROM messages").fetchall()
+    assert rows == [("user", "What is the capital of France?", "Ann", "9001", "pending")]
 
     text = await reply.text()
     assert "Paris" in text
@@ -23,7 +24,7 @@ async def test_reply_is_generated_and_stored(chat: ChatService, settings: Settin
     assert saved is not None
     with sqlite3.connect(settings.database_path) as db:
         roles = db.execute("SELECT role, content, status, token_count FROM messages ORDER BY id").fetchall()
-    assert [r[0] for r in roles] == ["user", "assistant"]
+    assert [(r[0], r[2]) for r in roles] == [("user", "ok"), ("assistant", "ok")]
     assert roles[1][1] == text and roles[1][2] == "ok" and roles[1][3] == len(reply.generation.tokens)
 
 

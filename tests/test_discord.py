@@ -188,6 +188,7 @@ async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot)
         await world.fake.request_reconnect()  # op 7 while the reply is being generated
         second = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} And one about the sun.")
         replies = await world.fake.wait_for_bot_message(world.general, after=sent, count=2, timeout=120)
+        await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
         await asyncio.sleep(1.0)
         replies = [m for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
         assert len(replies) == 2  # each message answered exactly once

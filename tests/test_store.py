@@ -72,10 +72,10 @@ async def _clear_edit_delete(store: Store) -> None:
     await store.add_message(a.id, "user", "one", platform_message_id="100")
     await store.add_message(a.id, "assistant", "two", platform_message_id="101")
     await store.add_message(b.id, "user", "other", platform_message_id="200")
-    assert await store.edit_by_platform_id("100", "one, edited") == "dm:1"
+    assert await store.edit_by_platform_id("100", "one, edited") == ("dm:1", True)
     assert await store.edit_by_platform_id("101", "bots are not edited this way") is None
     assert [m.content for m in await store.messages(a.id)] == ["one, edited", "two"]
-    assert await store.delete_by_platform_id("101") == "dm:1"
+    assert await store.delete_by_platform_id("101") == ("dm:1", True)
     assert await store.delete_by_platform_id("999") is None
     assert await store.clear("dm:1") == 1
     assert await store.messages(a.id) == []
