@@ -398,6 +398,157 @@ async def test_late_interaction_ack_is_rejected(fake: FakeDiscord, world: dict[s
         assert "callback" in it.errors[0] and not it.done and isinstance(it, Interaction)
 
 
+# --------------------------------------------------------------------------- message components
+
+
+class Panel(discord.ui.View):
+    """A persistent view: no timeout, every button has a custom_id."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=None)
+
+    @discord.ui.button(label="Again", style=discord.ButtonStyle.primary, custom_id="panel:again")
+    async def again(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        where = type(interaction.channel).__name__
+        await interaction.response.send_message(f"again by {interaction.user.name} in {where}", ephemeral=True)
+
+    @discord.ui.button(label="Later", style=discord.ButtonStyle.secondary, custom_id="panel:later")
+    async def later(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        await interaction.response.defer()  # type 6 on a component
+        await interaction.edit_original_response(content="later done")
+        await interaction.followup.send("and a followup")
+
+    @discord.ui.button(label="Stop", style=discord.ButtonStyle.danger, custom_id="panel:stop")
+    async def stop_(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        await interaction.response.edit_message(content="stopped", view=None)  # type 7, components removed
+
+    @discord.ui.button(label="Off", custom_id="panel:off", disabled=True)
+    async def off(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        raise AssertionError("a disabled button cannot be pressed")
+
+
+class PanelBot(TinyBot):
+    """Registers the persistent Panel at start, as a bot must to serve buttons after a restart."""
+
+    async def setup_hook(self) -> None:
+        await super().setup_hook()
+        self.add_view(Panel())
+
+    async def react_to(self, message: discord.Message) -> None:
+        if message.content == "panel":
+            await message.channel.send("choose", view=Panel())
+        elif message.content == "unpanel" and message.reference and message.reference.message_id:
+            panel = await message.channel.fetch_message(message.reference.message_id)
+            await panel.edit(content="no buttons", view=None)
+        else:
+            await super().react_to(message)
+
+
+async def test_persistent_view_buttons_survive_a_client_restart(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    async with fake.running(PanelBot()):
+        trigger = await fake.send_message(chan, alice, "panel")
+        [panel] = await fake.wait_for_bot_message(chan, after=trigger)
+        [row] = panel["components"]
+        assert row["type"] == 1
+        buttons = [(b["type"], b["custom_id"], b["style"], b["label"], b.get("disabled")) for b in row["components"]]
+        assert buttons == [
+            (2, "panel:again", 1, "Again", False),
+            (2, "panel:later", 2, "Later", False),
+            (2, "panel:stop", 4, "Stop", False),
+            (2, "panel:off", 2, "Off", True),
+        ]
+        ids = [row["id"]] + [b["id"] for b in row["components"]]
+        assert len(set(ids)) == 5 and all(isinstance(i, int) and i > 0 for i in ids)  # Discord numbers components
+
+        again = await fake.press_button(panel, "panel:again", alice)
+        await again.wait_done(5)
+        assert again.response_types == [4] and again.ephemeral and again.errors == []
+        assert again.content == "again by alice in TextChannel"
+        payload = again.payload
+        assert payload["type"] == 3 and payload["data"]["custom_id"] == "panel:again"
+        assert payload["data"]["component_type"] == 2 and payload["message"]["id"] == panel["id"]
+        assert payload["member"]["user"]["id"] == alice["id"] and "user" not in payload
+        assert int(payload["member"]["permissions"]) == fake.permissions_of(guild, alice)
+        assert payload["guild_id"] == guild["id"] and payload["channel_id"] == chan["id"] and payload["version"] == 1
+        answer = again.original
+        assert answer is not None and answer["message_reference"]["message_id"] == panel["id"]
+        assert answer["interaction_metadata"]["type"] == 3
+        assert answer["interaction_metadata"]["interacted_message_id"] == panel["id"]
+        assert all(m["id"] != answer["id"] for m in fake.messages(chan))  # ephemeral: not in the channel
+
+        with pytest.raises(ValueError, match="disabled"):
+            await fake.press_button(panel, "panel:off", alice)
+        with pytest.raises(ValueError, match="no button"):
+            await fake.press_button(panel, "panel:nope", alice)
+
+    # A new client instance against the same fake: the persistent view still answers.
+    restarted = PanelBot()
+    async with fake.running(restarted):
+        assert fake.identify_count == 2
+        later = await fake.press_button(panel, "panel:later", alice)
+        await fake.wait_for(lambda: panel["content"] == "later done" and later.followups)
+        assert later.response_types == [6] and later.deferred and later.errors == []
+        [followup] = later.followups
+        assert followup["content"] == "and a followup" and followup in fake.messages(chan)
+        assert followup["message_reference"]["message_id"] == panel["id"]
+        assert panel["components"] == [row]  # the edit of @original left the buttons alone
+
+        stop = await fake.press_button(panel, "panel:stop", alice)
+        await fake.wait_for(lambda: panel["components"] == [])
+        assert stop.response_types == [7] and stop.errors == [] and stop.content == "stopped"
+        assert panel["content"] == "stopped"
+        await fake.wait_for(
+            lambda: any(
+                e["t"] == "MESSAGE_UPDATE" and e["d"]["id"] == panel["id"] and e["d"]["content"] == "stopped"
+                for e in fake.events
+            )
+        )
+        with pytest.raises(ValueError, match="no button"):
+            await fake.press_button(panel, "panel:stop", alice)
+        # the @original edit (webhook PATCH) and the type 7 update are bot edits in the channel
+        assert [e["via"] for e in fake.edit_log] == ["webhook", "update"]
+        assert restarted.errors == []
+
+
+async def test_component_edits_dms_and_late_acks(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = PanelBot()
+    async with fake.running(bot):
+        trigger = await fake.send_message(chan, alice, "panel")
+        [panel] = await fake.wait_for_bot_message(chan, after=trigger)
+        # A REST edit with view=None sends components: [] and removes the buttons.
+        await fake.send_message(chan, alice, "unpanel", reply_to=panel)
+        await fake.wait_for(lambda: panel["content"] == "no buttons")
+        assert panel["components"] == []
+        assert fake.requests_to("PATCH", r"/messages/\d+$")[-1]["json"]["components"] == []
+
+        dm = fake.dm_channel(alice)
+        trigger = await fake.send_message(dm, alice, "panel")
+        [dm_panel] = await fake.wait_for_bot_message(dm, after=trigger)
+        it = await fake.press_button(dm_panel, "panel:again", alice)
+        await it.wait_done(5)
+        assert it.content == "again by alice in DMChannel"
+        assert it.payload["user"]["id"] == alice["id"] and "member" not in it.payload and "guild_id" not in it.payload
+
+        # Discord's components checks: duplicated custom ids are refused.
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        twice = discord.ui.View()
+        twice.add_item(discord.ui.Button(label="a", custom_id="same"))
+        twice.add_item(discord.ui.Button(label="b", custom_id="same"))
+        with pytest.raises(discord.HTTPException) as refused:
+            await channel.send("dupes", view=twice)
+        assert refused.value.code == 50035 and "In components.0.components.1.custom_id" in refused.value.text
+
+        fake.interaction_ack_timeout = 0.0  # every callback is now "too late"
+        trigger = await fake.send_message(chan, alice, "panel")
+        [fresh] = await fake.wait_for_bot_message(chan, after=trigger)
+        late = await fake.press_button(fresh, "panel:stop", alice)
+        await fake.wait_for(lambda: late.errors)
+        assert "callback" in late.errors[0] and not late.done and fresh["content"] == "choose"
+
+
 # --------------------------------------------------------------------------- gateway faults
 
 
