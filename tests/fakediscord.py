@@ -1106,10 +1106,11 @@ class FakeDiscord:
         return Permissions.ALL if perms & Permissions.ADMINISTRATOR else perms
 
     def _bot_can(self, channel: JSON, permission: int) -> bool:
+        """Whether the bot has every bit of ``permission`` in ``channel`` (guild-level)."""
         gid = channel.get("guild_id")
         if gid is None:
-            return permission != Permissions.MANAGE_MESSAGES
-        return bool(self.permissions_of(self._guilds[gid], self.bot_user) & permission)
+            return not permission & Permissions.MANAGE_MESSAGES
+        return self.permissions_of(self._guilds[gid], self.bot_user) & permission == permission
 
     # ------------------------------------------------------------------ gateway event plumbing
 

@@ -549,6 +549,122 @@ async def test_component_edits_dms_and_late_acks(fake: FakeDiscord, world: dict[
         assert "callback" in late.errors[0] and not late.done and fresh["content"] == "choose"
 
 
+# --------------------------------------------------------------------------- threads
+
+
+class ThreadBot(TinyBot):
+    """Opens threads on request and answers inside them (TinyBot's "ping" works in threads too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads_created: list[discord.Thread] = []
+
+    async def on_thread_create(self, thread: discord.Thread) -> None:
+        self.threads_created.append(thread)
+
+    async def react_to(self, message: discord.Message) -> None:
+        if message.content == "thread":
+            thread = await message.create_thread(name="about that", auto_archive_duration=60)
+            await thread.send("inside the thread")
+        elif message.content == "private" and isinstance(message.channel, discord.TextChannel):
+            thread = await message.channel.create_thread(name="just us", type=discord.ChannelType.private_thread)
+            await thread.send("psst")
+        elif message.content == "where":
+            channel = message.channel
+            parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+            await channel.send(f"{type(channel).__name__} parent={parent}")
+        else:
+            await super().react_to(message)
+
+
+async def test_threads_from_messages_and_without(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    bot = ThreadBot()
+    async with fake.running(bot):
+        trigger = await fake.send_message(chan, alice, "thread")
+        await fake.wait_for(lambda: fake.threads_of(chan) and fake.bot_messages(fake.threads_of(chan)[0]))
+        [thread] = fake.threads_of(chan)
+        assert thread["id"] == trigger["id"]  # a thread started from a message has the message's id
+        assert (thread["type"], thread["parent_id"], thread["owner_id"]) == (11, chan["id"], fake.bot_user["id"])
+        assert thread["name"] == "about that" and thread["thread_metadata"]["auto_archive_duration"] == 60
+        assert fake.requests_to("POST", rf"^/channels/{chan['id']}/messages/{trigger['id']}/threads$")
+        assert trigger["flags"] & (1 << 5) and trigger["thread"]["id"] == thread["id"]  # HAS_THREAD
+
+        # the thread begins with a THREAD_STARTER_MESSAGE pointing at the message, then the bot's post
+        starter, posted = fake.messages(thread)
+        assert starter["type"] == 21 and starter["message_reference"]["message_id"] == trigger["id"]
+        assert posted["content"] == "inside the thread" and posted["channel_id"] == thread["id"]
+        assert thread["message_count"] == 1 and thread["last_message_id"] == posted["id"]
+
+        create = next(e for e in fake.events if e["t"] == "THREAD_CREATE")
+        assert create["d"]["newly_created"] is True and create["d"]["id"] == thread["id"]
+        update = next(e for e in fake.events if e["t"] == "MESSAGE_UPDATE" and e["d"]["id"] == trigger["id"])
+        assert update["d"]["thread"]["id"] == thread["id"] and fake.events.index(update) > fake.events.index(create)
+
+        # discord.py's cache knows the thread, and its messages arrive as messages in the thread
+        cached = bot.get_guild(int(guild["id"])).get_thread(int(thread["id"]))  # type: ignore[union-attr]
+        assert isinstance(cached, discord.Thread) and cached.parent_id == int(chan["id"])
+        assert [t.id for t in bot.threads_created] == [int(thread["id"])]
+        ask = await fake.send_message(thread, alice, "where")
+        [answer] = await fake.wait_for_bot_message(thread, after=ask)
+        assert answer["content"] == f"Thread parent={chan['id']}"
+        received = next(m for m in bot.received if m.id == int(ask["id"]))
+        assert isinstance(received.channel, discord.Thread) and received.channel.parent_id == int(chan["id"])
+
+        # a second thread from the same message is refused, as on Discord
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(discord.HTTPException) as again:
+            await channel.get_partial_message(int(trigger["id"])).create_thread(name="again")
+        assert again.value.code == 160004
+
+        # without a message: a private thread (type 12)
+        trigger = await fake.send_message(chan, alice, "private")
+        await fake.wait_for(lambda: len(fake.threads_of(chan)) == 2 and fake.bot_messages(fake.threads_of(chan)[1]))
+        private = fake.threads_of(chan)[1]
+        assert private["type"] == 12 and private["thread_metadata"]["invitable"] is True
+        assert private["id"] != trigger["id"] and not trigger["flags"] & (1 << 5)
+        assert [m["content"] for m in fake.messages(private)] == ["psst"]
+
+        # a user's thread: the bot is told (THREAD_CREATE) and answers in it
+        users = await fake.start_thread(chan, alice, "alice's corner")
+        await fake.wait_for(lambda: len(bot.threads_created) == 3)
+        assert users["owner_id"] == alice["id"] and fake.threads_of(chan)[-1] is users
+        ping = await fake.send_message(users, alice, "ping")
+        [pong] = await fake.wait_for_bot_message(users, after=ping)
+        assert pong["content"].startswith("pong") and bot.errors == []
+
+
+async def test_thread_names_and_permissions(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    bot = ThreadBot()
+    async with fake.running(bot):
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        for name in ("", "x" * 101):
+            with pytest.raises(discord.HTTPException) as bad:
+                await channel.create_thread(name=name, type=discord.ChannelType.public_thread)
+            assert bad.value.status == 400 and bad.value.code == 50035 and "In name" in bad.value.text
+        refused = fake.requests_to("POST", r"/threads$")[-1]
+        assert refused["status"] == 400
+        assert fake.threads_of(chan) == []
+
+        thread = await channel.create_thread(name="x" * 100, type=discord.ChannelType.public_thread)
+        assert thread.name == "x" * 100 and thread.type is discord.ChannelType.public_thread
+
+        # without CREATE_PUBLIC_THREADS / SEND_MESSAGES_IN_THREADS the bot is refused
+        perms = Permissions.DEFAULT_EVERYONE & ~Permissions.CREATE_PUBLIC_THREADS & ~Permissions.SEND_MESSAGES_IN_THREADS
+        fake.set_role_permissions(guild, guild, perms)
+        me = bot.get_guild(int(guild["id"])).me  # type: ignore[union-attr]
+        await fake.wait_for(lambda: not me.guild_permissions.create_public_threads)
+        with pytest.raises(discord.Forbidden):
+            await channel.create_thread(name="no", type=discord.ChannelType.public_thread)
+        with pytest.raises(discord.Forbidden):
+            await thread.send("no")
+        assert await channel.send("the channel itself still works")
+        assert len(fake.threads_of(chan)) == 1 and fake.bot_messages(thread.id) == []
+
+
 # --------------------------------------------------------------------------- gateway faults
 
 
