@@ -665,6 +665,78 @@ async def test_thread_names_and_permissions(fake: FakeDiscord, world: dict[str, 
         assert len(fake.threads_of(chan)) == 1 and fake.bot_messages(thread.id) == []
 
 
+# --------------------------------------------------------------------------- edit rate
+
+
+class EditorBot(TinyBot):
+    """Edits one message six times in a row, as a bot streaming a reply might."""
+
+    async def react_to(self, message: discord.Message) -> None:
+        if message.content == "burst":
+            sent = await message.channel.send("0")
+            for i in range(1, 7):
+                await sent.edit(content=str(i))
+        else:
+            await super().react_to(message)
+
+
+async def test_max_edits_in_window_slides_over_recorded_times() -> None:
+    fake = FakeDiscord()
+    bot_id = fake.bot_user["id"]
+    for t in (0.0, 1.0, 2.0, 6.0, 6.5, 7.0, 7.2):
+        fake.edit_log.append({"time": t, "channel_id": "1", "message_id": "9", "editor_id": bot_id, "via": "rest"})
+    fake.edit_log.append({"time": 6.1, "channel_id": "2", "message_id": "8", "editor_id": bot_id, "via": "rest"})
+    assert fake.max_edits_in_window("1", 5.0) == 4  # 6.0, 6.5, 7.0, 7.2
+    assert fake.max_edits_in_window("1", 1.0) == 3  # 6.5, 7.0, 7.2
+    assert fake.max_edits_in_window("1", 6.0) == 5  # 2.0 .. 7.2
+    assert fake.max_edits_in_window("2", 5.0) == 1 and fake.max_edits_in_window("3") == 0
+
+
+async def test_edit_accounting_and_enforced_edit_rate(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = EditorBot()
+    async with fake.running(bot):
+        trigger = await fake.send_message(chan, alice, "burst")
+        [sent] = await fake.wait_for_bot_message(chan, after=trigger)
+        await fake.wait_for(lambda: sent["content"] == "6")
+        assert len(sent["_edits"]) == 6 and fake.max_edits_in_window(chan, 60.0) == 6
+        assert fake.max_edits_in_window(chan, 1e-9) == 1
+        assert fake.max_edits_in_window(chan, 60.0, author=alice) == 0
+        await fake.edit_message(trigger, "burst!")
+        assert fake.max_edits_in_window(chan, 60.0, author=alice) == 1
+        assert fake.max_edits_in_window(chan, 60.0) == 6
+
+        # With the limit on, the 4th edit inside 0.5 s gets a real 429; discord.py waits and retries.
+        fake.edit_rate_limit = (3, 0.5)
+        trigger = await fake.send_message(chan, alice, "burst")
+        [limited] = await fake.wait_for_bot_message(chan, after=trigger)
+        await fake.wait_for(lambda: limited["content"] == "6", 20)
+        patches = fake.requests_to("PATCH", rf"^/channels/{chan['id']}/messages/{limited['id']}$")
+        statuses = [r["status"] for r in patches]
+        assert statuses.count(200) == 6 and 429 in statuses and statuses[-1] == 200
+        edit_times = sorted(e["time"] for e in fake.edit_log if e["message_id"] == limited["id"])
+        assert len(edit_times) == 6
+        assert all(b - a >= 0.5 for a, b in zip(edit_times, edit_times[3:]))  # never 4 within the window
+        assert bot.errors == []
+
+        # The 429 as discord.py sees it: JSON body, Via and X-RateLimit-* headers.
+        fake.edit_rate_limit = (3, 30.0)  # a wide window: the 4th request is surely inside it
+        headers = {"Authorization": f"Bot {fake.token}"}
+        url = f"{fake.api_base}/channels/{chan['id']}/messages/{limited['id']}"
+        async with aiohttp.ClientSession() as http:
+            statuses = []
+            for i in range(4):
+                async with http.patch(url, json={"content": f"raw {i}"}, headers=headers) as r:
+                    statuses.append(r.status)
+                    if r.status == 429:
+                        body, rate_headers = await r.json(), r.headers
+        assert statuses[-1] == 429
+        assert body["global"] is False and 0 < body["retry_after"] <= 30.1 and body["message"]
+        assert rate_headers["Content-Type"] == "application/json" and rate_headers["Via"]
+        assert rate_headers["X-RateLimit-Remaining"] == "0" and rate_headers["X-RateLimit-Scope"] == "user"
+        assert rate_headers["X-RateLimit-Limit"] == "3" and float(rate_headers["X-RateLimit-Reset-After"]) > 0
+
+
 # --------------------------------------------------------------------------- gateway faults
 
 
