@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_fakediscord.py -q -o asyncio_mode=auto -p no:ca
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import aiohttp
@@ -735,6 +736,83 @@ async def test_edit_accounting_and_enforced_edit_rate(fake: FakeDiscord, world: 
         assert rate_headers["Content-Type"] == "application/json" and rate_headers["Via"]
         assert rate_headers["X-RateLimit-Remaining"] == "0" and rate_headers["X-RateLimit-Scope"] == "user"
         assert rate_headers["X-RateLimit-Limit"] == "3" and float(rate_headers["X-RateLimit-Reset-After"]) > 0
+
+
+class CommandBot(TinyBot):
+    """Commands with permission defaults, rich (embed + file) answers, and one reporting its channel."""
+
+    async def setup_hook(self) -> None:
+        @self.tree.command(description="Moderators only")
+        @app_commands.guild_only()
+        @app_commands.default_permissions(manage_messages=True)
+        async def purge(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message("purged", ephemeral=True)
+
+        @self.tree.command(description="Administrators only")
+        @app_commands.default_permissions()
+        async def shutdown(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message("bye")
+
+        @self.tree.command(description="An embed and a file, then more")
+        async def report(interaction: discord.Interaction) -> None:
+            summary = discord.Embed(title="Summary", description="all good")
+            first = discord.File(io.BytesIO(b"first file"), filename="a.txt")
+            await interaction.response.send_message("report", embed=summary, file=first, ephemeral=True)
+            more = discord.File(io.BytesIO(b"second"), filename="b.log")
+            await interaction.followup.send(embeds=[discord.Embed(title="More")], files=[more], ephemeral=True)
+
+        @self.tree.command(description="Where am I")
+        async def where(interaction: discord.Interaction) -> None:
+            channel = interaction.channel
+            parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+            await interaction.response.send_message(f"{type(channel).__name__} parent={parent}")
+
+        await super().setup_hook()  # syncs the tree
+
+
+async def test_command_permissions_rich_answers_and_threads(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    mod = fake.add_user("mod")
+    fake.add_member(guild, mod, roles=[fake.add_role(guild, "mods", permissions=Permissions.MANAGE_MESSAGES)])
+    owner = fake.guild_members(guild)[guild["owner_id"]]["user"]
+    bot = CommandBot()
+    async with fake.running(bot):
+        synced = {c["name"]: c for c in fake.commands["global"]}
+        purge, shutdown = synced["purge"], synced["shutdown"]
+        assert purge["default_member_permissions"] == str(Permissions.MANAGE_MESSAGES)  # a string, as Discord returns
+        assert purge["dm_permission"] is False and purge["contexts"] == [0]
+        assert shutdown["default_member_permissions"] == "0" and shutdown["dm_permission"] is True
+        assert synced["report"]["default_member_permissions"] is None
+        fetched = {c.name: c for c in await bot.tree.fetch_commands()}
+        assert fetched["purge"].default_member_permissions == discord.Permissions(manage_messages=True)
+        assert fetched["purge"].dm_permission is False and fetched["shutdown"].dm_permission is True
+
+        with pytest.raises(PermissionError):
+            await fake.invoke_command("purge", user=alice, channel=chan)
+        with pytest.raises(PermissionError):
+            await fake.invoke_command("purge", user=mod, channel=fake.dm_channel(mod))
+        purged = await (await fake.invoke_command("purge", user=mod, channel=chan)).wait_done(5)
+        assert purged.content == "purged" and purged.ephemeral
+        with pytest.raises(PermissionError):  # "0": administrators only
+            await fake.invoke_command("shutdown", user=mod, channel=chan)
+        assert (await (await fake.invoke_command("shutdown", user=owner, channel=chan)).wait_done(5)).content == "bye"
+
+        report = await fake.invoke_command("report", user=alice, channel=chan)
+        await fake.wait_for(lambda: len(report.visible_messages) == 2)
+        assert report.ephemeral and all(m["flags"] & 64 for m in report.visible_messages)
+        assert [e["title"] for e in report.embeds] == ["Summary", "More"]
+        assert report.embeds[0]["description"] == "all good"
+        assert report.files == [("a.txt", b"first file"), ("b.log", b"second")]
+        assert all("report" not in m["content"] for m in fake.messages(chan))
+        callback = fake.requests_to("POST", r"^/interactions/\d+/[^/]+/callback$")[-1]
+        assert callback["files"][0]["field"] == "files[0]" and callback["files"][0]["data"] == b"first file"
+
+        thread = await fake.start_thread(chan, alice, "a thread")
+        await fake.wait_for(lambda: bot.get_guild(int(guild["id"])).get_thread(int(thread["id"])))  # type: ignore[union-attr]
+        here = await (await fake.invoke_command("where", user=alice, channel=thread)).wait_done(5)
+        assert here.content == f"Thread parent={chan['id']}" and here.payload["channel"]["type"] == 11
+        assert here.original in fake.messages(thread) and here.payload["channel_id"] == thread["id"]
+        assert bot.errors == []
 
 
 # --------------------------------------------------------------------------- gateway faults
