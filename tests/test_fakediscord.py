@@ -351,6 +351,51 @@ async def test_without_message_content_intent_content_is_stripped(fake: FakeDisc
         assert got[plain["id"]] == "" and got[mention["id"]] == mention["content"]
 
 
+async def test_catch_up_history_after_an_id(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    # Nobody is connected: messages (and a thread) are stored, nobody is notified.
+    posted = [await fake.send_message(chan, alice, f"m{i}") for i in range(130)]
+    dm = fake.dm_channel(alice)
+    dms = [await fake.send_message(dm, alice, f"d{i}") for i in range(5)]
+    thread = await fake.start_thread(chan, alice, "while you were away", message=posted[0])
+    in_thread = [await fake.send_message(thread, alice, f"t{i}") for i in range(4)]
+    assert fake.events == [] and fake.connections == 0
+    assert [m["content"] for m in fake.messages(chan)] == [f"m{i}" for i in range(130)]
+
+    bot = TinyBot()
+    async with fake.running(bot):
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        after = discord.Object(int(posted[9]["id"]))
+        got = [m async for m in channel.history(after=after, oldest_first=True, limit=50)]
+        assert [str(m.id) for m in got] == [m["id"] for m in posted[10:60]]
+        # More than one page (Discord's maximum is 100 per request): still exactly the later ones, in order.
+        before_requests = len(fake.requests_to("GET", rf"^/channels/{chan['id']}/messages$"))
+        after = discord.Object(int(posted[4]["id"]))
+        everything = [m async for m in channel.history(after=after, oldest_first=True, limit=None)]
+        assert [m.content for m in everything] == [f"m{i}" for i in range(5, 130)]
+        pages = fake.requests_to("GET", rf"^/channels/{chan['id']}/messages$")[before_requests:]
+        assert len(pages) >= 2 and all("after" in r["query"] and int(r["query"]["limit"]) <= 100 for r in pages)
+
+        user = await bot.fetch_user(int(alice["id"]))
+        dm_channel = await user.create_dm()
+        assert dm_channel.id == int(dm["id"])
+        got = [m async for m in dm_channel.history(after=discord.Object(int(dms[1]["id"])), oldest_first=True, limit=10)]
+        assert [m.content for m in got] == ["d2", "d3", "d4"]
+
+        cached = bot.get_guild(int(guild["id"])).get_thread(int(thread["id"]))  # type: ignore[union-attr]
+        assert cached is not None  # known from GUILD_CREATE's "threads"
+        after = discord.Object(int(in_thread[0]["id"]))
+        got = [m async for m in cached.history(after=after, oldest_first=True, limit=2)]
+        assert [m.content for m in got] == ["t1", "t2"] and all(m.channel.id == cached.id for m in got)
+        [first] = [m async for m in cached.history(oldest_first=True, limit=1)]
+        assert first.type is discord.MessageType.thread_starter_message
+        assert first.reference is not None and first.reference.message_id == int(posted[0]["id"])
+
+        # Old messages are not replayed as new ones to a client that connects later.
+        assert not [e for e in fake.events if e["t"] == "MESSAGE_CREATE"] and bot.received == []
+
+
 # --------------------------------------------------------------------------- interactions
 
 
