@@ -34,10 +34,40 @@ Design notes
   sent, so a RESUME replays exactly the events after the client's last ``seq``.
 * The fake mimics Discord's checks that matter for a bot: content length and
   empty-message errors, allowed_mentions, permissions for deleting other
-  people's messages, the 3 second interaction acknowledgement deadline,
+  people's messages and for threads, component layout (rows, custom ids),
+  thread names, the 3 second interaction acknowledgement deadline,
   intents (event filtering and MESSAGE_CONTENT stripping), privileged intents.
 * All times recorded for tests (``requests[i]["time"]``, ``typing``,
-  ``_edits``, interaction ``created_at``/``acked_at``) are ``time.monotonic()``.
+  ``_edits``, ``edit_log``, interaction ``created_at``/``acked_at``) are
+  ``time.monotonic()``.
+* ``send_message`` & co. work with no client connected: the message is stored
+  (history serves it later) and the event reaches nobody, as on Discord.
+
+Driving the bot as users do
+---------------------------
+* ``send_message(channel, user, text)``, ``edit_message``, ``delete_message``,
+  ``add_reaction`` / ``remove_reaction``; ``channel`` may be a thread.
+* ``invoke_command("name sub", user=, channel=, options=)`` runs a synced
+  slash command (also in a thread); ``press_button(message, custom_id, user)``
+  clicks a button on a message (ephemeral ones too).  Both return an
+  :class:`Interaction` recording the callbacks, ``original``, ``followups``,
+  ``content``, ``embeds``, ``files``, ``ephemeral`` and ``errors``.
+* ``start_thread(channel, user, name, message=None)`` opens a thread as a user;
+  ``add_channel(guild, name, type=11, parent_id=...)`` makes one outright.
+* ``set_role_permissions(guild, role, bits)`` changes a role (``role=guild``
+  for @everyone), e.g. to take a permission away from the bot.
+
+Observing
+---------
+* ``messages(channel)``, ``bot_messages(channel)``, ``message(id)``,
+  ``threads_of(channel)``, ``requests`` / ``requests_to(method, regex)``,
+  ``events`` (gateway frames sent), ``commands`` (synced, by scope),
+  ``interactions``, ``edit_log`` and ``max_edits_in_window(channel, seconds)``.
+* ``edit_rate_limit = (n, seconds)`` makes PATCHes of channel messages beyond
+  ``n`` per channel per window answer 429 like Discord (``retry_after``,
+  ``global: false``, ``X-RateLimit-*`` with scope "user"); discord.py sleeps
+  and retries.  The fake sends no rate-limit headers on successful responses,
+  so a client only learns of the limit from the 429 (no pre-emptive waits).
 
 Tips
 ----
@@ -55,10 +85,15 @@ Tips
   ``retry_after``.
 
 Not modelled: voice, presences, channel permission overwrites (permissions
-are guild-level from roles), role mentionability, components/modals beyond
-recording a type 9 callback, message forwards, polls, bulk delete, pins,
-thread membership and archiving, gateway rate limits and zlib compression
-(plain JSON text frames are sent), interaction token expiry (15 min).
+are guild-level from roles), role mentionability, select menus and modal
+submissions (a type 9 callback is only recorded), Components V2 layouts
+(stored, not checked), message forwards, polls, bulk delete, pins, thread
+membership (THREAD_MEMBERS_UPDATE, private-thread visibility: every thread
+event reaches the bot), thread archiving/locking and the THREAD_CREATED (18)
+notice in the parent channel, forum channels, rate limits other than the
+opt-in edit limit (and ``fail_next``), gateway rate limits and zlib
+compression (plain JSON text frames are sent), interaction token expiry
+(15 min).
 """
 
 from __future__ import annotations
@@ -903,7 +938,8 @@ class FakeDiscord:
         gid = _cid(guild)
         found = next(r for r in self._roles[gid] if r["id"] == _cid(role))
         found["permissions"] = str(permissions)
-        self._emit_later(_Event("GUILD_ROLE_UPDATE", {"guild_id": gid, "role": copy.deepcopy(found)}, gid, Intents.GUILDS))
+        data = {"guild_id": gid, "role": copy.deepcopy(found)}
+        self._emit_later(_Event("GUILD_ROLE_UPDATE", data, gid, Intents.GUILDS))
         return found
 
     def _put_member(self, gid: str, user: JSON, roles: Iterable[JSON], nick: str | None) -> tuple[JSON, bool]:
@@ -2080,7 +2116,8 @@ class FakeDiscord:
         if channel["type"] in (CH_VOICE, CH_CATEGORY):
             return _error(400, "Cannot send messages in a non-text channel", 50008)
         # In threads SEND_MESSAGES has no effect; SEND_MESSAGES_IN_THREADS is what counts.
-        needed = Permissions.SEND_MESSAGES_IN_THREADS if channel["type"] in CH_THREAD_TYPES else Permissions.SEND_MESSAGES
+        in_thread = channel["type"] in CH_THREAD_TYPES
+        needed = Permissions.SEND_MESSAGES_IN_THREADS if in_thread else Permissions.SEND_MESSAGES
         if not self._bot_can(channel, needed):
             return _error(403, "Missing Permissions", 50013)
         invalid = self._validate_message(payload, has_files=bool(call.files))
@@ -2774,7 +2811,7 @@ class FakeDiscord:
             None,
         )
         if button is None:
-            present = [c.get("custom_id") for c in _iter_components(stored.get("components") or []) if c.get("custom_id")]
+            present = [c["custom_id"] for c in _iter_components(stored.get("components") or []) if c.get("custom_id")]
             raise ValueError(f"message {stored['id']} has no button {custom_id!r}; custom ids: {present}")
         if button.get("disabled"):
             raise ValueError(f"button {custom_id!r} is disabled")

@@ -380,7 +380,8 @@ async def test_catch_up_history_after_an_id(fake: FakeDiscord, world: dict[str, 
         user = await bot.fetch_user(int(alice["id"]))
         dm_channel = await user.create_dm()
         assert dm_channel.id == int(dm["id"])
-        got = [m async for m in dm_channel.history(after=discord.Object(int(dms[1]["id"])), oldest_first=True, limit=10)]
+        after = discord.Object(int(dms[1]["id"]))
+        got = [m async for m in dm_channel.history(after=after, oldest_first=True, limit=10)]
         assert [m.content for m in got] == ["d2", "d3", "d4"]
 
         cached = bot.get_guild(int(guild["id"])).get_thread(int(thread["id"]))  # type: ignore[union-attr]
@@ -699,8 +700,8 @@ async def test_thread_names_and_permissions(fake: FakeDiscord, world: dict[str, 
         assert thread.name == "x" * 100 and thread.type is discord.ChannelType.public_thread
 
         # without CREATE_PUBLIC_THREADS / SEND_MESSAGES_IN_THREADS the bot is refused
-        perms = Permissions.DEFAULT_EVERYONE & ~Permissions.CREATE_PUBLIC_THREADS & ~Permissions.SEND_MESSAGES_IN_THREADS
-        fake.set_role_permissions(guild, guild, perms)
+        taken = Permissions.CREATE_PUBLIC_THREADS | Permissions.SEND_MESSAGES_IN_THREADS
+        fake.set_role_permissions(guild, guild, Permissions.DEFAULT_EVERYONE & ~taken)
         me = bot.get_guild(int(guild["id"])).me  # type: ignore[union-attr]
         await fake.wait_for(lambda: not me.guild_permissions.create_public_threads)
         with pytest.raises(discord.Forbidden):
@@ -853,7 +854,9 @@ async def test_command_permissions_rich_answers_and_threads(fake: FakeDiscord, w
         assert callback["files"][0]["field"] == "files[0]" and callback["files"][0]["data"] == b"first file"
 
         thread = await fake.start_thread(chan, alice, "a thread")
-        await fake.wait_for(lambda: bot.get_guild(int(guild["id"])).get_thread(int(thread["id"])))  # type: ignore[union-attr]
+        cache = bot.get_guild(int(guild["id"]))
+        assert cache is not None
+        await fake.wait_for(lambda: cache.get_thread(int(thread["id"])))
         here = await (await fake.invoke_command("where", user=alice, channel=thread)).wait_done(5)
         assert here.content == f"Thread parent={chan['id']}" and here.payload["channel"]["type"] == 11
         assert here.original in fake.messages(thread) and here.payload["channel_id"] == thread["id"]
