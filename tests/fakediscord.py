@@ -34,10 +34,40 @@ Design notes
   sent, so a RESUME replays exactly the events after the client's last ``seq``.
 * The fake mimics Discord's checks that matter for a bot: content length and
   empty-message errors, allowed_mentions, permissions for deleting other
-  people's messages, the 3 second interaction acknowledgement deadline,
+  people's messages and for threads, component layout (rows, custom ids),
+  thread names, the 3 second interaction acknowledgement deadline,
   intents (event filtering and MESSAGE_CONTENT stripping), privileged intents.
 * All times recorded for tests (``requests[i]["time"]``, ``typing``,
-  ``_edits``, interaction ``created_at``/``acked_at``) are ``time.monotonic()``.
+  ``_edits``, ``edit_log``, interaction ``created_at``/``acked_at``) are
+  ``time.monotonic()``.
+* ``send_message`` & co. work with no client connected: the message is stored
+  (history serves it later) and the event reaches nobody, as on Discord.
+
+Driving the bot as users do
+---------------------------
+* ``send_message(channel, user, text)``, ``edit_message``, ``delete_message``,
+  ``add_reaction`` / ``remove_reaction``; ``channel`` may be a thread.
+* ``invoke_command("name sub", user=, channel=, options=)`` runs a synced
+  slash command (also in a thread); ``press_button(message, custom_id, user)``
+  clicks a button on a message (ephemeral ones too).  Both return an
+  :class:`Interaction` recording the callbacks, ``original``, ``followups``,
+  ``content``, ``embeds``, ``files``, ``ephemeral`` and ``errors``.
+* ``start_thread(channel, user, name, message=None)`` opens a thread as a user;
+  ``add_channel(guild, name, type=11, parent_id=...)`` makes one outright.
+* ``set_role_permissions(guild, role, bits)`` changes a role (``role=guild``
+  for @everyone), e.g. to take a permission away from the bot.
+
+Observing
+---------
+* ``messages(channel)``, ``bot_messages(channel)``, ``message(id)``,
+  ``threads_of(channel)``, ``requests`` / ``requests_to(method, regex)``,
+  ``events`` (gateway frames sent), ``commands`` (synced, by scope),
+  ``interactions``, ``edit_log`` and ``max_edits_in_window(channel, seconds)``.
+* ``edit_rate_limit = (n, seconds)`` makes PATCHes of channel messages beyond
+  ``n`` per channel per window answer 429 like Discord (``retry_after``,
+  ``global: false``, ``X-RateLimit-*`` with scope "user"); discord.py sleeps
+  and retries.  The fake sends no rate-limit headers on successful responses,
+  so a client only learns of the limit from the 429 (no pre-emptive waits).
 
 Tips
 ----
@@ -55,10 +85,15 @@ Tips
   ``retry_after``.
 
 Not modelled: voice, presences, channel permission overwrites (permissions
-are guild-level from roles), role mentionability, components/modals beyond
-recording a type 9 callback, message forwards, polls, bulk delete, pins,
-thread membership and archiving, gateway rate limits and zlib compression
-(plain JSON text frames are sent), interaction token expiry (15 min).
+are guild-level from roles), role mentionability, select menus and modal
+submissions (a type 9 callback is only recorded), Components V2 layouts
+(stored, not checked), message forwards, polls, bulk delete, pins, thread
+membership (THREAD_MEMBERS_UPDATE, private-thread visibility: every thread
+event reaches the bot), thread archiving/locking and the THREAD_CREATED (18)
+notice in the parent channel, forum channels, rate limits other than the
+opt-in edit limit (and ``fail_next``), gateway rate limits and zlib
+compression (plain JSON text frames are sent), interaction token expiry
+(15 min).
 """
 
 from __future__ import annotations
@@ -120,6 +155,7 @@ class Permissions:
     USE_VAD = 1 << 25
     CHANGE_NICKNAME = 1 << 26
     USE_APPLICATION_COMMANDS = 1 << 31
+    MANAGE_THREADS = 1 << 34
     CREATE_PUBLIC_THREADS = 1 << 35
     CREATE_PRIVATE_THREADS = 1 << 36
     USE_EXTERNAL_STICKERS = 1 << 37
@@ -150,15 +186,27 @@ class Permissions:
 
 
 # Message flags / types used here.
+FLAG_HAS_THREAD = 1 << 5
 FLAG_EPHEMERAL = 1 << 6
 FLAG_LOADING = 1 << 7
+FLAG_COMPONENTS_V2 = 1 << 15
 TYPE_DEFAULT = 0
 TYPE_REPLY = 19
 TYPE_CHAT_INPUT_COMMAND = 20
+TYPE_THREAD_STARTER_MESSAGE = 21
+
+# Interaction types.
+IT_APPLICATION_COMMAND, IT_MESSAGE_COMPONENT = 2, 3
+
+# Component types / button styles.
+COMPONENT_ACTION_ROW, COMPONENT_BUTTON = 1, 2
+BUTTON_LINK, BUTTON_PREMIUM = 5, 6
 
 # Channel types.
 CH_TEXT, CH_DM, CH_VOICE, CH_CATEGORY, CH_NEWS = 0, 1, 2, 4, 5
-CH_THREAD_TYPES = (10, 11, 12)
+CH_NEWS_THREAD, CH_PUBLIC_THREAD, CH_PRIVATE_THREAD = 10, 11, 12
+CH_THREAD_TYPES = (CH_NEWS_THREAD, CH_PUBLIC_THREAD, CH_PRIVATE_THREAD)
+THREAD_ARCHIVE_DURATIONS = (60, 1440, 4320, 10080)
 
 _MENTION_USER_RE = re.compile(r"<@!?(\d+)>")
 _MENTION_ROLE_RE = re.compile(r"<@&(\d+)>")
@@ -209,6 +257,23 @@ def _invalid(path: str, code: str, message: str) -> web.Response:
 _Problem = tuple[str, str, str]  # (dotted path, error code, message) of a form validation failure
 
 
+def _rate_limited(retry_after: float, *, limit: int, bucket: str | None = None) -> web.Response:
+    """Discord's per-route 429 (scope "user"), as discord.py reads it: JSON body + ``Via`` header."""
+    headers = {
+        "Via": "1.1 google",  # discord.py treats a 429 without Via as a Cloudflare ban
+        "Retry-After": str(max(1, math.ceil(retry_after))),
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
+        "X-RateLimit-Reset-After": f"{retry_after:.3f}",
+        "X-RateLimit-Scope": "user",
+    }
+    if bucket is not None:
+        headers["X-RateLimit-Bucket"] = bucket
+    body = {"message": "You are being rate limited.", "retry_after": round(retry_after, 3), "global": False, "code": 0}
+    return _json(body, 429, headers)
+
+
 def _no_content() -> web.Response:
     return web.Response(status=204)
 
@@ -239,6 +304,91 @@ def _emoji_payload(emoji: str) -> JSON:
         animated = name.startswith("a:")
         return {"id": emoji_id, "name": name[2:] if animated else name, "animated": animated}
     return {"id": None, "name": emoji}
+
+
+def _numbered_components(components: list[JSON]) -> list[JSON]:
+    """Copy of ``components`` where every component has an ``id``, as Discord returns them.
+
+    Discord numbers components without an ``id`` (or with ``id: 0``) sequentially,
+    depth first, skipping ids already used in the message.
+    """
+    out = copy.deepcopy(components)
+    nodes: list[JSON] = []
+
+    def walk(items: Iterable[Any]) -> None:
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            nodes.append(item)
+            walk(item.get("components") or [])
+            if isinstance(item.get("accessory"), dict):
+                walk([item["accessory"]])
+
+    walk(out)
+    used = {n["id"] for n in nodes if n.get("id")}
+    next_id = 1
+    for node in nodes:
+        if not node.get("id"):
+            while next_id in used:
+                next_id += 1
+            node["id"] = next_id
+            used.add(next_id)
+    return out
+
+
+def _iter_components(components: Iterable[Any]) -> Iterator[JSON]:
+    """Every component, depth first (action rows and their children)."""
+    for item in components:
+        if isinstance(item, dict):
+            yield item
+            yield from _iter_components(item.get("components") or [])
+            if isinstance(item.get("accessory"), dict):
+                yield item["accessory"]
+
+
+def _component_problem(components: Any, flags: int) -> _Problem | None:
+    """Discord's checks on classic message components (action rows of buttons / selects).
+
+    Components V2 layouts (flag 1 << 15) are stored unchecked.
+    """
+    if flags & FLAG_COMPONENTS_V2 or not isinstance(components, list):
+        return None
+    if len(components) > 5:
+        return "components", "BASE_TYPE_MAX_LENGTH", "Must be 5 or fewer in length."
+    custom_ids: set[str] = set()
+    for i, row in enumerate(components):
+        where = f"components.{i}"
+        if not isinstance(row, dict) or row.get("type") != COMPONENT_ACTION_ROW:
+            return f"{where}.type", "UNION_TYPE_CHOICES", "Value of field \"type\" must be one of (1,)."
+        children = row.get("components") or []
+        if not children:
+            return f"{where}.components", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 5 in length."
+        width = sum(5 if c.get("type") != COMPONENT_BUTTON else 1 for c in children)
+        if width > 5:
+            return where, "COMPONENT_LAYOUT_WIDTH_EXCEEDED", "The specified component exceeds the maximum width"
+        for j, child in enumerate(children):
+            loc = f"{where}.components.{j}"
+            custom_id = child.get("custom_id")
+            if child.get("type") == COMPONENT_BUTTON:
+                style = child.get("style")
+                if style == BUTTON_LINK:
+                    if not child.get("url"):
+                        return f"{loc}.url", "BASE_TYPE_REQUIRED", "This field is required"
+                    if custom_id is not None:
+                        message = "A custom id cannot be set for a link button"
+                        return f"{loc}.custom_id", "BUTTON_COMPONENT_CUSTOM_ID_NOT_ALLOWED", message
+                elif style != BUTTON_PREMIUM and not custom_id:
+                    return f"{loc}.custom_id", "BASE_TYPE_REQUIRED", "This field is required"
+                if len(child.get("label") or "") > 80:
+                    return f"{loc}.label", "BASE_TYPE_MAX_LENGTH", "Must be 80 or fewer in length."
+            if custom_id is not None:
+                if not 1 <= len(str(custom_id)) <= 100:
+                    return f"{loc}.custom_id", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
+                if custom_id in custom_ids:
+                    message = "Component custom id cannot be duplicated"
+                    return f"{loc}.custom_id", "COMPONENT_CUSTOM_ID_DUPLICATED", message
+                custom_ids.add(custom_id)
+    return None
 
 
 # --------------------------------------------------------------------------- records
@@ -324,20 +474,35 @@ class _Route:
 
 
 class Interaction:
-    """What happened to one slash-command invocation made with :meth:`FakeDiscord.invoke_command`.
+    """What happened to one interaction: a slash command (:meth:`FakeDiscord.invoke_command`)
+    or a button press (:meth:`FakeDiscord.press_button`).
 
     ``responses`` are the raw callback payloads, ``followups`` the followup
     messages, ``original`` the current ``@original`` message (``None`` before
-    an answer or after deletion).  Ephemeral messages live only here, never in
-    the channel, just like on Discord.
+    an answer or after deletion).  For a button press answered with type 6
+    (DEFERRED_UPDATE_MESSAGE) or 7 (UPDATE_MESSAGE), ``@original`` is the
+    message the button is on, as on Discord.  Ephemeral messages live only
+    here, never in the channel, just like on Discord.
     """
 
-    def __init__(self, fake: FakeDiscord, payload: JSON, command: JSON, channel: JSON, user: JSON) -> None:
+    def __init__(
+        self,
+        fake: FakeDiscord,
+        payload: JSON,
+        channel: JSON,
+        user: JSON,
+        *,
+        command: JSON | None = None,
+        message: JSON | None = None,
+    ) -> None:
         self._fake = fake
         self.payload: JSON = payload  # the INTERACTION_CREATE data
         self.id: str = payload["id"]
         self.token: str = payload["token"]
-        self.command: JSON = command
+        self.type: int = payload["type"]  # 2 application command, 3 message component
+        self.command: JSON | None = command  # the synced command (slash commands)
+        self.message: JSON | None = message  # the message whose component was used (button presses)
+        self.custom_id: str | None = (payload.get("data") or {}).get("custom_id")
         self.channel: JSON = channel
         self.user: JSON = user
         self.created_at: float = time.monotonic()
@@ -349,8 +514,15 @@ class Interaction:
         self.errors: list[str] = []  # requests the fake rejected (late ack, double ack ...)
         self._deferred_pending = False  # type 5 sent, nothing visible yet
 
+    @property
+    def label(self) -> str:
+        """``/name`` for a command, ``button:custom_id`` for a button press."""
+        if self.command is not None:
+            return f"/{self.command['name']}"
+        return f"button:{self.custom_id}"
+
     def __repr__(self) -> str:
-        return f"<Interaction /{self.command['name']} id={self.id} done={self.done} content={self.content!r}>"
+        return f"<Interaction {self.label} id={self.id} done={self.done} content={self.content!r}>"
 
     @property
     def latency(self) -> float | None:
@@ -358,8 +530,14 @@ class Interaction:
         return None if self.acked_at is None else self.acked_at - self.created_at
 
     @property
+    def response_types(self) -> list[int]:
+        """Callback types the bot used (4 message, 5 deferred, 6 deferred update, 7 update, 9 modal)."""
+        return [r.get("type") for r in self.responses]
+
+    @property
     def deferred(self) -> bool:
-        return any(r.get("type") == 5 for r in self.responses)
+        """Acknowledged with type 5 ("thinking") or 6 (deferred update of the button's message)."""
+        return any(t in (5, 6) for t in self.response_types)
 
     @property
     def visible_messages(self) -> list[JSON]:
@@ -372,13 +550,23 @@ class Interaction:
 
     @property
     def done(self) -> bool:
-        """A visible answer exists (type 4, or type 5 + @original edit / followup) or a modal was shown."""
+        """A visible answer exists (type 4, 5 + edit/followup, 6/7 on a button) or a modal was shown."""
         return bool(self.visible_messages) or self.modal is not None
 
     @property
     def content(self) -> str:
         """Final visible text: the contents of :attr:`visible_messages` joined with newlines."""
         return "\n".join(m.get("content") or "" for m in self.visible_messages)
+
+    @property
+    def embeds(self) -> list[JSON]:
+        """Embeds of :attr:`visible_messages`, in order."""
+        return [copy.deepcopy(e) for m in self.visible_messages for e in m.get("embeds") or []]
+
+    @property
+    def files(self) -> list[tuple[str, bytes]]:
+        """``(filename, data)`` of every attachment of :attr:`visible_messages`, in order."""
+        return [self._fake.attachment_data(a) for m in self.visible_messages for a in m.get("attachments") or []]
 
     @property
     def ephemeral(self) -> bool:
@@ -409,6 +597,9 @@ class FakeDiscord:
         # Knobs tests may flip.
         self.refuse_privileged_intents: bool = False
         self.interaction_ack_timeout: float = 3.0
+        # (edits, seconds): PATCHes of channel messages beyond this many per channel per
+        # window get a 429 (None: no limit).  See max_edits_in_window.
+        self.edit_rate_limit: tuple[int, float] | None = None
         # Observations.
         self.requests: list[JSON] = []
         self.unknown_routes: list[str] = []
@@ -422,6 +613,10 @@ class FakeDiscord:
         self.resume_count = 0
         self.injected_failures = 0
         self.interactions: list[Interaction] = []
+        # Every message edit: {"time", "channel_id", "message_id", "editor_id", "via"}, via one of
+        # "rest" (PATCH /channels/../messages/..), "webhook" (PATCH of an interaction message),
+        # "update" (type 7 callback) or "user" (edit_message).
+        self.edit_log: list[JSON] = []
 
         self._last_ts = 0
         self._increment = 0
@@ -738,6 +933,15 @@ class FakeDiscord:
         self._emit_later(_Event("GUILD_ROLE_CREATE", {"guild_id": gid, "role": role}, gid, Intents.GUILDS))
         return role
 
+    def set_role_permissions(self, guild: JSON, role: ChannelRef, permissions: int) -> JSON:
+        """Give a role new permissions (GUILD_ROLE_UPDATE); ``role`` may be the guild itself for @everyone."""
+        gid = _cid(guild)
+        found = next(r for r in self._roles[gid] if r["id"] == _cid(role))
+        found["permissions"] = str(permissions)
+        data = {"guild_id": gid, "role": copy.deepcopy(found)}
+        self._emit_later(_Event("GUILD_ROLE_UPDATE", data, gid, Intents.GUILDS))
+        return found
+
     def _put_member(self, gid: str, user: JSON, roles: Iterable[JSON], nick: str | None) -> tuple[JSON, bool]:
         members = self._members[gid]
         existing = members.get(user["id"])
@@ -772,8 +976,16 @@ class FakeDiscord:
     def add_channel(
         self, guild: JSON, name: str, *, type: int = CH_TEXT, parent_id: str | None = None, topic: str | None = None
     ) -> JSON:
-        """A guild channel; type 11/12 make a thread (``parent_id`` required) and type 2 a voice channel."""
+        """A guild channel; type 11/12 make a thread (``parent_id`` required) and type 2 a voice channel.
+
+        A thread made here is owned by the guild owner; :meth:`start_thread` makes
+        one as a given user (optionally from a message).
+        """
         gid = _cid(guild)
+        if type in CH_THREAD_TYPES:
+            if parent_id is None:
+                raise ValueError("a thread needs parent_id")
+            return self._make_thread(self._channels[parent_id], name, type=type, owner_id=self._guilds[gid]["owner_id"])
         position = sum(1 for c in self._channels.values() if c.get("guild_id") == gid)
         channel: JSON = {
             "id": self._next_id(),
@@ -792,32 +1004,59 @@ class FakeDiscord:
             channel["topic"] = topic
         if type == CH_VOICE:
             channel.update(bitrate=64000, user_limit=0, rtc_region=None)
-        if type in CH_THREAD_TYPES:
-            if parent_id is None:
-                raise ValueError("a thread needs parent_id")
-            channel.pop("position")
-            channel.pop("permission_overwrites")
-            now = _now_iso()
-            channel.update(
-                owner_id=self._guilds[gid]["owner_id"],
-                message_count=0,
-                member_count=1,
-                total_message_sent=0,
-                thread_metadata={
-                    "archived": False,
-                    "auto_archive_duration": 1440,
-                    "archive_timestamp": now,
-                    "locked": False,
-                    "create_timestamp": now,
-                },
-            )
         self._channels[channel["id"]] = channel
         self._messages[channel["id"]] = []
-        if type in CH_THREAD_TYPES:
-            self._emit_later(_Event("THREAD_CREATE", {**channel, "newly_created": True}, gid, Intents.GUILDS))
-        else:
-            self._emit_later(_Event("CHANNEL_CREATE", dict(channel), gid, Intents.GUILDS))
+        self._emit_later(_Event("CHANNEL_CREATE", dict(channel), gid, Intents.GUILDS))
         return channel
+
+    def _make_thread(
+        self,
+        parent: JSON,
+        name: str,
+        *,
+        type: int,
+        owner_id: str,
+        thread_id: str | None = None,
+        auto_archive_duration: int = 1440,
+        rate_limit_per_user: int = 0,
+        invitable: bool = True,
+    ) -> JSON:
+        """Store a thread channel under ``parent`` and queue THREAD_CREATE (``newly_created``).
+
+        The payload is shaped like Discord's thread channel object; stored messages
+        keep ``message_count`` / ``total_message_sent`` / ``last_message_id`` current.
+        """
+        gid = parent["guild_id"]
+        now = _now_iso()
+        metadata: JSON = {
+            "archived": False,
+            "auto_archive_duration": auto_archive_duration,
+            "archive_timestamp": now,
+            "locked": False,
+            "create_timestamp": now,
+        }
+        if type == CH_PRIVATE_THREAD:
+            metadata["invitable"] = invitable
+        thread: JSON = {
+            "id": thread_id or self._next_id(),
+            "type": type,
+            "guild_id": gid,
+            "name": name,
+            "parent_id": parent["id"],
+            "owner_id": owner_id,
+            "nsfw": bool(parent.get("nsfw", False)),
+            "flags": 0,
+            "last_message_id": None,
+            "rate_limit_per_user": rate_limit_per_user,
+            "message_count": 0,
+            "member_count": 1,
+            "total_message_sent": 0,
+            "thread_metadata": metadata,
+        }
+        self._channels[thread["id"]] = thread
+        self._messages[thread["id"]] = []
+        self._emit_later(_Event("THREAD_CREATE", {**_public(thread), "newly_created": True}, gid, Intents.GUILDS))
+        return thread
 
     def dm_channel(self, user: JSON) -> JSON:
         """The DM channel between ``user`` and the bot (created on first use)."""
@@ -854,6 +1093,35 @@ class FakeDiscord:
     def message(self, message_id: str | int) -> JSON | None:
         return self._message_index.get(str(message_id))
 
+    def threads_of(self, channel: ChannelRef) -> list[JSON]:
+        """Threads whose parent is ``channel``, oldest first.  Live dicts: don't mutate."""
+        cid = _cid(channel)
+        threads = [c for c in self._channels.values() if c["type"] in CH_THREAD_TYPES and c.get("parent_id") == cid]
+        return sorted(threads, key=lambda c: int(c["id"]))
+
+    def attachment_data(self, attachment: JSON) -> tuple[str, bytes]:
+        """``(filename, bytes)`` of a stored attachment payload (what its ``url`` serves)."""
+        _, data = self._files[attachment["id"]]
+        return attachment["filename"], data
+
+    def max_edits_in_window(self, channel: ChannelRef, seconds: float = 5.0, *, author: JSON | None = None) -> int:
+        """Most message edits in ``channel`` within any sliding window of ``seconds``.
+
+        Counts the edits made by the bot (REST PATCHes of channel messages, PATCHes of
+        interaction messages, type 7 UPDATE_MESSAGE callbacks), or with ``author`` the
+        edits that user made through :meth:`edit_message`.  Rejected requests (429,
+        400 ...) are not edits.  Times are those recorded when the fake applied each edit.
+        """
+        cid = _cid(channel)
+        editor = (author or self.bot_user)["id"]
+        times = sorted(e["time"] for e in self.edit_log if e["channel_id"] == cid and e["editor_id"] == editor)
+        best = start = 0
+        for end, t in enumerate(times):
+            while t - times[start] >= seconds:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
     def requests_to(self, method: str, path_regex: str) -> list[JSON]:
         """Recorded REST requests whose method matches and path matches ``re.search(path_regex)``."""
         pattern = re.compile(path_regex)
@@ -874,10 +1142,11 @@ class FakeDiscord:
         return Permissions.ALL if perms & Permissions.ADMINISTRATOR else perms
 
     def _bot_can(self, channel: JSON, permission: int) -> bool:
+        """Whether the bot has every bit of ``permission`` in ``channel`` (guild-level)."""
         gid = channel.get("guild_id")
         if gid is None:
-            return permission != Permissions.MANAGE_MESSAGES
-        return bool(self.permissions_of(self._guilds[gid], self.bot_user) & permission)
+            return not permission & Permissions.MANAGE_MESSAGES
+        return self.permissions_of(self._guilds[gid], self.bot_user) & permission == permission
 
     # ------------------------------------------------------------------ gateway event plumbing
 
@@ -1234,18 +1503,7 @@ class FakeDiscord:
                 rule.remaining -= 1
                 self.injected_failures += 1
                 if rule.status == 429:
-                    ra = rule.retry_after
-                    headers = {
-                        "Via": "1.1 google",
-                        "Retry-After": str(max(1, math.ceil(ra))),
-                        "X-RateLimit-Limit": "5",
-                        "X-RateLimit-Remaining": "0",
-                        "X-RateLimit-Reset": f"{time.time() + ra:.3f}",
-                        "X-RateLimit-Reset-After": f"{ra:.3f}",
-                        "X-RateLimit-Scope": "user",
-                    }
-                    body = {"message": "You are being rate limited.", "retry_after": ra, "global": False, "code": 0}
-                    return _json(body, 429, headers)
+                    return _rate_limited(rule.retry_after, limit=5)
                 reasons = {
                     500: "Internal Server Error",
                     502: "Bad Gateway",
@@ -1277,6 +1535,9 @@ class FakeDiscord:
             ("PATCH", r"/channels/(\d+)/messages/(\d+)", self._r_edit_message, True),
             ("DELETE", r"/channels/(\d+)/messages/(\d+)", self._r_delete_message, True),
             ("POST", r"/channels/(\d+)/typing", self._r_typing, True),
+            ("POST", r"/channels/(\d+)/messages/(\d+)/threads", self._r_thread_from_message, True),
+            ("POST", r"/channels/(\d+)/threads", self._r_thread_without_message, True),
+            ("GET", r"/guilds/(\d+)/threads/active", self._r_active_threads, True),
             ("PUT", r"/channels/(\d+)/messages/(\d+)/reactions/([^/]+)/@me", self._r_add_reaction, True),
             ("DELETE", r"/channels/(\d+)/messages/(\d+)/reactions/([^/]+)/@me", self._r_remove_reaction, True),
             ("GET", r"/applications/(\d+)/commands", self._r_get_commands, True),
@@ -1566,6 +1827,11 @@ class FakeDiscord:
                 )
             if total > 6000:
                 return _invalid("embeds", "MESSAGE_EMBEDS_TOO_LARGE", "Embed size exceeds maximum size of 6000")
+        if "components" in payload:
+            flags = int(payload.get("flags") or (existing or {}).get("flags") or 0)
+            problem = _component_problem(payload["components"], flags)
+            if problem is not None:
+                return _invalid(*problem)
         body_keys = ("content", "embeds", "attachments", "sticker_ids", "components", "poll")
         merged = {**(existing or {}), **{k: v for k, v in payload.items() if k in body_keys}}
         if not (
@@ -1651,7 +1917,8 @@ class FakeDiscord:
             channel,
             content,
             allowed_mentions,
-            reply_author=reference["author"]["id"] if reference else None,
+            # An interaction answer "replying" to the component's message pings nobody.
+            reply_author=reference["author"]["id"] if reference and interaction is None else None,
             extra_users=extra_mentions,
         )
         msg: JSON = {
@@ -1672,7 +1939,7 @@ class FakeDiscord:
             "pinned": False,
             "type": msg_type,
             "flags": flags,
-            "components": components or [],
+            "components": _numbered_components(components or []),
             "_pinged": pinged,
             "_edits": [],
             "_created": time.monotonic(),
@@ -1700,15 +1967,25 @@ class FakeDiscord:
         if interaction is not None:
             user = self._user_public(interaction.user)
             owners = interaction.payload.get("authorizing_integration_owners", {})
-            msg["interaction_metadata"] = {
+            metadata: JSON = {
                 "id": interaction.id,
-                "type": 2,
+                "type": interaction.type,
                 "user": user,
                 "authorizing_integration_owners": owners,
-                "name": interaction.command["name"],
-                "command_type": interaction.command.get("type", 1),
             }
-            msg["interaction"] = {"id": interaction.id, "type": 2, "name": interaction.command["name"], "user": user}
+            if interaction.command is not None:
+                metadata.update(name=interaction.command["name"], command_type=interaction.command.get("type", 1))
+                # The deprecated "interaction" field exists only for answers to commands; answers
+                # to components are replies to the component's message instead.
+                msg["interaction"] = {
+                    "id": interaction.id,
+                    "type": interaction.type,
+                    "name": interaction.command["name"],
+                    "user": user,
+                }
+            elif interaction.message is not None:
+                metadata["interacted_message_id"] = interaction.message["id"]
+            msg["interaction_metadata"] = metadata
         return msg
 
     def _gateway_message(self, msg: JSON) -> JSON:
@@ -1726,21 +2003,42 @@ class FakeDiscord:
         intent = Intents.GUILD_MESSAGES if gid else Intents.DIRECT_MESSAGES
         return _Event(name, self._gateway_message(msg), gid, intent, strip_content=True)
 
-    async def _store_and_dispatch(self, msg: JSON) -> None:
-        self._messages[msg["channel_id"]].append(msg)
+    def _store(self, msg: JSON) -> None:
+        """Store a new message (no event): works whether or not a client is connected."""
+        channel = self._channels[msg["channel_id"]]
+        self._messages[channel["id"]].append(msg)
         self._message_index[msg["id"]] = msg
-        self._channels[msg["channel_id"]]["last_message_id"] = msg["id"]
+        channel["last_message_id"] = msg["id"]
+        if channel["type"] in CH_THREAD_TYPES:
+            channel["message_count"] += 1
+            channel["total_message_sent"] += 1
+
+    async def _store_and_dispatch(self, msg: JSON) -> None:
+        self._store(msg)
         await self._emit(self._message_event("MESSAGE_CREATE", msg))
 
-    async def _apply_edit(self, msg: JSON, payload: JSON, files: list[JSON], *, dispatch: bool) -> None:
-        """Apply an edit payload to a stored message; record it in ``_edits``; MESSAGE_UPDATE if visible."""
+    async def _apply_edit(
+        self,
+        msg: JSON,
+        payload: JSON,
+        files: list[JSON],
+        *,
+        dispatch: bool,
+        via: str | None = None,
+        editor: JSON | None = None,
+    ) -> None:
+        """Apply an edit payload to a stored message; record it in ``_edits``; MESSAGE_UPDATE if visible.
+
+        ``via`` names how the edit came (see ``edit_log``); ``None`` for message
+        changes that are not edit requests (a followup replacing "thinking").
+        """
         channel = self._channels[msg["channel_id"]]
         if "content" in payload:
             msg["content"] = payload["content"] or ""
         if "embeds" in payload:
             msg["embeds"] = payload["embeds"] or []
         if "components" in payload:
-            msg["components"] = payload["components"] or []
+            msg["components"] = _numbered_components(payload["components"] or [])
         if "attachments" in payload or files:
             msg["attachments"] = self._uploaded_attachments(channel["id"], payload, files, keep=msg["attachments"])
         if "flags" in payload and payload["flags"] is not None:
@@ -1760,7 +2058,18 @@ class FakeDiscord:
             msg.update(mentions=mentions, mention_roles=roles, mention_everyone=everyone)  # edits never ping
         if not was_loading:
             msg["edited_timestamp"] = _now_iso()
-        msg["_edits"].append({"time": time.monotonic(), "content": msg["content"], "payload": payload})
+        now = time.monotonic()
+        msg["_edits"].append({"time": now, "content": msg["content"], "payload": payload})
+        if via is not None:
+            self.edit_log.append(
+                {
+                    "time": now,
+                    "channel_id": msg["channel_id"],
+                    "message_id": msg["id"],
+                    "editor_id": (editor or self.bot_user)["id"],
+                    "via": via,
+                }
+            )
         if dispatch:
             await self._emit(self._message_event("MESSAGE_UPDATE", msg))
 
@@ -1769,6 +2078,9 @@ class FakeDiscord:
         channel_msgs = self._messages.get(msg["channel_id"], [])
         if msg in channel_msgs:
             channel_msgs.remove(msg)
+            channel = self._channels[msg["channel_id"]]
+            if channel["type"] in CH_THREAD_TYPES and msg["type"] != TYPE_THREAD_STARTER_MESSAGE:
+                channel["message_count"] = max(0, channel["message_count"] - 1)
         self._message_index.pop(msg["id"], None)
         self.reactions.pop((msg["channel_id"], msg["id"]), None)
         if dispatch:
@@ -1803,7 +2115,10 @@ class FakeDiscord:
         payload: JSON = call.json or {}
         if channel["type"] in (CH_VOICE, CH_CATEGORY):
             return _error(400, "Cannot send messages in a non-text channel", 50008)
-        if not self._bot_can(channel, Permissions.SEND_MESSAGES):
+        # In threads SEND_MESSAGES has no effect; SEND_MESSAGES_IN_THREADS is what counts.
+        in_thread = channel["type"] in CH_THREAD_TYPES
+        needed = Permissions.SEND_MESSAGES_IN_THREADS if in_thread else Permissions.SEND_MESSAGES
+        if not self._bot_can(channel, needed):
             return _error(403, "Missing Permissions", 50013)
         invalid = self._validate_message(payload, has_files=bool(call.files))
         if invalid is not None:
@@ -1864,18 +2179,38 @@ class FakeDiscord:
             picked = msgs[-limit:]
         return _json([_public(m) for m in reversed(picked)])  # Discord returns newest first
 
+    def _edit_rate_limited(self, channel_id: str) -> web.Response | None:
+        """A 429 when ``edit_rate_limit`` is set and this channel's REST edits used up the window."""
+        if self.edit_rate_limit is None:
+            return None
+        limit, window = self.edit_rate_limit
+        now = time.monotonic()
+        recent = [
+            e["time"]
+            for e in self.edit_log
+            if e["channel_id"] == channel_id and e["via"] == "rest" and now - e["time"] < window
+        ]
+        if len(recent) < limit:
+            return None
+        # Rounded up (plus a little) so a client sleeping exactly retry_after is not early.
+        retry_after = math.ceil((min(recent) + window - now) * 1000) / 1000 + 0.005
+        return _rate_limited(retry_after, limit=limit, bucket="fake-message-edit")
+
     async def _r_edit_message(self, call: _Call, channel_id: str, message_id: str) -> web.Response:
         _, msg, err = self._lookup(channel_id, message_id)
         if err is not None:
             return err
         assert msg is not None
+        limited = self._edit_rate_limited(channel_id)
+        if limited is not None:
+            return limited
         if msg["author"]["id"] != self.bot_user["id"]:
             return _error(403, "Cannot edit a message authored by another user", 50005)
         payload: JSON = call.json or {}
         invalid = self._validate_message(payload, has_files=bool(call.files), existing=msg)
         if invalid is not None:
             return invalid
-        await self._apply_edit(msg, payload, call.files, dispatch=True)
+        await self._apply_edit(msg, payload, call.files, dispatch=True, via="rest")
         return _json(_public(msg))
 
     async def _r_delete_message(self, call: _Call, channel_id: str, message_id: str) -> web.Response:
@@ -1896,6 +2231,159 @@ class FakeDiscord:
             return _error(404, "Unknown Channel", 10003)
         self.typing.append((channel_id, time.monotonic()))
         return _no_content()
+
+    # ------------------------------------------------------------------ threads
+
+    @staticmethod
+    def _thread_problem(payload: JSON, *, with_type: bool) -> _Problem | None:
+        """Discord's form checks on a start-thread body."""
+        name = payload.get("name")
+        if name is None:
+            return "name", "BASE_TYPE_REQUIRED", "This field is required"
+        if not isinstance(name, str) or not 1 <= len(name) <= 100:
+            return "name", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
+        duration = payload.get("auto_archive_duration")
+        if duration is not None and duration not in THREAD_ARCHIVE_DURATIONS:
+            return "auto_archive_duration", "BASE_TYPE_CHOICES", "Value must be one of {60, 1440, 4320, 10080}."
+        slowmode = payload.get("rate_limit_per_user")
+        if slowmode is not None and not (isinstance(slowmode, int) and 0 <= slowmode <= 21600):
+            return "rate_limit_per_user", "NUMBER_TYPE_MAX", "int value should be less than or equal to 21600."
+        if with_type and payload.get("type") is not None and payload["type"] not in CH_THREAD_TYPES:
+            return "type", "BASE_TYPE_CHOICES", "Value must be one of {10, 11, 12}."
+        return None
+
+    def _start_thread(
+        self, parent: JSON, creator: JSON, payload: JSON, *, message: JSON | None
+    ) -> tuple[JSON | None, web.Response | None]:
+        """Create a thread as Discord's two start-thread routes do (permissions already checked).
+
+        From a message: the thread takes the message's id, the message gets
+        ``thread`` and the HAS_THREAD flag (a MESSAGE_UPDATE is queued after
+        THREAD_CREATE), and the thread begins with a THREAD_STARTER_MESSAGE (type
+        21) that only points at the message, as Discord's history shows it.
+        """
+        if parent["type"] not in (CH_TEXT, CH_NEWS):
+            return None, _error(400, "Cannot execute action on this channel type", 50024)
+        if message is not None:
+            if message.get("thread") is not None or message["id"] in self._channels:
+                return None, _error(400, "A thread has already been created for this message", 160004)
+            ttype = CH_NEWS_THREAD if parent["type"] == CH_NEWS else CH_PUBLIC_THREAD
+        else:
+            ttype = payload.get("type") or CH_PRIVATE_THREAD  # Discord's default when omitted
+            allowed = (CH_PUBLIC_THREAD, CH_PRIVATE_THREAD) if parent["type"] == CH_TEXT else (CH_NEWS_THREAD,)
+            if ttype not in allowed:
+                return None, _error(400, "Cannot execute action on this channel type", 50024)
+        thread = self._make_thread(
+            parent,
+            payload["name"],
+            type=ttype,
+            owner_id=creator["id"],
+            thread_id=message["id"] if message is not None else None,
+            auto_archive_duration=payload.get("auto_archive_duration") or 1440,
+            rate_limit_per_user=payload.get("rate_limit_per_user") or 0,
+            invitable=payload.get("invitable", True) is not False,
+        )
+        if message is not None:
+            message["thread"] = thread  # live: serialized with the thread's current state
+            message["flags"] |= FLAG_HAS_THREAD
+            self._emit_later(self._message_event("MESSAGE_UPDATE", message))
+            starter = self._new_message(thread, self._users[message["author"]["id"]], message_id=thread["id"])
+            starter.update(type=TYPE_THREAD_STARTER_MESSAGE, mentions=[], _pinged=[])
+            starter["message_reference"] = {
+                "type": 0,
+                "message_id": message["id"],
+                "channel_id": parent["id"],
+                "guild_id": parent["guild_id"],
+            }
+            reference = _public(message)
+            reference.pop("referenced_message", None)
+            starter["referenced_message"] = reference
+            self._messages[thread["id"]].append(starter)  # not indexed: the id is the parent message's
+        return thread, None
+
+    def _thread_create_allowed(self, parent: JSON, ttype: int) -> bool:
+        needed = Permissions.CREATE_PRIVATE_THREADS if ttype == CH_PRIVATE_THREAD else Permissions.CREATE_PUBLIC_THREADS
+        return self._bot_can(parent, needed | Permissions.VIEW_CHANNEL)
+
+    async def _r_thread_from_message(self, call: _Call, channel_id: str, message_id: str) -> web.Response:
+        channel, msg, err = self._lookup(channel_id, message_id)
+        if err is not None:
+            return err
+        assert channel is not None and msg is not None
+        if channel.get("guild_id") is None or channel["type"] not in (CH_TEXT, CH_NEWS):
+            return _error(400, "Cannot execute action on this channel type", 50024)
+        if not self._thread_create_allowed(channel, CH_PUBLIC_THREAD):
+            return _error(403, "Missing Permissions", 50013)
+        payload: JSON = call.json if isinstance(call.json, dict) else {}
+        problem = self._thread_problem(payload, with_type=False)
+        if problem is not None:
+            return _invalid(*problem)
+        thread, err = self._start_thread(channel, self.bot_user, payload, message=msg)
+        if err is not None:
+            return err
+        assert thread is not None
+        await self.flush()
+        return _json(_public(thread), 201)
+
+    async def _r_thread_without_message(self, call: _Call, channel_id: str) -> web.Response:
+        channel, _, err = self._lookup(channel_id)
+        if err is not None:
+            return err
+        assert channel is not None
+        if channel.get("guild_id") is None or channel["type"] not in (CH_TEXT, CH_NEWS):
+            return _error(400, "Cannot execute action on this channel type", 50024)
+        payload: JSON = call.json if isinstance(call.json, dict) else {}
+        problem = self._thread_problem(payload, with_type=True)
+        if problem is not None:
+            return _invalid(*problem)
+        if not self._thread_create_allowed(channel, payload.get("type") or CH_PRIVATE_THREAD):
+            return _error(403, "Missing Permissions", 50013)
+        thread, err = self._start_thread(channel, self.bot_user, payload, message=None)
+        if err is not None:
+            return err
+        assert thread is not None
+        await self.flush()
+        return _json(_public(thread), 201)
+
+    async def _r_active_threads(self, call: _Call, guild_id: str) -> web.Response:
+        if guild_id not in self._guilds:
+            return _error(404, "Unknown Guild", 10004)
+        threads = [
+            _public(c)
+            for c in self._channels.values()
+            if c.get("guild_id") == guild_id and c["type"] in CH_THREAD_TYPES and not c["thread_metadata"]["archived"]
+        ]
+        return _json({"threads": threads, "members": []})
+
+    async def start_thread(
+        self,
+        channel: ChannelRef,
+        user: JSON,
+        name: str,
+        *,
+        message: JSON | None = None,
+        type: int = CH_PUBLIC_THREAD,
+        auto_archive_duration: int = 1440,
+    ) -> JSON:
+        """``user`` starts a thread in ``channel`` (from ``message`` if given); THREAD_CREATE is dispatched.
+
+        The same rules as the REST routes apply (the thread of a message has the
+        message's id; ``type`` is ignored then).  Raises ValueError where Discord
+        would answer with an error.
+        """
+        parent = self._channels[_cid(channel)]
+        self._check_author(parent, user)
+        payload = {"name": name, "type": type, "auto_archive_duration": auto_archive_duration}
+        problem = self._thread_problem(payload, with_type=True)
+        if problem is not None:
+            raise ValueError(f"invalid thread: {problem}")
+        stored = self._message_index[message["id"]] if message is not None else None
+        thread, err = self._start_thread(parent, user, payload, message=stored)
+        if err is not None:
+            raise ValueError(f"Discord would refuse this thread: {err.text}")
+        await self.flush()
+        assert thread is not None
+        return thread
 
     # ------------------------------------------------------------------ reactions
 
@@ -2034,6 +2522,7 @@ class FakeDiscord:
         command_id = self._command_ids.get(key)
         if command_id is None:
             command_id = self._command_ids[key] = self._next_id()
+        default_perms = cmd.get("default_member_permissions")
         out: JSON = {
             "id": command_id,
             "application_id": str(self.application_id),
@@ -2043,7 +2532,8 @@ class FakeDiscord:
             "name_localizations": cmd.get("name_localizations"),
             "description": cmd.get("description") or "",
             "description_localizations": cmd.get("description_localizations"),
-            "default_member_permissions": cmd.get("default_member_permissions"),
+            # discord.py sends an int; Discord stores and returns the bit set as a string.
+            "default_member_permissions": None if default_perms is None else str(int(default_perms)),
             "dm_permission": cmd.get("dm_permission", True),
             "contexts": cmd.get("contexts"),
             "integration_types": cmd.get("integration_types") or [0],
@@ -2204,10 +2694,12 @@ class FakeDiscord:
             member_perms = permissions
         else:
             member_perms = self.permissions_of(self._guilds[gid], user) if gid else Permissions.DEFAULT_EVERYONE
-        required = int(command.get("default_member_permissions") or 0)
+        default = command.get("default_member_permissions")
+        # None: everyone; "0": administrators only; else every bit is needed.
+        required = Permissions.ADMINISTRATOR if default is not None and int(default) == 0 else int(default or 0)
         if gid is not None and not member_perms & Permissions.ADMINISTRATOR and (member_perms & required) != required:
             raise PermissionError(
-                f"{user['username']} lacks default_member_permissions={required} for /{command['name']}"
+                f"{user['username']} lacks default_member_permissions={default} for /{command['name']}"
             )
 
         resolved: JSON = {}
@@ -2228,11 +2720,16 @@ class FakeDiscord:
             data["guild_id"] = command["guild_id"]
         if resolved:
             data["resolved"] = resolved
-        interaction_id = self._next_id()
+        payload = self._interaction_payload(IT_APPLICATION_COMMAND, data, channel, user, member_perms)
+        return await self._dispatch_interaction(Interaction(self, payload, channel, user, command=command))
+
+    def _interaction_payload(self, itype: int, data: JSON, channel: JSON, user: JSON, member_perms: int) -> JSON:
+        """The INTERACTION_CREATE body common to commands and components."""
+        gid = channel.get("guild_id")
         payload: JSON = {
-            "id": interaction_id,
+            "id": self._next_id(),
             "application_id": str(self.application_id),
-            "type": 2,
+            "type": itype,
             "data": data,
             "channel_id": channel["id"],
             "channel": _public(channel),
@@ -2261,12 +2758,73 @@ class FakeDiscord:
                 authorizing_integration_owners={"0": "0"},
                 context=1,
             )
-        interaction = Interaction(self, payload, command, channel, user)
+        return payload
+
+    async def _dispatch_interaction(self, interaction: Interaction) -> Interaction:
         self.interactions.append(interaction)
-        self._interactions_by_id[interaction_id] = interaction
-        self._interactions_by_token[payload["token"]] = interaction
-        await self._emit(_Event("INTERACTION_CREATE", payload, gid, None))
+        self._interactions_by_id[interaction.id] = interaction
+        self._interactions_by_token[interaction.token] = interaction
+        await self._emit(_Event("INTERACTION_CREATE", interaction.payload, interaction.channel.get("guild_id"), None))
         return interaction
+
+    def _find_interaction_message(self, message: JSON | str | int) -> JSON | None:
+        """A stored message by id, including ephemeral ones (which live only in interactions)."""
+        mid = _cid(message)
+        found = self._message_index.get(mid)
+        if found is not None:
+            return found
+        for it in reversed(self.interactions):
+            for m in ([it.original] if it.original else []) + it.followups:
+                if m["id"] == mid and not m.get("_deleted"):
+                    return m
+        return None
+
+    async def press_button(
+        self, message: JSON, custom_id: str, user: JSON, *, channel: JSON | None = None
+    ) -> Interaction:
+        """``user`` clicks the button ``custom_id`` on ``message``: dispatch a MESSAGE_COMPONENT interaction.
+
+        ``message`` is a message dict (or id) the fake stores, ephemeral
+        interaction messages included; ``channel`` defaults to the message's
+        channel.  Like the Discord client, this refuses (ValueError) to press a
+        button that is not on the message's current components, is disabled,
+        is a link/premium button, or that ``user`` cannot see (an ephemeral
+        message of someone else; not a member/recipient).
+        """
+        stored = self._find_interaction_message(message)
+        if stored is None:
+            raise ValueError(f"no message {_cid(message)} (deleted?)")
+        channel = self._channels[_cid(channel) if channel is not None else stored["channel_id"]]
+        if stored["channel_id"] != channel["id"]:
+            raise ValueError(f"message {stored['id']} is not in channel {channel['id']}")
+        self._check_author(channel, user)
+        if stored["flags"] & FLAG_EPHEMERAL:
+            owner = (stored.get("interaction_metadata") or {}).get("user", {}).get("id")
+            if owner != user["id"]:
+                raise ValueError(f"message {stored['id']} is ephemeral and not visible to {user['username']}")
+        button = next(
+            (
+                c
+                for c in _iter_components(stored.get("components") or [])
+                if c.get("type") == COMPONENT_BUTTON and c.get("custom_id") == custom_id
+            ),
+            None,
+        )
+        if button is None:
+            present = [c["custom_id"] for c in _iter_components(stored.get("components") or []) if c.get("custom_id")]
+            raise ValueError(f"message {stored['id']} has no button {custom_id!r}; custom ids: {present}")
+        if button.get("disabled"):
+            raise ValueError(f"button {custom_id!r} is disabled")
+        if button.get("style") in (BUTTON_LINK, BUTTON_PREMIUM):
+            raise ValueError(f"button {custom_id!r} is a link/premium button: it sends no interaction")
+        gid = channel.get("guild_id")
+        member_perms = self.permissions_of(self._guilds[gid], user) if gid else Permissions.DEFAULT_EVERYONE
+        data: JSON = {"custom_id": custom_id, "component_type": COMPONENT_BUTTON}
+        if button.get("id"):
+            data["id"] = button["id"]
+        payload = self._interaction_payload(IT_MESSAGE_COMPONENT, data, channel, user, member_perms)
+        payload["message"] = _public(stored)
+        return await self._dispatch_interaction(Interaction(self, payload, channel, user, message=stored))
 
     # ------------------------------------------------------------------ interactions: REST
 
@@ -2284,27 +2842,39 @@ class FakeDiscord:
         payload: JSON = call.json or {}
         rtype = payload.get("type")
         data: JSON = payload.get("data") or {}
-        if rtype not in (4, 5, 9):
-            it.errors.append(f"callback type {rtype} is invalid for an application command")
+        # 4 message, 5 deferred message, 9 modal; components also 6 deferred update, 7 update.
+        valid = (4, 5, 6, 7, 9) if it.type == IT_MESSAGE_COMPONENT else (4, 5, 9)
+        if rtype not in valid:
+            kind = "a message component" if it.type == IT_MESSAGE_COMPONENT else "an application command"
+            it.errors.append(f"callback type {rtype} is invalid for {kind}")
             reason = "Interaction response type is invalid for this interaction"
             return _invalid("type", "INTERACTION_RESPONSE_TYPE_INVALID", reason)
-        message: JSON | None = None
-        if rtype == 4:
-            invalid = self._validate_message(data, has_files=bool(call.files))
+        message: JSON | None = None  # the message the callback created or updated
+        if rtype in (4, 7):
+            existing = it.message if rtype == 7 else None
+            invalid = self._validate_message(data, has_files=bool(call.files), existing=existing)
             if invalid is not None:
                 it.errors.append(f"invalid message: {invalid.text}")
                 return invalid
+        if rtype == 4:
             message = self._interaction_message(it, data, call.files, flags=int(data.get("flags") or 0))
         elif rtype == 5:
             message = self._interaction_message(
                 it, {}, [], flags=(int(data.get("flags") or 0) & FLAG_EPHEMERAL) | FLAG_LOADING
             )
             it._deferred_pending = True
-        else:
+        elif rtype == 9:
             it.modal = data
         it.responses.append(payload)
         it.acked_at = time.monotonic()
-        if message is not None:
+        if rtype in (6, 7):
+            # @original of a component interaction is the message the component is on.
+            it.original = it.message
+            if rtype == 7 and it.message is not None:
+                message = it.message
+                visible = not message["flags"] & FLAG_EPHEMERAL
+                await self._apply_edit(message, data, call.files, dispatch=visible, via="update")
+        elif message is not None:
             it.original = message
             if not message["flags"] & FLAG_EPHEMERAL:
                 await self._store_and_dispatch(message)
@@ -2317,7 +2887,7 @@ class FakeDiscord:
         body = {
             "interaction": {
                 "id": it.id,
-                "type": 2,
+                "type": it.type,
                 "activity_instance_id": None,
                 "response_message_id": message["id"] if message else None,
                 "response_message_loading": rtype == 5,
@@ -2336,7 +2906,10 @@ class FakeDiscord:
             embeds=data.get("embeds"),
             attachments=self._uploaded_attachments(it.channel["id"], data, files),
             components=data.get("components"),
-            msg_type=TYPE_CHAT_INPUT_COMMAND,
+            # Answers to a command are "chat input command" messages; answers to a component
+            # are replies to the component's message.
+            msg_type=TYPE_CHAT_INPUT_COMMAND if it.command is not None else TYPE_DEFAULT,
+            reference=it.message if it.command is None else None,
             flags=flags,
             tts=bool(data.get("tts")),
             webhook_id=str(self.application_id),
@@ -2409,7 +2982,9 @@ class FakeDiscord:
             return invalid
         if message is it.original:
             it._deferred_pending = False
-        await self._apply_edit(message, payload, call.files, dispatch=not message["flags"] & FLAG_EPHEMERAL)
+        await self._apply_edit(
+            message, payload, call.files, dispatch=not message["flags"] & FLAG_EPHEMERAL, via="webhook"
+        )
         self._notify()
         return _json(_public(message))
 
@@ -2486,7 +3061,8 @@ class FakeDiscord:
     async def edit_message(self, message: JSON, content: str) -> JSON:
         """Edit a stored message's content (as its author) and dispatch MESSAGE_UPDATE."""
         msg = self._message_index[message["id"]]
-        await self._apply_edit(msg, {"content": content}, [], dispatch=True)
+        author = self._users[msg["author"]["id"]]
+        await self._apply_edit(msg, {"content": content}, [], dispatch=True, via="user", editor=author)
         return msg
 
     async def delete_message(self, message: JSON) -> None:

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_fakediscord.py -q -o asyncio_mode=auto -p no:ca
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import aiohttp
@@ -350,6 +351,52 @@ async def test_without_message_content_intent_content_is_stripped(fake: FakeDisc
         assert got[plain["id"]] == "" and got[mention["id"]] == mention["content"]
 
 
+async def test_catch_up_history_after_an_id(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    # Nobody is connected: messages (and a thread) are stored, nobody is notified.
+    posted = [await fake.send_message(chan, alice, f"m{i}") for i in range(130)]
+    dm = fake.dm_channel(alice)
+    dms = [await fake.send_message(dm, alice, f"d{i}") for i in range(5)]
+    thread = await fake.start_thread(chan, alice, "while you were away", message=posted[0])
+    in_thread = [await fake.send_message(thread, alice, f"t{i}") for i in range(4)]
+    assert fake.events == [] and fake.connections == 0
+    assert [m["content"] for m in fake.messages(chan)] == [f"m{i}" for i in range(130)]
+
+    bot = TinyBot()
+    async with fake.running(bot):
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        after = discord.Object(int(posted[9]["id"]))
+        got = [m async for m in channel.history(after=after, oldest_first=True, limit=50)]
+        assert [str(m.id) for m in got] == [m["id"] for m in posted[10:60]]
+        # More than one page (Discord's maximum is 100 per request): still exactly the later ones, in order.
+        before_requests = len(fake.requests_to("GET", rf"^/channels/{chan['id']}/messages$"))
+        after = discord.Object(int(posted[4]["id"]))
+        everything = [m async for m in channel.history(after=after, oldest_first=True, limit=None)]
+        assert [m.content for m in everything] == [f"m{i}" for i in range(5, 130)]
+        pages = fake.requests_to("GET", rf"^/channels/{chan['id']}/messages$")[before_requests:]
+        assert len(pages) >= 2 and all("after" in r["query"] and int(r["query"]["limit"]) <= 100 for r in pages)
+
+        user = await bot.fetch_user(int(alice["id"]))
+        dm_channel = await user.create_dm()
+        assert dm_channel.id == int(dm["id"])
+        after = discord.Object(int(dms[1]["id"]))
+        got = [m async for m in dm_channel.history(after=after, oldest_first=True, limit=10)]
+        assert [m.content for m in got] == ["d2", "d3", "d4"]
+
+        cached = bot.get_guild(int(guild["id"])).get_thread(int(thread["id"]))  # type: ignore[union-attr]
+        assert cached is not None  # known from GUILD_CREATE's "threads"
+        after = discord.Object(int(in_thread[0]["id"]))
+        got = [m async for m in cached.history(after=after, oldest_first=True, limit=2)]
+        assert [m.content for m in got] == ["t1", "t2"] and all(m.channel.id == cached.id for m in got)
+        [first] = [m async for m in cached.history(oldest_first=True, limit=1)]
+        assert first.type is discord.MessageType.thread_starter_message
+        assert first.reference is not None and first.reference.message_id == int(posted[0]["id"])
+
+        # Old messages are not replayed as new ones to a client that connects later.
+        assert not [e for e in fake.events if e["t"] == "MESSAGE_CREATE"] and bot.received == []
+
+
 # --------------------------------------------------------------------------- interactions
 
 
@@ -396,6 +443,424 @@ async def test_late_interaction_ack_is_rejected(fake: FakeDiscord, world: dict[s
         it = await fake.invoke_command("echo", user=alice, channel=chan, options={"text": "x"})
         await fake.wait_for(lambda: it.errors)
         assert "callback" in it.errors[0] and not it.done and isinstance(it, Interaction)
+
+
+# --------------------------------------------------------------------------- message components
+
+
+class Panel(discord.ui.View):
+    """A persistent view: no timeout, every button has a custom_id."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=None)
+
+    @discord.ui.button(label="Again", style=discord.ButtonStyle.primary, custom_id="panel:again")
+    async def again(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        where = type(interaction.channel).__name__
+        await interaction.response.send_message(f"again by {interaction.user.name} in {where}", ephemeral=True)
+
+    @discord.ui.button(label="Later", style=discord.ButtonStyle.secondary, custom_id="panel:later")
+    async def later(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        await interaction.response.defer()  # type 6 on a component
+        await interaction.edit_original_response(content="later done")
+        await interaction.followup.send("and a followup")
+
+    @discord.ui.button(label="Stop", style=discord.ButtonStyle.danger, custom_id="panel:stop")
+    async def stop_(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        await interaction.response.edit_message(content="stopped", view=None)  # type 7, components removed
+
+    @discord.ui.button(label="Off", custom_id="panel:off", disabled=True)
+    async def off(self, interaction: discord.Interaction, button: discord.ui.Button[Panel]) -> None:
+        raise AssertionError("a disabled button cannot be pressed")
+
+
+class PanelBot(TinyBot):
+    """Registers the persistent Panel at start, as a bot must to serve buttons after a restart."""
+
+    async def setup_hook(self) -> None:
+        await super().setup_hook()
+        self.add_view(Panel())
+
+    async def react_to(self, message: discord.Message) -> None:
+        if message.content == "panel":
+            await message.channel.send("choose", view=Panel())
+        elif message.content == "unpanel" and message.reference and message.reference.message_id:
+            panel = await message.channel.fetch_message(message.reference.message_id)
+            await panel.edit(content="no buttons", view=None)
+        else:
+            await super().react_to(message)
+
+
+async def test_persistent_view_buttons_survive_a_client_restart(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    async with fake.running(PanelBot()):
+        trigger = await fake.send_message(chan, alice, "panel")
+        [panel] = await fake.wait_for_bot_message(chan, after=trigger)
+        [row] = panel["components"]
+        assert row["type"] == 1
+        buttons = [(b["type"], b["custom_id"], b["style"], b["label"], b.get("disabled")) for b in row["components"]]
+        assert buttons == [
+            (2, "panel:again", 1, "Again", False),
+            (2, "panel:later", 2, "Later", False),
+            (2, "panel:stop", 4, "Stop", False),
+            (2, "panel:off", 2, "Off", True),
+        ]
+        ids = [row["id"]] + [b["id"] for b in row["components"]]
+        assert len(set(ids)) == 5 and all(isinstance(i, int) and i > 0 for i in ids)  # Discord numbers components
+
+        again = await fake.press_button(panel, "panel:again", alice)
+        await again.wait_done(5)
+        assert again.response_types == [4] and again.ephemeral and again.errors == []
+        assert again.content == "again by alice in TextChannel"
+        payload = again.payload
+        assert payload["type"] == 3 and payload["data"]["custom_id"] == "panel:again"
+        assert payload["data"]["component_type"] == 2 and payload["message"]["id"] == panel["id"]
+        assert payload["member"]["user"]["id"] == alice["id"] and "user" not in payload
+        assert int(payload["member"]["permissions"]) == fake.permissions_of(guild, alice)
+        assert payload["guild_id"] == guild["id"] and payload["channel_id"] == chan["id"] and payload["version"] == 1
+        answer = again.original
+        assert answer is not None and answer["message_reference"]["message_id"] == panel["id"]
+        assert answer["interaction_metadata"]["type"] == 3
+        assert answer["interaction_metadata"]["interacted_message_id"] == panel["id"]
+        assert all(m["id"] != answer["id"] for m in fake.messages(chan))  # ephemeral: not in the channel
+
+        with pytest.raises(ValueError, match="disabled"):
+            await fake.press_button(panel, "panel:off", alice)
+        with pytest.raises(ValueError, match="no button"):
+            await fake.press_button(panel, "panel:nope", alice)
+
+    # A new client instance against the same fake: the persistent view still answers.
+    restarted = PanelBot()
+    async with fake.running(restarted):
+        assert fake.identify_count == 2
+        later = await fake.press_button(panel, "panel:later", alice)
+        await fake.wait_for(lambda: panel["content"] == "later done" and later.followups)
+        assert later.response_types == [6] and later.deferred and later.errors == []
+        [followup] = later.followups
+        assert followup["content"] == "and a followup" and followup in fake.messages(chan)
+        assert followup["message_reference"]["message_id"] == panel["id"]
+        assert panel["components"] == [row]  # the edit of @original left the buttons alone
+
+        stop = await fake.press_button(panel, "panel:stop", alice)
+        await fake.wait_for(lambda: panel["components"] == [])
+        assert stop.response_types == [7] and stop.errors == [] and stop.content == "stopped"
+        assert panel["content"] == "stopped"
+        await fake.wait_for(
+            lambda: any(
+                e["t"] == "MESSAGE_UPDATE" and e["d"]["id"] == panel["id"] and e["d"]["content"] == "stopped"
+                for e in fake.events
+            )
+        )
+        with pytest.raises(ValueError, match="no button"):
+            await fake.press_button(panel, "panel:stop", alice)
+        # the @original edit (webhook PATCH) and the type 7 update are bot edits in the channel
+        assert [e["via"] for e in fake.edit_log] == ["webhook", "update"]
+        assert restarted.errors == []
+
+
+async def test_component_edits_dms_and_late_acks(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = PanelBot()
+    async with fake.running(bot):
+        trigger = await fake.send_message(chan, alice, "panel")
+        [panel] = await fake.wait_for_bot_message(chan, after=trigger)
+        # A REST edit with view=None sends components: [] and removes the buttons.
+        await fake.send_message(chan, alice, "unpanel", reply_to=panel)
+        await fake.wait_for(lambda: panel["content"] == "no buttons")
+        assert panel["components"] == []
+        assert fake.requests_to("PATCH", r"/messages/\d+$")[-1]["json"]["components"] == []
+
+        dm = fake.dm_channel(alice)
+        trigger = await fake.send_message(dm, alice, "panel")
+        [dm_panel] = await fake.wait_for_bot_message(dm, after=trigger)
+        it = await fake.press_button(dm_panel, "panel:again", alice)
+        await it.wait_done(5)
+        assert it.content == "again by alice in DMChannel"
+        assert it.payload["user"]["id"] == alice["id"] and "member" not in it.payload and "guild_id" not in it.payload
+
+        # Discord's components checks: duplicated custom ids are refused.
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        twice = discord.ui.View()
+        twice.add_item(discord.ui.Button(label="a", custom_id="same"))
+        twice.add_item(discord.ui.Button(label="b", custom_id="same"))
+        with pytest.raises(discord.HTTPException) as refused:
+            await channel.send("dupes", view=twice)
+        assert refused.value.code == 50035 and "In components.0.components.1.custom_id" in refused.value.text
+
+        fake.interaction_ack_timeout = 0.0  # every callback is now "too late"
+        trigger = await fake.send_message(chan, alice, "panel")
+        [fresh] = await fake.wait_for_bot_message(chan, after=trigger)
+        late = await fake.press_button(fresh, "panel:stop", alice)
+        await fake.wait_for(lambda: late.errors)
+        assert "callback" in late.errors[0] and not late.done and fresh["content"] == "choose"
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class ThreadBot(TinyBot):
+    """Opens threads on request and answers inside them (TinyBot's "ping" works in threads too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads_created: list[discord.Thread] = []
+
+    async def on_thread_create(self, thread: discord.Thread) -> None:
+        self.threads_created.append(thread)
+
+    async def react_to(self, message: discord.Message) -> None:
+        if message.content == "thread":
+            thread = await message.create_thread(name="about that", auto_archive_duration=60)
+            await thread.send("inside the thread")
+        elif message.content == "private" and isinstance(message.channel, discord.TextChannel):
+            thread = await message.channel.create_thread(name="just us", type=discord.ChannelType.private_thread)
+            await thread.send("psst")
+        elif message.content == "where":
+            channel = message.channel
+            parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+            await channel.send(f"{type(channel).__name__} parent={parent}")
+        else:
+            await super().react_to(message)
+
+
+async def test_threads_from_messages_and_without(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    bot = ThreadBot()
+    async with fake.running(bot):
+        trigger = await fake.send_message(chan, alice, "thread")
+        await fake.wait_for(lambda: fake.threads_of(chan) and fake.bot_messages(fake.threads_of(chan)[0]))
+        [thread] = fake.threads_of(chan)
+        assert thread["id"] == trigger["id"]  # a thread started from a message has the message's id
+        assert (thread["type"], thread["parent_id"], thread["owner_id"]) == (11, chan["id"], fake.bot_user["id"])
+        assert thread["name"] == "about that" and thread["thread_metadata"]["auto_archive_duration"] == 60
+        assert fake.requests_to("POST", rf"^/channels/{chan['id']}/messages/{trigger['id']}/threads$")
+        assert trigger["flags"] & (1 << 5) and trigger["thread"]["id"] == thread["id"]  # HAS_THREAD
+
+        # the thread begins with a THREAD_STARTER_MESSAGE pointing at the message, then the bot's post
+        starter, posted = fake.messages(thread)
+        assert starter["type"] == 21 and starter["message_reference"]["message_id"] == trigger["id"]
+        assert posted["content"] == "inside the thread" and posted["channel_id"] == thread["id"]
+        assert thread["message_count"] == 1 and thread["last_message_id"] == posted["id"]
+
+        create = next(e for e in fake.events if e["t"] == "THREAD_CREATE")
+        assert create["d"]["newly_created"] is True and create["d"]["id"] == thread["id"]
+        update = next(e for e in fake.events if e["t"] == "MESSAGE_UPDATE" and e["d"]["id"] == trigger["id"])
+        assert update["d"]["thread"]["id"] == thread["id"] and fake.events.index(update) > fake.events.index(create)
+
+        # discord.py's cache knows the thread, and its messages arrive as messages in the thread
+        cached = bot.get_guild(int(guild["id"])).get_thread(int(thread["id"]))  # type: ignore[union-attr]
+        assert isinstance(cached, discord.Thread) and cached.parent_id == int(chan["id"])
+        assert [t.id for t in bot.threads_created] == [int(thread["id"])]
+        ask = await fake.send_message(thread, alice, "where")
+        [answer] = await fake.wait_for_bot_message(thread, after=ask)
+        assert answer["content"] == f"Thread parent={chan['id']}"
+        received = next(m for m in bot.received if m.id == int(ask["id"]))
+        assert isinstance(received.channel, discord.Thread) and received.channel.parent_id == int(chan["id"])
+
+        # a second thread from the same message is refused, as on Discord
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        with pytest.raises(discord.HTTPException) as again:
+            await channel.get_partial_message(int(trigger["id"])).create_thread(name="again")
+        assert again.value.code == 160004
+
+        # without a message: a private thread (type 12)
+        trigger = await fake.send_message(chan, alice, "private")
+        await fake.wait_for(lambda: len(fake.threads_of(chan)) == 2 and fake.bot_messages(fake.threads_of(chan)[1]))
+        private = fake.threads_of(chan)[1]
+        assert private["type"] == 12 and private["thread_metadata"]["invitable"] is True
+        assert private["id"] != trigger["id"] and not trigger["flags"] & (1 << 5)
+        assert [m["content"] for m in fake.messages(private)] == ["psst"]
+
+        # a user's thread: the bot is told (THREAD_CREATE) and answers in it
+        users = await fake.start_thread(chan, alice, "alice's corner")
+        await fake.wait_for(lambda: len(bot.threads_created) == 3)
+        assert users["owner_id"] == alice["id"] and fake.threads_of(chan)[-1] is users
+        ping = await fake.send_message(users, alice, "ping")
+        [pong] = await fake.wait_for_bot_message(users, after=ping)
+        assert pong["content"].startswith("pong") and bot.errors == []
+
+
+async def test_thread_names_and_permissions(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    bot = ThreadBot()
+    async with fake.running(bot):
+        channel = bot.get_channel(int(chan["id"]))
+        assert isinstance(channel, discord.TextChannel)
+        for name in ("", "x" * 101):
+            with pytest.raises(discord.HTTPException) as bad:
+                await channel.create_thread(name=name, type=discord.ChannelType.public_thread)
+            assert bad.value.status == 400 and bad.value.code == 50035 and "In name" in bad.value.text
+        refused = fake.requests_to("POST", r"/threads$")[-1]
+        assert refused["status"] == 400
+        assert fake.threads_of(chan) == []
+
+        thread = await channel.create_thread(name="x" * 100, type=discord.ChannelType.public_thread)
+        assert thread.name == "x" * 100 and thread.type is discord.ChannelType.public_thread
+
+        # without CREATE_PUBLIC_THREADS / SEND_MESSAGES_IN_THREADS the bot is refused
+        taken = Permissions.CREATE_PUBLIC_THREADS | Permissions.SEND_MESSAGES_IN_THREADS
+        fake.set_role_permissions(guild, guild, Permissions.DEFAULT_EVERYONE & ~taken)
+        me = bot.get_guild(int(guild["id"])).me  # type: ignore[union-attr]
+        await fake.wait_for(lambda: not me.guild_permissions.create_public_threads)
+        with pytest.raises(discord.Forbidden):
+            await channel.create_thread(name="no", type=discord.ChannelType.public_thread)
+        with pytest.raises(discord.Forbidden):
+            await thread.send("no")
+        assert await channel.send("the channel itself still works")
+        assert len(fake.threads_of(chan)) == 1 and fake.bot_messages(thread.id) == []
+
+
+# --------------------------------------------------------------------------- edit rate
+
+
+class EditorBot(TinyBot):
+    """Edits one message six times in a row, as a bot streaming a reply might."""
+
+    async def react_to(self, message: discord.Message) -> None:
+        if message.content == "burst":
+            sent = await message.channel.send("0")
+            for i in range(1, 7):
+                await sent.edit(content=str(i))
+        else:
+            await super().react_to(message)
+
+
+async def test_max_edits_in_window_slides_over_recorded_times() -> None:
+    fake = FakeDiscord()
+    bot_id = fake.bot_user["id"]
+    for t in (0.0, 1.0, 2.0, 6.0, 6.5, 7.0, 7.2):
+        fake.edit_log.append({"time": t, "channel_id": "1", "message_id": "9", "editor_id": bot_id, "via": "rest"})
+    fake.edit_log.append({"time": 6.1, "channel_id": "2", "message_id": "8", "editor_id": bot_id, "via": "rest"})
+    assert fake.max_edits_in_window("1", 5.0) == 4  # 6.0, 6.5, 7.0, 7.2
+    assert fake.max_edits_in_window("1", 1.0) == 3  # 6.5, 7.0, 7.2
+    assert fake.max_edits_in_window("1", 6.0) == 5  # 2.0 .. 7.2
+    assert fake.max_edits_in_window("2", 5.0) == 1 and fake.max_edits_in_window("3") == 0
+
+
+async def test_edit_accounting_and_enforced_edit_rate(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    chan, alice = world["channel"], world["alice"]
+    bot = EditorBot()
+    async with fake.running(bot):
+        trigger = await fake.send_message(chan, alice, "burst")
+        [sent] = await fake.wait_for_bot_message(chan, after=trigger)
+        await fake.wait_for(lambda: sent["content"] == "6")
+        assert len(sent["_edits"]) == 6 and fake.max_edits_in_window(chan, 60.0) == 6
+        assert fake.max_edits_in_window(chan, 1e-9) == 1
+        assert fake.max_edits_in_window(chan, 60.0, author=alice) == 0
+        await fake.edit_message(trigger, "burst!")
+        assert fake.max_edits_in_window(chan, 60.0, author=alice) == 1
+        assert fake.max_edits_in_window(chan, 60.0) == 6
+
+        # With the limit on, the 4th edit inside 0.5 s gets a real 429; discord.py waits and retries.
+        fake.edit_rate_limit = (3, 0.5)
+        trigger = await fake.send_message(chan, alice, "burst")
+        [limited] = await fake.wait_for_bot_message(chan, after=trigger)
+        await fake.wait_for(lambda: limited["content"] == "6", 20)
+        patches = fake.requests_to("PATCH", rf"^/channels/{chan['id']}/messages/{limited['id']}$")
+        statuses = [r["status"] for r in patches]
+        assert statuses.count(200) == 6 and 429 in statuses and statuses[-1] == 200
+        edit_times = sorted(e["time"] for e in fake.edit_log if e["message_id"] == limited["id"])
+        assert len(edit_times) == 6
+        assert all(b - a >= 0.5 for a, b in zip(edit_times, edit_times[3:]))  # never 4 within the window
+        assert bot.errors == []
+
+        # The 429 as discord.py sees it: JSON body, Via and X-RateLimit-* headers.
+        fake.edit_rate_limit = (3, 30.0)  # a wide window: the 4th request is surely inside it
+        headers = {"Authorization": f"Bot {fake.token}"}
+        url = f"{fake.api_base}/channels/{chan['id']}/messages/{limited['id']}"
+        async with aiohttp.ClientSession() as http:
+            statuses = []
+            for i in range(4):
+                async with http.patch(url, json={"content": f"raw {i}"}, headers=headers) as r:
+                    statuses.append(r.status)
+                    if r.status == 429:
+                        body, rate_headers = await r.json(), r.headers
+        assert statuses[-1] == 429
+        assert body["global"] is False and 0 < body["retry_after"] <= 30.1 and body["message"]
+        assert rate_headers["Content-Type"] == "application/json" and rate_headers["Via"]
+        assert rate_headers["X-RateLimit-Remaining"] == "0" and rate_headers["X-RateLimit-Scope"] == "user"
+        assert rate_headers["X-RateLimit-Limit"] == "3" and float(rate_headers["X-RateLimit-Reset-After"]) > 0
+
+
+class CommandBot(TinyBot):
+    """Commands with permission defaults, rich (embed + file) answers, and one reporting its channel."""
+
+    async def setup_hook(self) -> None:
+        @self.tree.command(description="Moderators only")
+        @app_commands.guild_only()
+        @app_commands.default_permissions(manage_messages=True)
+        async def purge(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message("purged", ephemeral=True)
+
+        @self.tree.command(description="Administrators only")
+        @app_commands.default_permissions()
+        async def shutdown(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message("bye")
+
+        @self.tree.command(description="An embed and a file, then more")
+        async def report(interaction: discord.Interaction) -> None:
+            summary = discord.Embed(title="Summary", description="all good")
+            first = discord.File(io.BytesIO(b"first file"), filename="a.txt")
+            await interaction.response.send_message("report", embed=summary, file=first, ephemeral=True)
+            more = discord.File(io.BytesIO(b"second"), filename="b.log")
+            await interaction.followup.send(embeds=[discord.Embed(title="More")], files=[more], ephemeral=True)
+
+        @self.tree.command(description="Where am I")
+        async def where(interaction: discord.Interaction) -> None:
+            channel = interaction.channel
+            parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+            await interaction.response.send_message(f"{type(channel).__name__} parent={parent}")
+
+        await super().setup_hook()  # syncs the tree
+
+
+async def test_command_permissions_rich_answers_and_threads(fake: FakeDiscord, world: dict[str, Any]) -> None:
+    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    mod = fake.add_user("mod")
+    fake.add_member(guild, mod, roles=[fake.add_role(guild, "mods", permissions=Permissions.MANAGE_MESSAGES)])
+    owner = fake.guild_members(guild)[guild["owner_id"]]["user"]
+    bot = CommandBot()
+    async with fake.running(bot):
+        synced = {c["name"]: c for c in fake.commands["global"]}
+        purge, shutdown = synced["purge"], synced["shutdown"]
+        assert purge["default_member_permissions"] == str(Permissions.MANAGE_MESSAGES)  # a string, as Discord returns
+        assert purge["dm_permission"] is False and purge["contexts"] == [0]
+        assert shutdown["default_member_permissions"] == "0" and shutdown["dm_permission"] is True
+        assert synced["report"]["default_member_permissions"] is None
+        fetched = {c.name: c for c in await bot.tree.fetch_commands()}
+        assert fetched["purge"].default_member_permissions == discord.Permissions(manage_messages=True)
+        assert fetched["purge"].dm_permission is False and fetched["shutdown"].dm_permission is True
+
+        with pytest.raises(PermissionError):
+            await fake.invoke_command("purge", user=alice, channel=chan)
+        with pytest.raises(PermissionError):
+            await fake.invoke_command("purge", user=mod, channel=fake.dm_channel(mod))
+        purged = await (await fake.invoke_command("purge", user=mod, channel=chan)).wait_done(5)
+        assert purged.content == "purged" and purged.ephemeral
+        with pytest.raises(PermissionError):  # "0": administrators only
+            await fake.invoke_command("shutdown", user=mod, channel=chan)
+        assert (await (await fake.invoke_command("shutdown", user=owner, channel=chan)).wait_done(5)).content == "bye"
+
+        report = await fake.invoke_command("report", user=alice, channel=chan)
+        await fake.wait_for(lambda: len(report.visible_messages) == 2)
+        assert report.ephemeral and all(m["flags"] & 64 for m in report.visible_messages)
+        assert [e["title"] for e in report.embeds] == ["Summary", "More"]
+        assert report.embeds[0]["description"] == "all good"
+        assert report.files == [("a.txt", b"first file"), ("b.log", b"second")]
+        assert all("report" not in m["content"] for m in fake.messages(chan))
+        callback = fake.requests_to("POST", r"^/interactions/\d+/[^/]+/callback$")[-1]
+        assert callback["files"][0]["field"] == "files[0]" and callback["files"][0]["data"] == b"first file"
+
+        thread = await fake.start_thread(chan, alice, "a thread")
+        cache = bot.get_guild(int(guild["id"]))
+        assert cache is not None
+        await fake.wait_for(lambda: cache.get_thread(int(thread["id"])))
+        here = await (await fake.invoke_command("where", user=alice, channel=thread)).wait_done(5)
+        assert here.content == f"Thread parent={chan['id']}" and here.payload["channel"]["type"] == 11
+        assert here.original in fake.messages(thread) and here.payload["channel_id"] == thread["id"]
+        assert bot.errors == []
 
 
 # --------------------------------------------------------------------------- gateway faults
