@@ -25,18 +25,17 @@ import yarl
 from discord import app_commands
 
 from bot.backend import ModelError
-from bot.chat import EMPTY_NOTE, ChatService, Reply, TemplateChoiceError, UserMessage, open_chat
+from bot.chat import EMPTY_NOTE, ChatService, Reply, UserMessage, open_chat
 from bot.config import Settings
+from bot.discord_commands import register_commands
 from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
 from bot.scheduler import FairScheduler, Job, QueueFull
 from bot.store import EXPIRED
-from bot.templates import NAMES
 
 log = logging.getLogger(__name__)
 
 SORRY = "Sorry, something went wrong while I was answering. Please try again."
 UNDELIVERED = "Sorry, Discord did not accept my reply. Please ask again."
-COMMAND_FAILED = "Sorry, that did not work (the error is in the bot's log). Please try again."
 BUSY = "I'm busy with other conversations right now. Please try again in a minute."
 NO_TEXT = "I can only read text. Write me a message (attachments, stickers and embeds are ignored)."
 MENTION_ONLY = "You mentioned me, but there is no message. Ask me something!"
@@ -45,7 +44,6 @@ SLOW_DOWN = "Please slow down a little: I answer one message from you every {s:g
 STOPPED = " *(stopped)*"
 RESTARTED = "Sorry, I was restarting when you sent this and it is too old to answer now. Please ask again."
 THOUGHT_ONLY = "(I spent my whole reply length thinking and did not get to an answer. Ask me again, or raise LLAMA_N_PREDICT.)"
-NEED_ADMIN = "You need the Manage Messages permission (or an admin role) to use /{name} here."
 PERMISSIONS = discord.Permissions(
     view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True, add_reactions=True
 )
@@ -105,7 +103,7 @@ class LlamaBot(discord.Client):
         self._catching_up = asyncio.Lock()
         self._resumed = False
         self._background: set[asyncio.Task[None]] = set()
-        _register_commands(self)
+        register_commands(self)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -577,79 +575,6 @@ def _role_name(guild: discord.Guild, role_id: int) -> str:
 def _channel_name(guild: discord.Guild, channel_id: int) -> str:
     channel = guild.get_channel_or_thread(channel_id)
     return channel.name if channel else "channel"
-
-
-def _register_commands(bot: LlamaBot) -> None:
-    """/reset, /template, /chat and /stop. Each answers ephemerally, well inside 3 seconds."""
-
-    async def refuse_unless_admin(interaction: discord.Interaction, name: str) -> bool:
-        if bot.is_admin(interaction):
-            return False
-        await interaction.response.send_message(NEED_ADMIN.format(name=name), ephemeral=True)
-        return True
-
-    @bot.tree.error
-    async def on_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        name = interaction.command.name if interaction.command else "?"
-        log.error("/%s failed in %s: %s", name, bot.scope_of(interaction), error, exc_info=error)
-        with contextlib.suppress(discord.HTTPException):
-            if interaction.response.is_done():
-                await interaction.followup.send(COMMAND_FAILED, ephemeral=True)
-            else:
-                await interaction.response.send_message(COMMAND_FAILED, ephemeral=True)
-
-    @bot.tree.command(name="reset", description="Forget this channel's conversation with the bot")
-    async def reset(interaction: discord.Interaction) -> None:
-        if await refuse_unless_admin(interaction, "reset"):
-            return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        removed = await bot.chat.reset(bot.scope_of(interaction))
-        await interaction.followup.send(f"Conversation cleared ({removed} messages).", ephemeral=True)
-
-    @bot.tree.command(name="template", description="Show or switch the prompt template used in this channel")
-    @app_commands.describe(name="the template to use here; leave empty to see the current one")
-    @app_commands.choices(name=[app_commands.Choice(name=n, value=n) for n in NAMES])
-    async def template(interaction: discord.Interaction, name: str | None = None) -> None:
-        scope = bot.scope_of(interaction)
-        if name is None:
-            conversation = await bot.chat.store.conversation(scope)
-            current = bot.chat.describe_template(conversation)
-            await interaction.response.send_message(f"Template here: **{current}**. Available: {', '.join(NAMES)}.", ephemeral=True)
-            return
-        if await refuse_unless_admin(interaction, "template"):
-            return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            key = await bot.chat.set_template(scope, name)
-        except TemplateChoiceError as exc:  # e.g. a name that was not offered (a crafted client)
-            await interaction.followup.send(str(exc), ephemeral=True)
-            return
-        await interaction.followup.send(f"Template here is now **{key}**.", ephemeral=True)
-
-    @bot.tree.command(name="chat", description="Answer every message in this channel (on), or only mentions (off)")
-    @app_commands.guild_only()
-    @app_commands.choices(mode=[app_commands.Choice(name="on", value="on"), app_commands.Choice(name="off", value="off")])
-    async def chat(interaction: discord.Interaction, mode: str) -> None:
-        if await refuse_unless_admin(interaction, "chat"):
-            return
-        if mode not in ("on", "off"):
-            await interaction.response.send_message("Use /chat on or /chat off.", ephemeral=True)
-            return
-        scope = bot.scope_of(interaction)
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        await bot.chat.store.set_chat_enabled(scope, mode == "on")
-        (bot.chat_scopes.add if mode == "on" else bot.chat_scopes.discard)(scope)
-        what = "every message in this channel" if mode == "on" else "only when mentioned or replied to"
-        await interaction.followup.send(f"OK: I now answer {what}.", ephemeral=True)
-
-    @bot.tree.command(name="stop", description="Stop the reply being written in this channel")
-    async def stop(interaction: discord.Interaction) -> None:
-        reply = bot.replies.get(bot.scope_of(interaction))
-        if reply is None:
-            await interaction.response.send_message("Nothing is being written here.", ephemeral=True)
-            return
-        reply.stop()
-        await interaction.response.send_message("Stopped.", ephemeral=True)
 
 
 async def run_bot(settings: Settings) -> int:

@@ -7,7 +7,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from bot.discord_bot import BUSY, MENTION_ONLY, NEED_ADMIN, NO_TEXT, LlamaBot
+from bot.discord_bot import BUSY, MENTION_ONLY, NO_TEXT, LlamaBot
+from bot.discord_commands import NEED_ADMIN
 from bot.discord_output import LIMIT, split_message
 from tests.conftest import JSON, World, mention, rows, scope
 
