@@ -409,7 +409,7 @@ class JinjaTemplate:
         segments = [Segment(markup[0], True)]
         for text, after in zip(texts, markup[1:]):
             segments += [Segment(text, False), Segment(after, True)]
-        return merge_markup(segments)
+        return [s for s in segments if s.text]  # markup stays in the skeleton's pieces, even around an empty text
 
     def _run(self, messages: Sequence[Message], contents: Sequence[str], add_generation_prompt: bool, now: datetime) -> str:
         """One rendering, with Hugging Face's variables; any failure is a TemplateError."""
