@@ -214,7 +214,7 @@ TEMPLATES: dict[str, TurnTemplate] = {
             user=("<|user|>\n", "</s>\n"),
             assistant=("<|assistant|>\n", "</s>\n"),
             generation="<|assistant|>\n",
-            stop=("</s>", "<|user|>", "<|system|>"),
+            stop=("</s>", "<|user|>", "<|system|>", "<|assistant|>"),  # plain text in Zephyr's vocabulary
         ),
         TurnTemplate(
             name="phi-3-chat",
