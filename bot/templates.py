@@ -367,22 +367,37 @@ class JinjaTemplate:
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the GGUF chat template does not parse: {exc}") from None
         # Families without a system role raise on one; learn that once and fold it instead.
+        # A conversation must come through whole; `_check` raises TemplateError if it does not.
         self.supports_system = True
         probe = [Message("system", "S"), Message("user", "U"), Message("assistant", "A"), Message("user", "V")]
         try:
-            segments = self.render(probe)
+            segments = self._check(probe)
         except TemplateError:
             self.supports_system = False
-            segments = self.render(probe)  # raises TemplateError if the template is unusable either way
+            segments = self._check(probe)  # raises TemplateError if the template is unusable either way
         markup = "".join(s.text for s in segments if s.special)
         self.stop: tuple[str, ...] = tuple(dict.fromkeys(s for s in (eos_token, *(m for m in TURN_MARKERS if m in markup)) if s))
 
+    def _check(self, probe: list[Message]) -> list[Segment]:
+        segments = self.render(probe)
+        texts = sorted(s.text for s in segments if not s.special)  # in any order: Mistral's put the system prompt last
+        whole = [m.content for m in probe]
+        folded = [f"{whole[0]}\n\n{whole[1]}", *whole[2:]]
+        if texts not in (sorted(whole), sorted(folded)):
+            raise TemplateError("the GGUF chat template drops or repeats messages")
+        return segments
+
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        """The prompt for `messages`. A message the template leaves out is left out (Mistral's
+        templates write the system prompt inside the last user turn, so without one it is
+        absent); a template that repeats one is refused."""
         messages = list(messages)
         if not self.supports_system:
             system, messages = split_system(messages)
             if system and messages:
                 messages[0] = Message(messages[0].role, f"{system}\n\n{messages[0].content.strip()}")
+            elif system:  # the system prompt alone (the chat layer measures it): it will lead the first user turn
+                messages = [Message("user", system)]
         contents = [m.content for m in messages]
         now = datetime.now()  # one clock reading for both passes (gpt-oss writes today's date)
         skeleton = self._run(messages, [f"\ue000{i}\ue001" if c else "" for i, c in enumerate(contents)], add_generation_prompt, now)
@@ -394,7 +409,7 @@ class JinjaTemplate:
             slots.append(int(match.group(1)))
             pos = match.end()
         markup.append(skeleton[pos:])
-        if sorted(slots) != [i for i, c in enumerate(contents) if c]:
+        if len(set(slots)) != len(slots):
             raise TemplateError("the GGUF chat template drops or repeats messages")
         texts: list[str] | None = None
         try:

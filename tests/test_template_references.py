@@ -322,3 +322,24 @@ def test_gemma2_refuses_a_system_role_so_it_is_folded(hf_infos: dict[str, ModelI
     assert isinstance(template, JinjaTemplate) and not template.supports_system
     with pytest.raises(Exception, match="System role not supported"):
         hf_render(info.chat_template, hf_messages(AUTO_CONVERSATIONS["system"]), bos_token=info.bos_token, eos_token=info.eos_token)
+
+
+def test_render_prompt_explains_messages_a_template_refuses(tmp_path: Path, hf_ggufs: dict[str, Path]) -> None:
+    """Gemma insists on alternating roles; two user turns in a row are one readable error line."""
+    pairs = [("user", "Hi"), ("user", "Hello?")]
+    result = run_cli("render-prompt", "--template", "auto", "--model", str(hf_ggufs["google-gemma-2-2b-it"]), "--messages", str(messages_file(tmp_path, pairs)), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "roles must alternate" in result.stderr
+
+
+def test_system_prompt_alone_renders_for_every_real_template(hf_infos: dict[str, ModelInfo]) -> None:
+    """The chat layer measures the system prompt on its own; Mistral's templates write it only
+    inside the last user turn, so alone it is simply absent (as for Hugging Face), not an error."""
+    for name, info in hf_infos.items():
+        template, _ = bot_auto(info)
+        assert isinstance(template, JinjaTemplate), name
+        ours = prompt_text(template.render([Message("system", "Be brief.")]))
+        if template.supports_system:
+            assert ours in hf_reference(info, [("system", "Be brief.")]), name
+        else:  # Gemma: it will lead the first user turn, so it is measured as one
+            assert ours in hf_reference(info, [("user", "Be brief.")]), name
