@@ -17,7 +17,7 @@ from pathlib import Path
 from bot.config import ConfigError, Settings, load_env, load_settings
 from bot.backend import ModelError
 from bot.store import StoreError
-from bot.templates import NAMES, AUTO, Message, get_template, prompt_text
+from bot.templates import NAMES, AUTO, Message, TemplateError, get_template, prompt_text
 
 log = logging.getLogger("bot")
 
@@ -152,6 +152,10 @@ def render_prompt(template_name: str, messages_file: Path, settings: Settings) -
         info = read_model_info(settings.resolved_model_path())
         kwargs = dict(gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
     template = get_template(key, **kwargs)
-    sys.stdout.write(prompt_text(template.render([Message(m["role"], m["content"]) for m in raw])))
+    try:
+        segments = template.render([Message(m["role"], m["content"]) for m in raw])
+    except TemplateError as exc:  # e.g. roles that do not alternate, for a template that insists
+        raise ConfigError(f"{messages_file}: the {template.name!r} template cannot render these messages: {exc}") from None
+    sys.stdout.write(prompt_text(segments))
     sys.stdout.flush()
     return 0
