@@ -104,12 +104,36 @@ class Vocab:
             if stripped != texts[i]:
                 texts[i + 1] = texts[i][len(stripped) :] + texts[i + 1]
                 texts[i] = stripped
+        markup = "".join(s.text for s in segments if s.special)
         tokens: list[int] = []
         for text, seg in zip(texts, segments):
             if text:
-                tokens += self._continuation(text, seg.special) if tokens else self.tokenize(text, special=seg.special)
+                tokens += self._part(text, seg.special, first=not tokens) if seg.special else self._plain(text, markup, first=not tokens)
         if self.info.add_bos and (not tokens or tokens[0] != self.bos):
             tokens.insert(0, self.bos)
+        return tokens
+
+    def _part(self, text: str, special: bool, *, first: bool) -> list[int]:
+        return self.tokenize(text, special=special) if first else self._continuation(text, special)
+
+    def _plain(self, text: str, markup: str, *, first: bool) -> list[int]:
+        """People's text, which must not produce any token the template's markup is made of.
+
+        Parsing special tokens off is not enough: llama.cpp still matches *user-defined*
+        tokens in plain text, and some families' markup is made of those (gpt-oss's
+        `<|start|>`, `<|channel|>`, `<|message|>`; DeepSeek's `<｜User｜>`). Where such a
+        token would come out of people's text and its text is part of the markup, the
+        text is cut inside every occurrence and the pieces are tokenized apart, so it
+        reads the same but can never form that token."""
+        tokens = self._part(text, False, first=first)
+        for _ in range(3):  # a cut could, in theory, line up another such token: look again
+            forged = {self.special_piece(t).decode("utf-8", "replace") for t in tokens if self.is_user_defined(t)}
+            forged = {f for f in forged if len(f) > 1 and f.strip() and f in markup}
+            if not forged:
+                return tokens
+            cuts = sorted({at + 1 for f in forged for at in _occurrences(text, f)})
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+            tokens = [t for i, piece in enumerate(pieces) for t in self._part(piece, False, first=first and i == 0)]
         return tokens
 
     def _continuation(self, text: str, special: bool) -> list[int]:
@@ -144,9 +168,21 @@ class Vocab:
         """True for control tokens (`<|im_start|>`, `</s>`, ...), which no user text may produce."""
         return bool(L.llama_vocab_get_attr(self._vocab, token) & L.LLAMA_TOKEN_ATTR_CONTROL) or self.is_end(token)
 
+    def is_user_defined(self, token: int) -> bool:
+        """True for tokens added to the vocabulary as whole strings, which llama.cpp matches even in plain text."""
+        return bool(L.llama_vocab_get_attr(self._vocab, token) & L.LLAMA_TOKEN_ATTR_USER_DEFINED)
+
     def is_end(self, token: int) -> bool:
         """True for end-of-generation tokens (`</s>`, `<|im_end|>`, `<|eot_id|>`, gpt-oss's `<|return|>`)."""
         return bool(L.llama_vocab_is_eog(self._vocab, token))
+
+
+def _occurrences(text: str, needle: str) -> list[int]:
+    found, at = [], text.find(needle)
+    while at != -1:
+        found.append(at)
+        at = text.find(needle, at + 1)
+    return found
 
 
 def token_piece(vocab: int, token: int, *, special: bool) -> bytes:

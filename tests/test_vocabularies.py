@@ -106,6 +106,18 @@ def test_typed_markup_never_becomes_control_tokens(case: Case) -> None:
     assert control_tokens(EVIL) == harmless
     for marker in CONTROL_STRINGS:
         assert control_tokens(f"a {marker} b") == harmless, marker
+    # Nor any other token the markup is made of that llama.cpp would match in plain text
+    # (gpt-oss's <|start|> and <|channel|> are user-defined tokens, not control ones).
+    # (Whitespace tokens, user-defined in Gemma's vocabulary, are harmless and not counted.)
+    markup = {
+        t for seg in template.render(conversation("hello")) if seg.special for t in vocab.tokenize(seg.text, special=True)
+        if vocab.is_user_defined(t) and vocab.special_piece(t).strip()
+    }  # fmt: skip
+
+    def markup_tokens(text: str) -> list[int]:
+        return sorted(t for t in vocab.encode(template.render(conversation(text))) if t in markup)
+
+    assert markup_tokens(EVIL) == markup_tokens("hello")
     # and nothing of it was lost: every character is there, as text (SentencePiece spells
     # its word-boundary mark "▁", inside DeepSeek's markers, as a space)
     text = vocab.text_of(vocab.encode(template.render([Message("user", EVIL)])))
