@@ -128,11 +128,14 @@ class Generation:
             self._changed.clear()
 
     async def updates(self) -> AsyncIterator[None]:
-        """Wake once per change of text, reasoning or state, until done (read the fields)."""
-        while not self.done:
+        """Wake at once, then once per change of text, reasoning or state, the last time when
+        done (read the fields; changes that come faster than the reader coalesce)."""
+        while True:
+            yield None
+            if self.done:
+                return
             await self._changed.wait()
             self._changed.clear()
-            yield None
 
     def _deliver(self, text: str, finish_reason: str | None = None, error: str | None = None, *, reasoning: str = "", thinking: bool | None = None) -> None:
         """Called on the event loop with what the producer has for us since last time."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from bot.backend import Backend, Generation, PreparedPrompt
 from bot.config import ConfigError, Settings
 from bot.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
-from bot.templates import AUTO, Message, Template, canonical_name, get_template
+from bot.templates import AUTO, JinjaTemplate, Message, Template, canonical_name, get_template
 
 if TYPE_CHECKING:
     from bot.engine import EngineOptions
@@ -147,7 +147,9 @@ class ChatService:
         key = canonical_name(name)
         if key not in self._templates:
             info = self.backend.info
-            self._templates[key] = get_template(key, gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+            self._templates[key] = get_template(
+                key, gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, enable_thinking=self.settings.enable_thinking
+            )
         return self._templates[key]
 
     def template_name(self, conversation: Conversation) -> str:
@@ -160,6 +162,9 @@ class ChatService:
         resolved = self.template(name)
         if name == AUTO and resolved.name != AUTO:
             return f"auto (the model has no usable chat template, so {resolved.name})"
+        if isinstance(resolved, JinjaTemplate) and resolved.takes_thinking_switch:
+            switch = {None: "the template's default", True: "on", False: "off"}[self.settings.enable_thinking]
+            return f"{name} (thinking: {switch}, ENABLE_THINKING)"
         return name
 
     async def set_template(self, scope: str, name: str) -> str:

@@ -522,14 +522,18 @@ class Engine:
 
     def _make_sampler(self, s: Sampling, prompt: list[int], grammar: str | None = None) -> int:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if s.repeat_penalty != 1.0 and s.repeat_last_n:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(self.vocab.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+            # the repeat penalty looks at recent prompt tokens too, as llama.cpp's server does
+            # (fed before a grammar joins the chain: the prompt is not the grammar's to parse)
+            for token in prompt[-s.repeat_last_n :]:
+                L.llama_sampler_accept(chain, token)
         if grammar is not None:
             constrain = L.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
             if not constrain:
                 L.llama_sampler_free(chain)
                 raise ValueError("the grammar does not parse")
             L.llama_sampler_chain_add(chain, constrain)
-        if s.repeat_penalty != 1.0 and s.repeat_last_n:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(self.vocab.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
         if s.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -540,10 +544,6 @@ class Engine:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s.temperature))
             seed = s.seed if s.seed is not None else secrets.randbelow(2**32 - 1)
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
-        # the repeat penalty looks at recent prompt tokens too, as llama.cpp's server does
-        if s.repeat_penalty != 1.0 and s.repeat_last_n:
-            for token in prompt[-s.repeat_last_n :]:
-                L.llama_sampler_accept(chain, token)
         return chain
 
     def _fill_batch(self, entries: list[tuple[int, int, int, bool]]) -> None:
@@ -722,6 +722,7 @@ class LocalBackend:
         self.engine = engine
         self.n_ctx = engine.n_ctx
         self.info = engine.info
+        self.grammar: str | None = None  # GBNF every reply must follow (the tests use it to make a model reason)
 
     async def count(self, texts: Sequence[str]) -> list[int]:
         vocab = self.engine.vocab
@@ -737,7 +738,7 @@ class LocalBackend:
 
     def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         assert prompt.tokens is not None
-        return self.engine.generate(key, prompt.tokens, max_tokens=max_tokens, sampling=sampling, fmt=prompt.fmt)
+        return self.engine.generate(key, prompt.tokens, max_tokens=max_tokens, sampling=sampling, fmt=prompt.fmt, grammar=self.grammar)
 
     def forget(self, key: str) -> None:
         self.engine.forget(key)

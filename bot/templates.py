@@ -358,6 +358,7 @@ class JinjaTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.enable_thinking = enable_thinking  # None: the template's own default
+        self.takes_thinking_switch = "enable_thinking" in source  # Qwen3, DeepSeek-R1 distills
         self.harmony = "<|channel|>" in source  # gpt-oss: analysis and final channels
         env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = _tojson

@@ -109,10 +109,7 @@ class TerminalChat:
         self._current = reply
         try:
             self._say("[ASSISTANT]:\n")
-            wrote = False
-            async for chunk in reply.stream():
-                self._say(chunk)
-                wrote = True
+            wrote = await self._show(reply)
             final = await reply.text()
             if not wrote:
                 self._say(final)
@@ -130,6 +127,38 @@ class TerminalChat:
                 self._say(f"[ERROR] Could not store that reply: {exc}\n")
         finally:
             self._current = None
+
+    async def _show(self, reply: Reply) -> bool:
+        """Write the reply as it is generated; returns whether any answer text was written.
+
+        A reasoning model's thoughts follow THINKING, as on Discord: `hide` shows only
+        "(thinking…)" and how long it took; `spoiler` and `show` print them, marked."""
+        gen = reply.generation
+        mode = self.chat.settings.thinking
+        reasoning_shown = answer_shown = 0
+        said_thinking = False
+        async for _ in gen.updates():
+            if gen.reasoning and mode != "hide" and len(gen.reasoning) > reasoning_shown:
+                if not reasoning_shown:
+                    self._say("(thinking) ")
+                    gen_reasoning = gen.reasoning.lstrip()
+                    reasoning_shown = len(gen.reasoning) - len(gen_reasoning)
+                self._say(gen.reasoning[reasoning_shown:])
+                reasoning_shown = len(gen.reasoning)
+            elif gen.thinking and mode == "hide" and not said_thinking:
+                self._say("(thinking\u2026)")
+                said_thinking = True
+            answer = gen.text.lstrip()
+            if answer and not answer_shown:
+                if reasoning_shown or said_thinking:
+                    self._say(f" (thought for {gen.thought_s or 0:.0f} s)\n" if mode == "hide" else "\n\n")
+                answer_shown = len(gen.text) - len(answer)
+            if answer and len(gen.text) > answer_shown:
+                self._say(gen.text[answer_shown:])
+                answer_shown = len(gen.text)
+        if (reasoning_shown or said_thinking) and not answer_shown:
+            self._say("\n")
+        return answer_shown > 0
 
     async def _command(self, text: str) -> bool:
         """Handle a /command. Returns False to end the chat."""
