@@ -69,6 +69,22 @@ def setup_logging(settings: Settings, *, quiet: bool) -> None:
         level = min(level, logging.INFO)
     discord.utils.setup_logging(level=level, root=True)
     logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))  # one DEBUG line per query is noise
+    logging.getLogger("httpx2").setLevel(max(level, logging.WARNING))  # the remote backend's HTTP client: a line per request
+    logging.getLogger("discord.client").addFilter(_one_line_reconnects)
+
+
+def _one_line_reconnects(record: logging.LogRecord) -> bool:
+    """discord.py logs every reconnect attempt during an outage with a full traceback; a
+    server owner reading the journal needs one line saying why."""
+    if record.exc_info and str(record.msg).startswith("Attempting a reconnect"):
+        exc = record.exc_info[1]
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        record.msg = f"{record.msg} (Discord cannot be reached: %s)"
+        record.args = (*(record.args if isinstance(record.args, tuple) else ()), reason)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,6 +171,7 @@ class LlamaBot(discord.Client):
                 await self.chat.delete_message(turn.message.platform_message_id)
                 continue
             first = await self._fetch_message(turn.channel_id, turn.message.reply_message_id) if turn.message.reply_message_id else None
+            first = first or await self._own_reply_to(message)  # posted just before the process died
             age = (now - message.created_at).total_seconds()
             if age > self.settings.resume_max_age_s:
                 await self.chat.store.set_status(turn.message.id, EXPIRED)
@@ -235,6 +236,17 @@ class LlamaBot(discord.Client):
             return await channel.fetch_message(int(message_id))
         except discord.HTTPException:
             return None
+
+    async def _own_reply_to(self, message: discord.Message) -> discord.Message | None:
+        """The bot's message in reply to `message`, if it posted one (its queue note or a
+        partial reply) that the database did not get to record before the process died."""
+        try:
+            async for later in message.channel.history(after=message, limit=50, oldest_first=True):
+                if self.user is not None and later.author.id == self.user.id and later.reference and later.reference.message_id == message.id:
+                    return later
+        except discord.HTTPException:
+            pass
+        return None
 
     async def _show_note(self, message: discord.Message, first: discord.Message | None, text: str) -> None:
         """A note in reply to `message`, in the bot's message already there if there is one."""

@@ -387,10 +387,9 @@ class Engine:
                 log.exception("engine step failed; ending the replies it held: %s", ", ".join(s.key or "?" for s in self._active()))
                 for slot in self._active():
                     self._fail(slot, exc)
-                self._faults_in_a_row += 1
-                if self._faults_in_a_row >= FATAL_AFTER:
-                    self._give_up(f"{FATAL_AFTER} engine faults in a row, the last: {type(exc).__name__}: {exc}")
-                    return
+                self._fault_seen(exc)
+            if self._dead is not None:
+                return
         for slot in self._active():
             self._finish(slot, "cancelled")
         with self._lock:
@@ -400,6 +399,9 @@ class Engine:
 
     def _admit_or_fail(self, request: _Request) -> None:
         """Admit a request; if that fails, fail it (with its slot emptied) and nothing else."""
+        if self._dead is not None:
+            self._report(request, "", "error", self._dead)
+            return
         try:
             self._admit(request)
         except Exception as exc:
@@ -409,7 +411,13 @@ class Engine:
                 self._fail(slot, exc)
             else:
                 self._report(request, "", "error", f"{type(exc).__name__}: {exc}")
-            self._faults_in_a_row += 1
+            self._fault_seen(exc)
+
+    def _fault_seen(self, exc: BaseException) -> None:
+        """Count a fault; FATAL_AFTER in a row, with nothing served between, and the engine gives up."""
+        self._faults_in_a_row += 1
+        if self._faults_in_a_row >= FATAL_AFTER and self._dead is None:
+            self._give_up(f"{FATAL_AFTER} engine faults in a row, the last: {type(exc).__name__}: {exc}")
 
     def _fail(self, slot: _Slot, exc: BaseException) -> None:
         """End a slot's reply with an error and empty the slot: its KV may be half-written."""

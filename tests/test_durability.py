@@ -1,0 +1,285 @@
+"""Nothing lost: messages are durable from arrival, through restarts, outages and faults.
+
+Through the local Discord API with the real model and real SQLite files; in real
+subprocesses where the scenario needs a real restart (SIGTERM, SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.chat import ChatService
+from bot.discord_bot import RESTARTED, SORRY, LlamaBot
+from bot.engine import Engine, EngineDead, EngineOptions, LocalBackend
+from bot.store import Store
+from tests.conftest import World, make_settings, mention, rows, scope
+from tests.fakediscord import FakeDiscord
+from tests.test_discord_process import finish, one_channel, start_process
+
+LONG = "Write a long story about a dragon."
+
+
+def replies_to(fake: FakeDiscord, channel: dict, message: dict) -> list[dict]:
+    return [m for m in fake.bot_messages(channel) if m.get("message_reference", {}).get("message_id") == message["id"]]
+
+
+def table(db: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT role, status, content FROM messages ORDER BY id").fetchall()
+
+
+def everything_stored(db: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        return " ".join(str(v) for row in conn.execute("SELECT content, reasoning FROM messages") for v in row)
+
+
+async def idle(fake: FakeDiscord, bot: LlamaBot) -> None:
+    await fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+
+
+# --- real restarts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_queued_message_survives_a_restart(tmp_path: Path, how: str) -> None:
+    """A message waiting behind a long reply is answered after the bot comes back, once,
+    in the message that said "you're #1 in line"; after SIGKILL the reply being written
+    when the process died is finished too, in the message it had started."""
+    async with FakeDiscord() as fake:
+        _, general, ann = one_channel(fake)
+        env = {"LLAMA_N_PREDICT": "300", "STREAM": "1", "USER_COOLDOWN_S": "0"}
+        process = await start_process(fake, tmp_path, **env)
+        try:
+            await fake.wait_ready(timeout=60)
+            story = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> {LONG}")
+            await fake.wait_for(lambda: replies_to(fake, general, story), 60)  # being written
+            queued = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> What is two plus two?")
+            [note] = await fake.wait_for(lambda: replies_to(fake, general, queued), 60)
+            assert note["content"].startswith("\u23f3")
+            if how == "SIGTERM":
+                process.send_signal(signal.SIGTERM)
+                code, log = await finish(process)
+                assert code == 0 and "Traceback" not in log
+            else:
+                process.kill()
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+        db = tmp_path / "bot.sqlite3"
+        statuses = {content: status for role, status, content in table(db) if role == "user"}
+        assert statuses["What is two plus two?"] == "pending"  # on disk, waiting
+        assert statuses[LONG] == ("ok" if how == "SIGTERM" else "pending")
+        await fake.drop_connections()
+
+        restarted = await start_process(fake, tmp_path, LLAMA_N_PREDICT="24", STREAM="1")
+        try:
+            await fake.wait_for(lambda: not replies_to(fake, general, queued)[0]["content"].startswith("\u23f3"), 90)
+            await fake.wait_for(lambda: all(s != "pending" for _, s, _ in table(db)), 90)
+            restarted.send_signal(signal.SIGTERM)
+            code, log = await finish(restarted)
+        finally:
+            if restarted.returncode is None:
+                restarted.kill()
+        assert code == 0 and "Traceback" not in log
+        assert [m["id"] for m in replies_to(fake, general, queued)] == [note["id"]]  # answered once, in place
+        assert len(replies_to(fake, general, story)) == 1  # never answered twice
+        roles = [(role, status) for role, status, _ in table(db)]
+        assert roles == [("user", "ok"), ("assistant", "ok")] * 2
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+async def test_message_sent_while_the_bot_is_down_is_answered_once(world: World, start_bot, tmp_path: Path) -> None:
+    db = tmp_path / "kept.sqlite3"
+    async with start_bot(db=db, stream=False) as bot:
+        first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Hello!")
+        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, first), 60)
+        await idle(world.fake, bot)
+    # the bot is stopped: these arrive while nobody listens
+    missed = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Are you there?")
+    chatter = await world.fake.send_message(world.general, world.mod, "just talking among ourselves")
+    async with start_bot(db=db, stream=False) as bot:
+        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, missed), 60)
+        await idle(world.fake, bot)
+    async with start_bot(db=db, stream=False) as bot:  # and once more: nothing is answered twice
+        await asyncio.sleep(1.0)
+        await idle(world.fake, bot)
+    assert len(replies_to(world.fake, world.general, missed)) == 1
+    assert replies_to(world.fake, world.general, chatter) == []  # not addressed to the bot
+    assert [r[2] for r in rows(db) if r[1] == "user"] == ["Hello!", "Are you there?"]
+
+
+async def test_too_old_to_resume_gets_a_note_and_is_never_answered(world: World, start_bot, tmp_path: Path) -> None:
+    db = tmp_path / "kept.sqlite3"
+    waiting = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Remember me?")
+    async with await Store.open(db) as store:  # what an earlier run stored before it went down
+        conversation = await store.conversation(scope(world, world.general), channel_id=world.general["id"])
+        await store.receive(conversation.id, "Remember me?", author_id=world.ann["id"], author_name="Ann", platform_message_id=waiting["id"])
+    async with start_bot(db=db, stream=False, resume_max_age_s=0.0, catchup_max_messages=0) as bot:
+        [note] = await world.fake.wait_for(lambda: replies_to(world.fake, world.general, waiting), 60)
+        await idle(world.fake, bot)
+    assert note["content"] == RESTARTED
+    assert table(db) == [("user", "expired", "Remember me?")]
+    async with start_bot(db=db, stream=False) as bot:  # later starts leave it alone
+        await asyncio.sleep(1.0)
+        await idle(world.fake, bot)
+    assert len(replies_to(world.fake, world.general, waiting)) == 1
+
+
+# --- edits and deletes while waiting or being answered ---------------------------------------
+
+
+async def test_edit_while_queued_is_answered_in_its_edited_form(world: World, start_bot) -> None:
+    async with start_bot(stream=False, n_predict=200, parallel=1) as bot:
+        await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} {LONG}")  # holds the only slot
+        await world.fake.wait_for(lambda: bot.replies, 60)
+        queued = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} What is the capital of Spain?")
+        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, queued), 60)  # "#1 in line"
+        assert bot.scheduler.waiting == 1
+        await world.fake.edit_message(queued, f"{mention(world.fake)} What is the capital of France?")
+        await world.fake.wait_for(lambda: bot.chat.store is not None and "France" in everything_stored(bot.settings.database_path), 30)
+        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path, scope(world, world.general))) == 2, 120)
+        await idle(world.fake, bot)
+        db = bot.settings.database_path
+    assert [r[2] for r in rows(db, scope(world, world.general))][0] == "What is the capital of France?"
+    assert "Spain" not in everything_stored(db)
+    [reply] = replies_to(world.fake, world.general, queued)
+    assert "Paris" in reply["content"]
+
+
+async def test_delete_while_queued_is_never_answered(world: World, start_bot) -> None:
+    async with start_bot(stream=False, n_predict=200, parallel=1) as bot:
+        await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} {LONG}")
+        await world.fake.wait_for(lambda: bot.replies, 60)
+        queued = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Tell me a secret.")
+        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, queued), 60)
+        await world.fake.delete_message(queued)
+        await idle(world.fake, bot)
+        db = bot.settings.database_path
+    assert rows(db, scope(world, world.general)) == []
+    assert "secret" not in everything_stored(db)
+    assert world.fake.bot_messages(world.general) == []  # the waiting note went with it
+
+
+async def test_delete_during_generation_stops_it_and_stores_nothing(world: World, start_bot) -> None:
+    async with start_bot(stream=True, n_predict=300) as bot:
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {LONG}")
+        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, sent), 60)  # it is being written
+        generation = bot.replies[scope(world, world.general)].generation
+        await world.fake.delete_message(sent)
+        await idle(world.fake, bot)
+        assert generation.finish_reason == "cancelled" and generation.n_generated < 300
+        db = bot.settings.database_path
+        assert rows(db) == []
+        assert world.fake.bot_messages(world.general) == []  # the half-written reply is gone too
+        [after] = await asyncio.gather(world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Hi again"))
+        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, after), 60)
+        await idle(world.fake, bot)
+        assert [r[2] for r in rows(db) if r[1] == "user"] == ["Hi again"]
+
+
+# --- faults in the engine --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def own_engine(model_path: Path):
+    """A small engine of its own (one slot), for faults the shared one must not see."""
+    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=2, parallel=1, kv_cache_mb=64))
+    yield engine
+    await engine.close()
+
+
+async def test_fault_while_restoring_a_cached_state_apologises_and_the_channel_recovers(
+    world: World, own_engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, discord_token=world.fake.token, stream=False, parallel=1, user_cooldown_s=0.0)
+    async with await Store.open(settings.database_path) as store:
+        bot = LlamaBot(settings, ChatService(LocalBackend(own_engine), store, settings), guild_ready_timeout=0.1)
+        async with world.fake.running(bot):
+            try:
+                for channel, text in ((world.general, "Hello!"), (world.random, "Hi there.")):  # general's state goes to the cache
+                    sent = await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {text}")
+                    await world.fake.wait_for(lambda: replies_to(world.fake, channel, sent), 60)
+                    await idle(world.fake, bot)
+                assert own_engine.cached_states == 1
+                own_engine.inject_fault("restore")
+                with caplog.at_level(logging.ERROR):
+                    failing = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} And now?")
+                    [apology] = await world.fake.wait_for(lambda: replies_to(world.fake, world.general, failing), 60)
+                assert apology["content"] == SORRY
+                assert "injected fault while restoring" in caplog.text and scope(world, world.general) in caplog.text
+                again = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Still there?")
+                [answer] = await world.fake.wait_for(lambda: replies_to(world.fake, world.general, again), 60)
+                assert answer["content"] != SORRY
+                await idle(world.fake, bot)
+                assert own_engine.dead is None and own_engine.busy_slots == 0
+            finally:
+                await bot.shutdown(grace=10)
+
+
+async def test_engine_that_cannot_go_on_fails_every_request_at_once(own_engine: Engine) -> None:
+    """After repeated faults the engine gives up: waiting and later replies fail at once (no
+    hang), and `on_fatal` tells the process to exit so the service manager restarts it."""
+    fatal: list[str] = []
+    own_engine.on_fatal = fatal.append
+    tokens = own_engine.vocab.tokenize("Hello there, how are you?", special=False)
+    own_engine.inject_fault("admit", times=100)
+    from bot.config import Sampling
+
+    generations = [own_engine.generate(f"k{i}", tokens, max_tokens=8, sampling=Sampling(temperature=0.0)) for i in range(8)]
+    done = await asyncio.wait_for(asyncio.gather(*(g.wait() for g in generations)), 30)
+    assert all(g.finish_reason == "error" for g in done)
+    await asyncio.sleep(0.1)
+    assert fatal and "faults in a row" in fatal[0] and own_engine.dead
+    with pytest.raises(EngineDead):
+        own_engine.generate("later", tokens, max_tokens=8, sampling=Sampling(temperature=0.0))
+
+
+# --- stopping on time ------------------------------------------------------------------------
+
+
+async def test_sigterm_while_reconnecting_to_an_unreachable_discord(tmp_path: Path) -> None:
+    fake = FakeDiscord()
+    await fake.start()
+    _, general, ann = one_channel(fake)
+    process = await start_process(fake, tmp_path)
+    try:
+        await fake.wait_ready(timeout=60)
+        await fake.close()  # Discord goes away: discord.py backs off and retries
+        await asyncio.sleep(4.0)
+        assert process.returncode is None
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code, log = await finish(process, timeout=25)
+        took = time.monotonic() - started
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0, log
+    assert took < 25 and "Traceback" not in log and "stopped" in log
+
+
+async def test_sigterm_while_discord_cannot_be_reached_at_start(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with FakeDiscord() as fake:
+        process = await start_process(fake, tmp_path, DISCORD_API_BASE=f"http://127.0.0.1:{port}/api/v10", DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{port}")
+        try:
+            await asyncio.sleep(3.0)
+            assert process.returncode is None  # it keeps trying, it does not crash
+            process.send_signal(signal.SIGTERM)
+            code, log = await finish(process, timeout=25)
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert code == 0, log
+    assert "cannot reach Discord" in log and "Traceback" not in log
