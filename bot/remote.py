@@ -115,8 +115,9 @@ class RemoteBackend:
         key = settings.openai_api_key
         if auth is not None and key:
             log.warning("OPENAI_BASE_URL carries credentials and OPENAI_API_KEY is set: the credentials are sent (HTTP basic auth), the key is not")
-        password = unquote(urlsplit(settings.openai_base_url).password or "")
-        self._secrets = [s for s in (key, password) if s]  # scrubbed from every line this module logs
+        parts = urlsplit(settings.openai_base_url)
+        password = unquote(parts.password or "") or unquote(parts.username or "")  # a lone user name is a token
+        self._secrets = [s for s in (key, password) if s]  # scrubbed from every failure this module logs
         timeout = openai.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)  # read: the longest silence inside a stream
         self._http = openai.DefaultAsyncHttpxClient(auth=auth, timeout=timeout)
         self._headers = {"Authorization": f"Bearer {key}"} if key and auth is None else {}
