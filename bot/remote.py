@@ -4,13 +4,28 @@ llama-cpp-python's server, vLLM, Ollama, LM Studio).
 Two modes, since servers differ. `completions` sends the prompt this bot built
 with its own template to /v1/completions, so the template names mean what they
 say. `chat` sends the messages to /v1/chat/completions and the server applies
-its own template. Replies stream over SSE into the same `Generation` the local
-engine produces, so streaming edits and /stop work unchanged.
+its own template. Replies stream into the same `Generation` the local engine
+produces, so streaming edits and /stop work unchanged.
+
+The official `openai` package does the talking: requests, server-sent events,
+timeouts, typed errors, and retries (honouring `Retry-After`) that happen only
+before a stream starts, so no reply is ever sent twice. Plain HTTP remains for
+what the SDK does not know: the servers' tokenize endpoints.
+
+A reasoning model's thoughts arrive either separately (`reasoning_content` as
+llama-server and DeepSeek send them, `reasoning` as vLLM, Ollama and OpenRouter
+do) or inline in the text (`<think>…</think>`, gpt-oss harmony). Both end up in
+`Generation.reasoning`, never in the answer, exactly as with the local engine.
 
 Servers tokenize prompt strings with special tokens parsed, so text people
 typed is defanged first: a word joiner goes inside anything shaped like a
 control token (`<|im_start|>`, `[INST]`, `</s>`), which leaves it readable but
 no longer a token the server would turn into markup.
+
+Secrets stay out of logs: a base URL with credentials
+(`http://user:pass@host/v1`) is logged as `http://***@host/v1`, the credentials
+go out as HTTP basic auth, and neither they nor the API key appear in any
+message this module logs.
 """
 
 from __future__ import annotations
@@ -24,17 +39,24 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-import aiohttp
+import httpx2
+import openai
 
 from bot.backend import Generation, ModelInfo, PreparedPrompt
 from bot.config import Sampling, Settings
-from bot.reasoning import StopText
-from bot.templates import Message, Template
+from bot.reasoning import ReplyFormat, ReplyText
+from bot.templates import Message, Template, reply_format
 
 log = logging.getLogger(__name__)
 
-RETRIES = 2  # extra attempts, only while nothing has been streamed yet
+RETRIES = 2  # the SDK's retries; they cover only the request, never a stream that has started
+CONNECT_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 10.0  # health check and tokenize calls
+CACHE_REUSE = 256  # llama-server: reuse cached prompt chunks this long after old history drops out
+MAX_CHARS_PER_TOKEN = 64  # a reply longer than max_tokens * this is a broken server, not a reply
+NO_KEY = "no-key"  # the SDK insists on a key; servers started without one ignore it
 _SPECIAL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<(?:bos|eos|pad|unk|start_of_turn|end_of_turn)>|\[/?INST\]|<</?SYS>>")
 WORD_JOINER = "\u2060"
 
@@ -44,58 +66,87 @@ def defang(text: str) -> str:
     return _SPECIAL.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
 
 
+def redact_url(url: str) -> str:
+    """The URL as it may appear in a log: credentials and query values replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{p.partition('=')[0]}=***" if "=" in p else p for p in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def split_credentials(url: str) -> tuple[str, httpx2.BasicAuth | None]:
+    """The URL without `user:pass@`, and those credentials as HTTP basic auth.
+
+    The HTTP client logs every request's URL, so the credentials must not be in it."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), httpx2.BasicAuth(unquote(user), unquote(password))
+
+
 class RemoteError(Exception):
     """The server failed this request; the message says how, for the log."""
-
-
-class _Retryable(RemoteError):
-    pass
 
 
 class RemoteBackend:
     """An OpenAI-compatible server. Create with `await RemoteBackend.connect(settings)`."""
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, *, read_timeout: float = 120.0, max_retries: int = RETRIES) -> None:
         assert settings.openai_base_url
         self.settings = settings
-        self.base = settings.openai_base_url
-        self.root = re.sub(r"/v1$", "", self.base)
+        self.shown_base = redact_url(settings.openai_base_url)
+        base, auth = split_credentials(settings.openai_base_url)
+        self.root = re.sub(r"/v1/?$", "", base)  # where the tokenize endpoints live
         self.mode = settings.openai_mode
         self.applies_template = self.mode == "chat"
         self.model = settings.openai_model
         self.n_ctx = settings.n_ctx or 4096
         self.info = ModelInfo(
-            path=Path(self.base), description="remote", n_ctx_train=self.n_ctx, chat_template=None,
+            path=Path(self.shown_base), description="remote", n_ctx_train=self.n_ctx, chat_template=None,
             bos_token="", eos_token="", add_bos=False, size_bytes=0,
         )
-        self._session = session
+        key = settings.openai_api_key
+        if auth is not None and key:
+            log.warning("OPENAI_BASE_URL carries credentials and OPENAI_API_KEY is set: the credentials are sent (HTTP basic auth), the key is not")
+        parts = urlsplit(settings.openai_base_url)
+        password = unquote(parts.password or "") or unquote(parts.username or "")  # a lone user name is a token
+        self._secrets = [s for s in (key, password) if s]  # scrubbed from every failure this module logs
+        timeout = openai.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)  # read: the longest silence inside a stream
+        self._http = openai.DefaultAsyncHttpxClient(auth=auth, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {key}"} if key and auth is None else {}
+        self.client = openai.AsyncOpenAI(base_url=base, api_key=key or NO_KEY, http_client=self._http, timeout=timeout, max_retries=max_retries)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tokenizer: str | None = None  # which /tokenize flavour the server speaks, if any
+        self._tokenizer: str | None = None  # which tokenize flavour the server speaks, if any
         self._counts: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
-    async def connect(cls, settings: Settings, *, read_timeout: float = 120.0) -> RemoteBackend:
-        """Open a session and run the health check (which only logs: the server may come up later)."""
-        headers = {"Authorization": f"Bearer {settings.openai_api_key}"} if settings.openai_api_key else {}
-        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=read_timeout)
-        backend = cls(settings, aiohttp.ClientSession(headers=headers, timeout=timeout))
+    async def connect(cls, settings: Settings, *, read_timeout: float = 120.0, max_retries: int = RETRIES) -> RemoteBackend:
+        """Create the client and run the health check (which only logs: the server may come up later)."""
+        backend = cls(settings, read_timeout=read_timeout, max_retries=max_retries)
         await backend.health_check()
         return backend
 
     async def health_check(self) -> bool:
         """Say clearly, at start, whether the server answers and which model it serves."""
         try:
-            async with self._session.get(f"{self.base}/models", timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                if resp.status != 200:
-                    raise RemoteError(f"HTTP {resp.status}")
-                served = [m.get("id") for m in (await resp.json(content_type=None)).get("data", [])]
-        except (aiohttp.ClientError, asyncio.TimeoutError, RemoteError, ValueError) as exc:
-            log.warning("model server %s is not reachable (%s); replies will fail until it is", self.base, _reason(exc))
+            page = await self.client.with_options(max_retries=0, timeout=PROBE_TIMEOUT_S).models.list()
+            served = [str(getattr(m, "id", "?")) for m in page.data]
+        except Exception as exc:  # anything at all: the bot starts regardless
+            log.warning("model server %s is not reachable (%s); replies will fail until it is", self.shown_base, self._reason(exc))
             return False
         self.model = self.model or (served[0] if served else None)
-        log.info("model server %s is reachable and serves %s; using %s in %s mode", self.base, ", ".join(map(str, served)) or "no model", self.model, self.mode)
+        log.info("model server %s is reachable and serves %s; using %s in %s mode", self.shown_base, ", ".join(served) or "no model", self.model, self.mode)
         await self._probe_tokenizer()
         return True
+
+    # --- token counts: the server's tokenize endpoint, else an estimate ------------------
 
     async def _probe_tokenizer(self) -> None:
         """Find the server's tokenize endpoint; without one, token counts are estimates."""
@@ -105,7 +156,7 @@ class RemoteBackend:
                 if await self._count_remote("probe") > 0:
                     log.info("model server counts tokens with its %s tokenize endpoint", kind)
                     return
-            except (aiohttp.ClientError, asyncio.TimeoutError, RemoteError, ValueError, KeyError, TypeError):
+            except (httpx2.HTTPError, ValueError, KeyError, TypeError):
                 pass
         self._tokenizer = None
         log.info("model server has no tokenize endpoint: token counts for fitting the context are conservative estimates")
@@ -116,10 +167,9 @@ class RemoteBackend:
             "vllm": (f"{self.root}/tokenize", {"prompt": text, "model": self.model}, "count"),
             "llama-cpp-python": (f"{self.root}/extras/tokenize/count", {"input": text}, "count"),
         }[self._tokenizer or ""]
-        async with self._session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            if resp.status != 200:
-                raise RemoteError(f"HTTP {resp.status}")
-            value = (await resp.json(content_type=None))[key]
+        resp = await self._http.post(url, json=body, headers=self._headers, timeout=PROBE_TIMEOUT_S)
+        resp.raise_for_status()
+        value = resp.json()[key]
         return len(value) if isinstance(value, list) else int(value)
 
     async def count(self, texts: Sequence[str]) -> list[int]:
@@ -133,25 +183,28 @@ class RemoteBackend:
         if self._tokenizer is not None:
             try:
                 count = await self._count_remote(text)
-            except (aiohttp.ClientError, asyncio.TimeoutError, RemoteError, ValueError, KeyError):
+            except (httpx2.HTTPError, ValueError, KeyError, TypeError):
                 pass
         self._counts[text] = count
         if len(self._counts) > 20_000:
             self._counts.popitem(last=False)
         return count
 
+    # --- the Backend interface ---------------------------------------------------------
+
     async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
-        if self.mode == "chat":
+        if self.mode == "chat":  # the server renders, so no stop strings or harmony of ours apply
             payload = [{"role": m.role, "content": defang(m.content)} for m in messages]
             counts = await self.count([m["content"] for m in payload])
-            return PreparedPrompt(n_tokens=sum(counts) + 8 * len(payload), messages=payload)
-        text = "".join(s.text if s.special else defang(s.text) for s in template.render(messages))
+            return PreparedPrompt(n_tokens=sum(counts) + 8 * len(payload), messages=payload, fmt=ReplyFormat())
+        segments = template.render(messages)
+        text = "".join(s.text if s.special else defang(s.text) for s in segments)
         [n] = await self.count([text])
-        return PreparedPrompt(n_tokens=n, text=text)
+        return PreparedPrompt(n_tokens=n, text=text, fmt=reply_format(template, segments))
 
     def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         gen = Generation(key=key, n_prompt=prompt.n_tokens, loop=asyncio.get_running_loop())
-        task = asyncio.ensure_future(self._run(gen, prompt, max_tokens, sampling, tuple(s for s in prompt.fmt.stop if s)))
+        task = asyncio.ensure_future(self._run(gen, prompt, max_tokens, sampling))
         gen._on_cancel = task.cancel  # /stop closes the stream at once
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -161,128 +214,156 @@ class RemoteBackend:
         """Nothing is cached here (the server keeps its own prompt cache)."""
 
     def describe(self) -> str:
-        return f"{self.model or 'the default model'} on {self.base} ({self.mode} mode)"
+        return f"{self.model or 'the default model'} on {self.shown_base} ({self.mode} mode)"
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._session.close()
+        await self.client.close()
 
-    # --- one request -----------------------------------------------------------------
+    # --- one reply ---------------------------------------------------------------------
 
-    def _payload(self, prompt: PreparedPrompt, max_tokens: int, s: Sampling, stop: tuple[str, ...]) -> dict[str, Any]:
-        payload: dict[str, Any] = {
+    async def _run(self, gen: Generation, prompt: PreparedPrompt, max_tokens: int, sampling: Sampling) -> None:
+        """Stream one reply into `gen`. Whatever happens, `gen` ends; nothing escapes."""
+        reader = _Reader(gen, prompt.fmt, max_chars=max_tokens * MAX_CHARS_PER_TOKEN)
+        try:
+            if self.model is None:  # the server was down at start: learn its model now
+                await self.health_check()
+            stream = await self._open(gen.key, prompt, max_tokens, sampling)
+            gen.started_at = gen.started_at or time.perf_counter()
+            async with stream:
+                async for chunk in stream:
+                    if reader.add(chunk):
+                        break  # a stop string (or gpt-oss's end) ended the reply: close the stream
+            reader.finish()
+        except asyncio.CancelledError:
+            reader.finish("cancelled")
+        except Exception as exc:  # whatever it is, the user gets an apology and the log one clean line
+            reason = self._reason(exc)  # (no traceback: its text could carry a secret)
+            log.warning("model server request for %s failed: %s", gen.key, reason)
+            reader.finish("error", reason)
+
+    async def _open(self, key: str, prompt: PreparedPrompt, max_tokens: int, s: Sampling) -> Any:
+        """Start the request; the SDK retries it (connection errors, timeouts, 408/409/429/5xx,
+        waiting as `Retry-After` says) until the server answers with a stream."""
+        args: dict[str, Any] = {
+            "model": self.model or openai.omit,
             "max_tokens": max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
-            "top_k": s.top_k,
-            "min_p": s.min_p,
-            "repeat_penalty": s.repeat_penalty,  # llama.cpp's name
-            "repetition_penalty": s.repeat_penalty,  # vLLM's name
+            "seed": s.seed if s.seed is not None else openai.omit,
             "stream": True,
+            "extra_body": {
+                "top_k": s.top_k,
+                "min_p": s.min_p,
+                "repeat_penalty": s.repeat_penalty,  # llama.cpp's name
+                "repetition_penalty": s.repeat_penalty,  # vLLM's name
+                "n_cache_reuse": CACHE_REUSE,
+            },
         }
-        if self.model:
-            payload["model"] = self.model
-        if s.seed is not None:
-            payload["seed"] = s.seed
         if prompt.messages is not None:
-            payload["messages"] = prompt.messages
+            raw = await self.client.chat.completions.with_raw_response.create(messages=prompt.messages, **args)  # type: ignore[arg-type]
         else:
-            payload["prompt"] = prompt.text
-            if stop:
-                payload["stop"] = list(stop)[:4]  # OpenAI's limit; the rest are cut client-side
-        return payload
+            stops = [stop for stop in prompt.fmt.stop if stop][:4]  # OpenAI's limit; the rest are cut here
+            raw = await self.client.completions.with_raw_response.create(prompt=prompt.text or "", stop=stops or openai.omit, **args)
+        if raw.retries_taken:
+            log.info("model server request for %s went through after %d %s", key, raw.retries_taken, "retry" if raw.retries_taken == 1 else "retries")
+        return raw.parse()
 
-    async def _run(self, gen: Generation, prompt: PreparedPrompt, max_tokens: int, sampling: Sampling, stop: tuple[str, ...]) -> None:
-        url = f"{self.base}/chat/completions" if prompt.messages is not None else f"{self.base}/completions"
-        payload = self._payload(prompt, max_tokens, sampling, stop)
-        stream = _Stream(gen, stop)
-        for attempt in range(RETRIES + 1):
-            try:
-                async with self._session.post(url, json=payload) as resp:
-                    if resp.status == 429 or resp.status >= 500:
-                        raise _Retryable(f"HTTP {resp.status} from {url}")
-                    if resp.status != 200:
-                        raise RemoteError(f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}")
-                    gen.started_at = gen.started_at or time.perf_counter()
-                    await stream.read(resp)
-                return stream.finish()
-            except asyncio.CancelledError:
-                return stream.finish("cancelled")
-            except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable) as exc:
-                if stream.received or attempt == RETRIES:
-                    log.warning("model server request for %s failed: %s", gen.key, _reason(exc))
-                    return stream.finish("error", _reason(exc))
-                log.info("model server request for %s failed (%s); retrying", gen.key, _reason(exc))
-                await asyncio.sleep(0.5 * (attempt + 1))
-            except RemoteError as exc:
-                log.warning("model server request for %s failed: %s", gen.key, exc)
-                return stream.finish("error", str(exc))
+    def _reason(self, exc: BaseException) -> str:
+        """One line for the log, with no secret in it."""
+        text = _describe(exc)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
-class _Stream:
-    """Reads an OpenAI server-sent-event stream into a Generation, cutting stop strings."""
+class _Reader:
+    """Turns a stream of chunks into a Generation: answer, reasoning, thinking, outcome."""
 
-    def __init__(self, gen: Generation, stop: tuple[str, ...]) -> None:
+    def __init__(self, gen: Generation, fmt: ReplyFormat, *, max_chars: int) -> None:
         self.gen = gen
-        self.out = StopText(stop)
-        self.reason: str | None = None
+        self.out = ReplyText(fmt)  # inline reasoning (<think>, harmony) and stop strings
+        self.max_chars = max_chars
+        self.received = 0  # characters of answer and reasoning
+        self.server_reason: str | None = None  # the finish_reason the server sent
+        self.reasoning_apart = False  # thoughts are arriving as separate deltas right now
 
-    @property
-    def received(self) -> bool:
-        """Any text came in (shown or held back): a retry would repeat it."""
-        return self.gen.n_generated > 0
-
-    async def read(self, resp: aiohttp.ClientResponse) -> None:
-        done = False
-        async for raw in resp.content:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line or line.startswith(":"):
-                continue
-            if not line.startswith("data:"):
-                raise RemoteError(f"malformed stream: unexpected line {line[:60]!r}")
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                break
-            try:
-                choice = json.loads(data)["choices"][0]
-                piece = choice["delta"].get("content") or "" if "delta" in choice else choice.get("text") or ""
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                raise RemoteError(f"malformed stream: {data[:80]!r}") from None
-            self.reason = choice.get("finish_reason") or self.reason
-            if piece and self._add(piece):
-                done = True
-                break
-        if not done and self.reason is None:
-            raise RemoteError("the stream ended before the reply did (truncated)")
-
-    def _add(self, piece: str) -> bool:
-        """Append text; True when a stop string ended the reply."""
+    def add(self, chunk: Any) -> bool:
+        """Take one chunk; True once the reply is complete (a stop string ended it)."""
+        choices = getattr(chunk, "choices", None)
+        if not choices:
+            return False  # a usage summary or a keep-alive: nothing to show
+        choice = choices[0]
+        self.server_reason = getattr(choice, "finish_reason", None) or self.server_reason
+        delta = getattr(choice, "delta", None)
+        if delta is not None:  # /v1/chat/completions
+            content = getattr(delta, "content", None)
+            thought = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
+        else:  # /v1/completions
+            content, thought = getattr(choice, "text", None), None
+        if not isinstance(content, (str, type(None))) or not isinstance(thought, (str, type(None))):
+            raise RemoteError(f"malformed stream: a chunk's text is a {type(content or thought).__name__}")
+        if not content and not thought:
+            return False
         gen = self.gen
         if gen.first_token_at is None:
             gen.first_token_at = time.perf_counter()
         gen.n_generated += 1
-        shown = self.out.add(piece)
-        if shown:
-            gen._deliver(shown, None, None)
-        if self.out.stopped:
-            self.reason = "stop"
+        self.received += len(content or "") + len(thought or "")
+        if self.received > self.max_chars:
+            raise RemoteError(f"malformed stream: more text ({self.received} characters) than the requested tokens can hold")
+        reasoning, answer = "", ""
+        if thought:
+            self.reasoning_apart = True
+            reasoning = thought
+        if content:
+            self.reasoning_apart = False  # the answer has begun
+            inline, answer = self.out.add(content)
+            reasoning += inline
+        thinking = self.out.thinking or self.reasoning_apart
+        if reasoning or answer or thinking != gen.thinking:
+            gen._deliver(answer, reasoning=reasoning, thinking=thinking)
         return self.out.stopped
 
     def finish(self, reason: str | None = None, error: str | None = None) -> None:
-        if self.gen.done:
+        """End the Generation. With no reason, the stream ran out: it must have said how it ended."""
+        gen = self.gen
+        if gen.done:
             return
-        reason = reason or ("length" if self.reason == "length" else "stop")
-        rest = self.out.rest()
-        self.gen._deliver(rest if reason != "error" else "", reason, error)
+        if reason is None and not self.out.stopped and self.server_reason is None:
+            reason, error = "error", "malformed stream: it ended before the reply did (truncated)"
+            log.warning("model server request for %s failed: %s", gen.key, error)
+        if reason == "error":
+            gen._deliver("", "error", error, thinking=False)
+            return
+        late_reasoning, rest = self.out.finish()
+        reason = reason or ("length" if self.server_reason == "length" and not self.out.stopped else "stop")
+        gen._deliver(rest, reason, None, reasoning=late_reasoning, thinking=False)
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+def _describe(exc: BaseException) -> str:
+    """What went wrong, in words (exceptions' own texts are often empty or generic)."""
+    cause = exc.__cause__
+    detail = (str(cause) or type(cause).__name__) if cause is not None else "no detail"
+    if isinstance(exc, openai.APITimeoutError):
         return "timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror if exc.os_error else exc})"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, openai.APIConnectionError):
+        return f"cannot connect ({detail})" if isinstance(cause, httpx2.ConnectError) else f"connection lost ({detail})"
+    if isinstance(exc, openai.APIStatusError):
+        try:
+            body = " ".join(exc.response.text.split())[:200]  # the SDK has read it before raising
+        except (httpx2.HTTPError, httpx2.StreamError):
+            body = ""
+        return f"HTTP {exc.status_code}" + (f": {body}" if body else "")
+    if isinstance(exc, openai.APIError):  # an error payload inside the stream
+        return f"the server reported an error: {exc.message}"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed stream: invalid JSON ({exc.msg} at character {exc.pos})"
+    if isinstance(exc, UnicodeDecodeError):
+        return "malformed stream: text that is not UTF-8"
+    if isinstance(exc, RemoteError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
