@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
@@ -87,7 +88,10 @@ class Settings:
     def __repr__(self) -> str:
         """Never show the token, even in a debug log of the settings."""
         shown = dataclasses.replace(
-            self, discord_token="***" if self.discord_token else None, openai_api_key="***" if self.openai_api_key else None
+            self,
+            discord_token="***" if self.discord_token else None,
+            openai_api_key="***" if self.openai_api_key else None,
+            openai_base_url=redact_url(self.openai_base_url) if self.openai_base_url else None,
         )
         return dataclasses.asdict(shown).__repr__()
 
@@ -157,8 +161,21 @@ def _ids(name: str, raw: str) -> frozenset[int]:
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     value = raw.strip().rstrip("/")
     if not value.startswith(tuple(s + "://" for s in schemes)):
-        raise ConfigError(f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}, got {raw!r}")
+        raise ConfigError(f"{name} must be a URL starting with {' or '.join(s + '://' for s in schemes)}, got {redact_url(raw)!r}")
     return value
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may appear in a log: credentials and query values replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{p.partition('=')[0]}=***" if "=" in p else p for p in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _range(lo: float | None, hi: float | None) -> str:

@@ -45,7 +45,7 @@ import httpx2
 import openai
 
 from bot.backend import Generation, ModelInfo, PreparedPrompt
-from bot.config import Sampling, Settings
+from bot.config import Sampling, Settings, redact_url
 from bot.reasoning import ReplyFormat, ReplyText
 from bot.templates import Message, Template, reply_format
 
@@ -64,19 +64,6 @@ WORD_JOINER = "\u2060"
 def defang(text: str) -> str:
     """Break control-token lookalikes in user text so a server cannot parse them as markup."""
     return _SPECIAL.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
-
-
-def redact_url(url: str) -> str:
-    """The URL as it may appear in a log: credentials and query values replaced by `***`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = "&".join(f"{p.partition('=')[0]}=***" if "=" in p else p for p in parts.query.split("&")) if parts.query else ""
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def split_credentials(url: str) -> tuple[str, httpx2.BasicAuth | None]:

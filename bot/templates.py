@@ -377,7 +377,9 @@ class JinjaTemplate:
             self.supports_system = False
             segments = self._check(probe)  # raises TemplateError if the template is unusable either way
         markup = "".join(s.text for s in segments if s.special)
-        self.stop: tuple[str, ...] = tuple(dict.fromkeys(s for s in (eos_token, *(m for m in TURN_MARKERS if m in markup)) if s))
+        # gpt-oss's <|end|> closes its analysis message too: harmony replies end where ReplyText says
+        markers = () if self.harmony else tuple(m for m in TURN_MARKERS if m in markup)
+        self.stop: tuple[str, ...] = tuple(dict.fromkeys(s for s in (eos_token, *markers) if s))
 
     def _check(self, probe: list[Message]) -> list[Segment]:
         segments = self.render(probe)

@@ -140,3 +140,13 @@ def test_env_example_documents_every_variable_with_its_default() -> None:
     from_example = load_settings(load_env(example, environ={}))
     defaults = load_settings({})
     assert replace(from_example, database_path=defaults.database_path) == defaults
+
+
+def test_credentials_in_the_base_url_never_show(tmp_path) -> None:
+    """A URL with user:pass is never printed with them: not in the settings' repr, not in an error."""
+    settings = load_settings({"BACKEND": "openai", "OPENAI_BASE_URL": "http://bob:hunter2@gpu-box:8000/v1"})
+    assert settings.openai_base_url == "http://bob:hunter2@gpu-box:8000/v1"  # kept for use
+    assert "hunter2" not in repr(settings) and "***@gpu-box" in repr(settings)
+    with pytest.raises(ConfigError) as error:
+        load_settings({"OPENAI_BASE_URL": "ftp://bob:hunter2@gpu-box/v1"})
+    assert "hunter2" not in str(error.value) and "OPENAI_BASE_URL must be a URL" in str(error.value)

@@ -24,7 +24,8 @@ from bot.chat import ChatService, UserMessage
 from bot.config import Settings
 from bot.discord_bot import SORRY, STOPPED, ShardedLlamaBot, create_bot
 from bot.engine import Engine, LocalBackend
-from bot.remote import RemoteBackend, defang, redact_url
+from bot.config import redact_url
+from bot.remote import RemoteBackend, defang
 from bot.store import Store
 from bot.templates import TEMPLATES, JinjaTemplate, Message, Template
 from tests.conftest import GREEDY, ROOT, World, make_settings, mention, rows, scope
