@@ -396,11 +396,11 @@ async def disk_tier(path: Path, rounds: int, channels: int = 32, turns: int = 28
                     warm.append(gen)
                     if r == 1 and c < samples:  # without the tier, 32 channels always miss the RAM cache:
                         cold.append(await engine_cold(without, f"nodisk-{c}", prompt))  # the whole prompt again
+            restores, written = engine.disk_restores, engine.disk.writes if engine.disk else 0
             in_slot: list[Generation] = []
             for c in range(samples // 2):  # the same channel twice in a row: the second finds its slot
                 await say(engine, f"disk-{c}", convs[c], "One more: and what else?")
                 in_slot.append((await say(engine, f"disk-{c}", convs[c], "And then? Tell me more."))[1])
-            restores, written = engine.disk_restores, engine.disk.writes if engine.disk else 0
             n_history = statistics.median(g.n_prompt for g in warm)
         finally:
             await without.close()

@@ -56,6 +56,7 @@ TMP_SUFFIX = ".kv.tmp"
 HEAD_BYTES = 1 << 20  # the part of the model file hashed for its identity
 MIN_SHARED = 0.5  # a saved state is read only if the prompt shares at least this share of its tokens
 MAX_QUEUED_BYTES = 256 << 20  # states waiting to be written; past this a write is skipped, not queued
+OTHER = "made for another model file or settings"
 _PREFIX = struct.Struct("<8sI")  # magic, header length
 _CRC = struct.Struct("<I")
 
@@ -200,7 +201,7 @@ class KVDisk:
     def _scan(self) -> None:
         """Index the files made for this model and settings; delete the rest (and leftovers of a crash)."""
         found: list[tuple[float, str, _Entry]] = []
-        dropped = 0
+        dropped: collections.Counter[str] = collections.Counter()
         for path in self.folder.iterdir():
             name = path.name
             if name.endswith(TMP_SUFFIX):
@@ -213,15 +214,15 @@ class KVDisk:
             except (OSError, ValueError) as exc:
                 log.debug("deleting saved KV state %s: %s", name, exc)
                 _unlink(path)
-                dropped += 1
+                dropped["made for another model file or settings" if str(exc) == OTHER else "damaged"] += 1
                 continue
             found.append((mtime, name[: -len(SUFFIX)], entry))
         for _, stem, entry in sorted(found):  # oldest first, as the LRU wants
             self._index[stem] = entry
             self.used += entry.size
-        self.bad_files += dropped
-        if dropped:
-            log.info("deleted %d saved KV states made for another model or settings, or damaged", dropped)
+        for why, n in dropped.items():
+            self.bad_files += n
+            log.info("deleted %d saved KV states: %s", n, why)
         self._make_room(0)
         log.info("KV disk cache %s: %d saved states, %.0f of %.0f MiB", self.folder, len(self._index), self.used / 2**20, self.limit / 2**20)
 
@@ -242,7 +243,7 @@ class KVDisk:
         raw = f.read(length)
         header = json.loads(raw)  # a JSONDecodeError is a ValueError
         if not isinstance(header, dict) or header.get("identity") != self.identity:
-            raise ValueError("made for another model file or settings")
+            raise ValueError(OTHER)
         if header.get("key") != stem:
             raise ValueError("its name does not match its content")
         n, size = header.get("n_tokens"), header.get("state_bytes")

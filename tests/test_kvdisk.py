@@ -198,7 +198,7 @@ async def test_a_state_made_for_something_else_is_deleted_unused(
     with caplog.at_level(logging.INFO, logger="bot.kvdisk"):
         engine = await load(model, folder, **changes)
     try:
-        assert "deleted 1 saved KV states made for another model or settings" in caplog.text
+        assert "deleted 1 saved KV states: made for another model file or settings" in caplog.text
         assert not state_file(folder, "guild:1:channel:2").exists()
         follow = chat_tokens(engine, "Tell me about cats.", gen.text, "And dogs?")
         again = await ask(engine, "guild:1:channel:2", follow)
