@@ -537,7 +537,11 @@ class Engine:
         """Read the request's state from disk on the I/O thread, then queue the request
         (`first`: at the head of the queue, where it was)."""
         request.fetched = True
-        future = self._disk.read(request.gen.key, request.prompt)  # type: ignore[union-attr]
+        try:
+            future = self._disk.read(request.gen.key, request.prompt)  # type: ignore[union-attr]
+        except RuntimeError:  # the engine closed meanwhile
+            self._report(request, "", "cancelled")
+            return
         future.add_done_callback(functools.partial(self._fetched, request, first))
 
     def _fetched(self, request: _Request, first: bool, future: concurrent.futures.Future[SavedState | None]) -> None:
