@@ -15,15 +15,17 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bot.config import Sampling, bundled_model_path
 from bot.backend import Generation
 from bot.engine import Engine, EngineOptions
+from bot.kvdisk import SUFFIX, key_name
 from bot.templates import Message, Template, get_template
 
 HERE = Path(__file__).resolve().parent
@@ -357,36 +359,237 @@ async def discord_end_to_end(engine: Engine, messages: int = 5) -> Row:
     )
 
 
+# --- 7. the disk tier: every channel warm -------------------------------------------------
+
+
+def disk_options(folder: Path | None, **changes: object) -> EngineOptions:
+    """The bot's defaults for a server: 4 slots, 256 MiB of RAM cache, 4 GiB of disk (or none)."""
+    base = EngineOptions(n_ctx=2048, n_threads=threads(), parallel=4, kv_cache_mb=256, kv_disk_dir=folder, kv_disk_mb=4096 if folder else 0)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+async def say(engine: Engine, key: str, conv: list[Message], text: str) -> tuple[list[int], Generation]:
+    """One follow-up in a channel: the user's message, the reply appended to the history."""
+    conv.append(Message("user", text))
+    prompt = chat_prompt(engine, conv)
+    gen = await engine.generate(key, prompt, max_tokens=8, sampling=GREEDY).wait()
+    conv.append(Message("assistant", gen.text.strip() or "ok"))
+    return prompt, gen
+
+
+async def disk_tier(path: Path, rounds: int, channels: int = 32, turns: int = 28, samples: int = 8) -> list[Row]:
+    """32 channels on 4 slots, speaking in turn: follow-ups with the disk tier, without it,
+    with the history still in its slot, and right after a restart."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "kv"
+        engine = await Engine.load(path, disk_options(folder))
+        without = await Engine.load(path, disk_options(None))
+        convs = [history(turns, c) for c in range(channels)]
+        try:
+            for c, conv in enumerate(convs):  # round 0 reads each history once, through the engine
+                await say(engine, f"disk-{c}", conv, "Round 0: and what else?")
+            warm: list[Generation] = []
+            cold: list[Generation] = []
+            for r in range(1, rounds + 1):
+                for c, conv in enumerate(convs):
+                    prompt, gen = await say(engine, f"disk-{c}", conv, f"Round {r}: and what else?")
+                    warm.append(gen)
+                    if r == 1 and c < samples:  # without the tier, 32 channels always miss the RAM cache:
+                        cold.append(await engine_cold(without, f"nodisk-{c}", prompt))  # the whole prompt again
+            restores, written = engine.disk_restores, engine.disk.writes if engine.disk else 0
+            in_slot: list[Generation] = []
+            for c in range(samples // 2):  # the same channel twice in a row: the second finds its slot
+                await say(engine, f"disk-{c}", convs[c], "One more: and what else?")
+                in_slot.append((await say(engine, f"disk-{c}", convs[c], "And then? Tell me more."))[1])
+            n_history = statistics.median(g.n_prompt for g in warm)
+        finally:
+            await without.close()
+            started = time.perf_counter()
+            await engine.close()
+            close_s = time.perf_counter() - started
+        files = [f.stat().st_size for f in folder.iterdir()]
+        started = time.perf_counter()
+        restarted = await Engine.load(path, disk_options(folder))
+        load_s = time.perf_counter() - started
+        try:
+            after: list[Generation] = []
+            for c, conv in enumerate(convs):
+                after.append((await say(restarted, f"disk-{c}", conv, "After the restart: and what else?"))[1])
+            restored_after = restarted.disk_restores
+        finally:
+            await restarted.close()
+    a = statistics.median(ttft(g) for g in warm)
+    b = statistics.median(ttft(g) for g in cold)
+    c_ = statistics.median(ttft(g) for g in in_slot)
+    d = statistics.median(ttft(g) for g in after)
+    n_new = statistics.median(g.n_evaluated for g in warm)
+    mb = sum(files) / len(files) / 2**20 if files else 0.0
+    return [
+        Row(
+            f"Disk tier: {channels} channels on 4 slots (~{n_history:.0f} tokens of history each, KV_CACHE_MB=256 holds ~{256 / mb:.0f} of them), "
+            f"speaking in turn; median time to first token of a follow-up with KV_DISK_MB vs without ({len(cold)} samples)",
+            f"{a * 1000:.0f} ms vs {b * 1000:.0f} ms = **{b / a:.1f}x faster** ({restores} of {len(warm)} restored from disk, {written} states written)",
+            ">= 10x",
+            b / a >= 10,
+        ),
+        Row(
+            f"Disk tier vs evaluating only the new message ({n_new:.0f} tokens after a history still in its slot, same engine)",
+            f"{a * 1000:.0f} ms vs {c_ * 1000:.0f} ms = **{a / c_:.2f}x**",
+            "<= 1.5x",
+            a / c_ <= 1.5,
+        ),
+        Row(
+            f"Restart: the same {channels} channels after close + a new Engine on the same KV_DISK_DIR; median first follow-up vs a warm one "
+            "(the files were still in the OS page cache, as after a service restart)",
+            f"{d * 1000:.0f} ms vs {a * 1000:.0f} ms = **{d / a:.2f}x** ({restored_after} of {len(after)} restored; close {close_s:.1f} s, load {load_s:.1f} s, "
+            f"{len(files)} files of {mb:.0f} MiB)",
+            "<= 2x",
+            d / a <= 2,
+        ),
+    ]
+
+
+async def engine_cold(engine: Engine, key: str, prompt: list[int]) -> Generation:
+    return await engine.generate(key, prompt, max_tokens=8, sampling=GREEDY).wait()
+
+
+async def loop_lag_chat(path: Path, channels: int = 16, turns: int = 28, messages: int = 2) -> Row:
+    """A 10 ms ticker on the event loop while 16 channels with long histories receive messages
+    and answer them, through ChatService (history from SQLite, prompts built in a worker thread)."""
+    from bot.chat import ChatService, UserMessage, engine_options
+    from bot.config import Settings
+    from bot.engine import LocalBackend
+    from bot.store import Store
+
+    lags: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(database_path=Path(tmp) / "bench.sqlite3", n_predict=16, sampling=GREEDY, n_ctx=2048, n_threads=threads(), parallel=4)
+        engine = await Engine.load(path, engine_options(settings))
+        try:
+            async with await Store.open(settings.database_path) as store:
+                chat = ChatService(LocalBackend(engine), store, settings)
+                for c in range(channels):
+                    conversation = await store.conversation(f"lag-{c}")
+                    for m in history(turns, c)[1:]:
+                        await store.add_message(conversation.id, m.role, m.content)
+
+                async def channel(c: int) -> None:
+                    for i in range(messages):
+                        reply = await chat.respond(UserMessage(f"lag-{c}", f"Message {i}: and what else?"))
+                        await reply.text()
+                        await reply.save()
+
+                ticker = asyncio.ensure_future(_ticker(lags))
+                started = time.perf_counter()
+                await asyncio.gather(*(channel(c) for c in range(channels)))
+                seconds = time.perf_counter() - started
+                ticker.cancel()
+                restored = engine.disk_restores
+        finally:
+            await engine.close()
+    lags.sort()
+    p99 = lags[int(len(lags) * 0.99)] * 1000
+    return Row(
+        f"Responsiveness with the disk tier: event-loop lag of a 10 ms ticker while {channels} channels with ~1,000 tokens of history "
+        f"each get {messages} messages, through ChatService (SQLite, prompt building and tokenizing in threads), p99",
+        f"**{p99:.1f} ms** ({len(lags)} ticks in {seconds:.0f} s; {restored} states restored from disk)",
+        "< 20 ms",
+        p99 < 20,
+    )
+
+
+async def kv_types(path: Path, rounds: int, turns: int = 28) -> Row:
+    """KV_TYPE=f16 vs q8_0 side by side: bytes per conversation in RAM and on disk, decode speed,
+    and how often q8_0 picks f16's greedy token when both read the same text."""
+    sizes: dict[str, tuple[float, float, int]] = {}
+    decode: dict[str, list[float]] = {"f16": [], "q8_0": []}
+    agree = total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {t: await Engine.load(path, disk_options(Path(tmp) / t, kv_type=t, parallel=1)) for t in decode}
+        try:
+            long = chat_prompt(engines["f16"], history(turns, 0))
+            prompt = chat_prompt(engines["f16"], [Message("user", STORIES[0])])
+            for t, engine in engines.items():
+                await engine.generate("conv", long, max_tokens=1, sampling=GREEDY).wait()
+                await engine.generate("other", prompt, max_tokens=1, sampling=GREEDY).wait()  # "conv" goes to the RAM cache
+                ram = engine.cache_bytes
+                sizes[t] = (ram, ram / len(long), len(long))
+            for r in range(rounds):
+                for t, engine in (engines.items() if r % 2 == 0 else reversed(engines.items())):
+                    decode[t].append(decode_rate(await engine.generate(f"kv-{r}", prompt, max_tokens=128, sampling=GREEDY).wait()))
+            f16, q8 = engines["f16"], engines["q8_0"]
+            for i, story in enumerate(STORIES):  # teacher-forced: q8_0 reads f16's reply one token at a time
+                p = chat_prompt(f16, [Message("user", story)])
+                ref = (await f16.generate(f"ref-{i}", p, max_tokens=48, sampling=GREEDY).wait()).tokens
+                for j in range(len(ref)):
+                    gen = await q8.generate(f"forced-{i}", p + ref[:j], max_tokens=1, sampling=GREEDY).wait()
+                    agree += gen.tokens[:1] == ref[j : j + 1]
+                    total += 1
+        finally:
+            for engine in engines.values():
+                await engine.close()
+        disk = {t: (Path(tmp) / t / (key_name("conv") + SUFFIX)).stat().st_size for t in decode}
+    rate = {t: statistics.median(v) for t, v in decode.items()}
+    cells = "; ".join(f"{t}: {sizes[t][0] / 2**20:.1f} MiB RAM, {disk[t] / 2**20:.1f} MiB disk ({sizes[t][1] / 1024:.1f} KiB/token)" for t in decode)
+    return Row(
+        f"KV_TYPE=q8_0 vs f16: one conversation of {sizes['f16'][2]} tokens in the RAM cache and on disk; decode tokens/s; "
+        "how often q8_0's greedy next token is f16's, reading f16's replies",
+        f"{cells}; decode {rate['q8_0']:.0f} vs {rate['f16']:.0f} tok/s (**{rate['q8_0'] / rate['f16']:.2f}x**); "
+        f"same next token {agree / max(total, 1):.0%} of {total}",
+        "",
+        None,
+    )
+
+
 # --- the report --------------------------------------------------------------------------
 
+GROUPS = ("overhead", "follow-up", "throughput", "box", "flash", "memory", "discord", "disk", "loop-lag", "kv-type")
 
-async def run(quick: bool) -> tuple[list[Row], str]:
+
+async def run(quick: bool, only: Sequence[str] = GROUPS) -> tuple[list[Row], str]:
     rounds = 2 if quick else 3
     path = bundled_model_path()
     options = EngineOptions(n_ctx=3072, n_threads=threads(), parallel=4, kv_cache_mb=256)
-    engine = await Engine.load(path, options)
-    llm = plain_llama(path)
+    engine = await Engine.load(path, options) if {"overhead", "follow-up", "throughput", "discord"} & set(only) else None
+    llm = plain_llama(path) if {"overhead", "follow-up"} & set(only) else None
     rows: list[Row] = []
     try:
-        print("overhead...", file=sys.stderr)
-        rows.append(await overhead(engine, llm, 2 if quick else 21))  # a ratio near 1: more pairs against the noise
-        print("follow-up latency...", file=sys.stderr)
-        no_reuse = await Engine.load(path, EngineOptions(**{**options.__dict__, "reuse": False}))
-        try:
-            rows += await follow_up_latency(engine, no_reuse, llm)
-        finally:
-            await no_reuse.close()
+        if "overhead" in only:
+            print("overhead...", file=sys.stderr)
+            rows.append(await overhead(engine, llm, 2 if quick else 21))  # a ratio near 1: more pairs against the noise
+        if "follow-up" in only:
+            print("follow-up latency...", file=sys.stderr)
+            no_reuse = await Engine.load(path, EngineOptions(**{**options.__dict__, "reuse": False}))
+            try:
+                rows += await follow_up_latency(engine, no_reuse, llm)
+            finally:
+                await no_reuse.close()
         del llm
-        print("throughput and responsiveness...", file=sys.stderr)
-        rows += await throughput_and_lag(engine, rounds)
-        rows.append(await channels_per_box(path))
-        rows.append(await flash_attention(path, rounds))
-        print("memory...", file=sys.stderr)
-        rows.append(memory())
-        print("end to end through Discord...", file=sys.stderr)
-        rows.append(await discord_end_to_end(engine))
+        if "throughput" in only:
+            print("throughput and responsiveness...", file=sys.stderr)
+            rows += await throughput_and_lag(engine, rounds)
+        if "box" in only:
+            rows.append(await channels_per_box(path))
+        if "flash" in only:
+            rows.append(await flash_attention(path, rounds))
+        if "memory" in only:
+            print("memory...", file=sys.stderr)
+            rows.append(memory())
+        if "discord" in only:
+            print("end to end through Discord...", file=sys.stderr)
+            rows.append(await discord_end_to_end(engine))
+        if "disk" in only:
+            print("disk tier (32 channels, then a restart)...", file=sys.stderr)
+            rows += await disk_tier(path, 1 if quick else 2)
+        if "loop-lag" in only:
+            print("event-loop lag through ChatService...", file=sys.stderr)
+            rows.append(await loop_lag_chat(path))
+        if "kv-type" in only:
+            print("KV_TYPE f16 vs q8_0...", file=sys.stderr)
+            rows.append(await kv_types(path, rounds))
     finally:
-        await engine.close()
+        if engine is not None:
+            await engine.close()
     header = (
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, {threads()} threads, "
         f"model {path.name}, Python {platform.python_version()}, llama-cpp-python {_llama_version()}."
@@ -411,14 +614,23 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
-    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="where to write the results (default: bench/RESULTS.md)")
+    parser.add_argument("--out", help="where to write the results (default: bench/RESULTS.md; with --only, nowhere unless given)")
+    parser.add_argument("--only", metavar="GROUP[,GROUP]", help=f"run only these groups of rows: {', '.join(GROUPS)}")
     parser.add_argument("--memory-child", nargs=2, type=int, metavar=("KV_CACHE_MB", "CHANNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(asyncio.run(memory_child(*args.memory_child))))
         return 0
-    rows, header = asyncio.run(run(args.quick))
+    only = GROUPS
+    if args.only:
+        only = tuple(g.strip() for g in args.only.split(",") if g.strip())
+        unknown = set(only) - set(GROUPS)
+        if unknown:
+            parser.error(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}")
+    rows, header = asyncio.run(run(args.quick, only))
     report = f"# Benchmark results\n\n{header}\n\nMade with `python -m bench`. Each row compares two things measured side by side in this run.\n\n{table(rows)}\n"
     print(report)
-    Path(args.out).write_text(report)
+    out = args.out or (None if args.only else str(HERE / "RESULTS.md"))
+    if out:
+        Path(out).write_text(report)
     return 0 if all(r.ok is not False for r in rows) else 1

@@ -370,6 +370,9 @@ def engine_options(settings: Settings, *, parallel: int | None = None) -> Engine
         kv_cache_mb=settings.kv_cache_mb,
         flash_attn=settings.flash_attn,
         llama_log=settings.llama_log,
+        kv_type=settings.kv_type,
+        kv_disk_dir=settings.resolved_kv_disk_dir(),
+        kv_disk_mb=settings.kv_disk_mb,
     )
 
 

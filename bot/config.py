@@ -69,6 +69,9 @@ class Settings:
     resume_max_age_s: float = 600.0  # pending messages younger than this are answered after a restart
     catchup_max_age_s: float = 3600.0  # messages that arrived while the bot was down, answered if younger than this
     catchup_max_messages: int = 20  # per channel
+    kv_type: str = "f16"
+    kv_disk_dir: Path | None = None  # None: beside the database, <DATABASE_PATH>.kv
+    kv_disk_mb: int = 4096  # 0: no disk tier
     # Discord
     discord_token: str | None = None
     discord_api_base: str | None = None
@@ -98,6 +101,12 @@ class Settings:
     def resolved_model_path(self) -> Path:
         """The GGUF to load: MODEL_PATH, or the bundled model."""
         return self.model_path if self.model_path is not None else bundled_model_path()
+
+    def resolved_kv_disk_dir(self) -> Path:
+        """Where saved KV states go: KV_DISK_DIR, or a folder beside the database."""
+        if self.kv_disk_dir is not None:
+            return self.kv_disk_dir
+        return self.database_path.with_name(self.database_path.name + ".kv")
 
 
 def bundled_model_path() -> Path:
@@ -276,6 +285,9 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "resume_max_age_s", take("RESUME_MAX_AGE_S", lambda n, r: _float(n, r, 0.0, 30 * 86400.0)))
     put(kwargs, "catchup_max_age_s", take("CATCHUP_MAX_AGE_S", lambda n, r: _float(n, r, 0.0, 14 * 86400.0)))
     put(kwargs, "catchup_max_messages", take("CATCHUP_MAX_MESSAGES", lambda n, r: _int(n, r, 0, 100)))
+    put(kwargs, "kv_type", take("KV_TYPE", lambda n, r: _choice(n, r, ("f16", "q8_0"))))
+    put(kwargs, "kv_disk_dir", take("KV_DISK_DIR", lambda n, r: Path(r.strip()).expanduser()))
+    put(kwargs, "kv_disk_mb", take("KV_DISK_MB", lambda n, r: _int(n, r, 0, 1 << 30)))
     token = values.get("DISCORD_TOKEN", "").strip()
     if token:
         kwargs["discord_token"] = token
@@ -299,6 +311,8 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     settings = Settings(**kwargs)  # type: ignore[arg-type]
     if settings.backend == "openai" and not settings.openai_base_url:
         raise ConfigError("BACKEND=openai needs OPENAI_BASE_URL, e.g. http://127.0.0.1:8080/v1")
+    if settings.kv_type == "q8_0" and settings.flash_attn == "off":
+        raise ConfigError("KV_TYPE=q8_0 needs flash attention: set FLASH_ATTN=auto or on, or KV_TYPE=f16")
     if settings.n_ctx is not None and settings.n_predict >= settings.n_ctx:
         raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({settings.n_ctx})")
     return settings

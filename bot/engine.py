@@ -11,7 +11,10 @@ A slot keeps its conversation's tokens after the reply ends. The next message
 in that channel only evaluates what is new (the prompt shares its prefix with
 what the slot holds). When a slot is needed for another channel, the idle one
 used longest ago is saved to a byte-bounded LRU cache in RAM and restored when
-its channel speaks again.
+its channel speaks again. States leaving RAM go to the disk tier (`bot.kvdisk`,
+KV_DISK_DIR), which `close()` also fills with what RAM and the slots hold, so
+the next process starts warm. A state on disk is read on an I/O thread before
+its request reaches the engine thread, which then only copies it into place.
 
 A fault on the engine thread fails only the replies it touches; the thread
 keeps serving. If it cannot go on, every waiting and later reply fails at once
@@ -31,7 +34,6 @@ import contextlib
 import ctypes
 import functools
 import logging
-import mmap
 import secrets
 import threading
 import time
@@ -44,6 +46,7 @@ import numpy as np
 
 from bot.backend import Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
+from bot.kvdisk import ForgetClock, KVDisk, SavedState, model_identity, state_buffer
 from bot.reasoning import ReplyFormat, ReplyText
 from bot.templates import Message, Template, reply_format
 from bot.vocab import Vocab, check_model_file, init_backend
@@ -70,6 +73,12 @@ class EngineOptions:
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
     flash_attn: str = "auto"  # "auto" (llama.cpp decides; on for CPUs), "on" or "off" (see bench/)
     llama_log: bool = False
+    kv_type: str = "f16"  # "f16" or "q8_0" (half the bytes per token; needs flash attention)
+    kv_disk_dir: Path | None = None  # the disk tier's folder; None: no disk tier
+    kv_disk_mb: int = 0  # the disk tier's budget; 0: no disk tier
+
+
+KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
 
 
 REPORT_EVERY_S = 0.05
@@ -102,6 +111,8 @@ class _Request:
         self.unsent_reasoning = ""
         self.reported_thinking = False
         self.reported_at = 0.0
+        self.fetched = False  # its conversation's state was looked for on disk already
+        self.saved: SavedState | None = None  # ... and this is what was read
 
 
 @dataclass
@@ -111,16 +122,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # exactly what the KV cache holds for this seq
     last_used: float = 0.0
     request: _Request | None = None
-
-
-def _state_buffer(size: int) -> ctypes.Array[ctypes.c_uint8]:
-    """Room for one saved KV state, in its own anonymous memory mapping.
-
-    States are megabytes each and come and go all day. From malloc, glibc soon serves
-    blocks that size from its heap, where freed ones leave holes the process keeps
-    (seen in the soak: RSS swinging 80 MiB above the live cache). A mapping is given
-    back to the system the moment the state is dropped."""
-    return (ctypes.c_uint8 * size).from_buffer(mmap.mmap(-1, size))
+    born: int = 0  # ForgetClock time when its content began (see bot.kvdisk)
 
 
 class _StateCache:
@@ -129,23 +131,33 @@ class _StateCache:
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
         self.used = 0
-        self._entries: collections.OrderedDict[str, tuple[ctypes.Array[ctypes.c_uint8], list[int]]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, SavedState] = collections.OrderedDict()
 
-    def put(self, key: str, data: ctypes.Array[ctypes.c_uint8], tokens: list[int]) -> None:
+    def put(self, key: str, state: SavedState) -> list[tuple[str, SavedState]]:
+        """Keep a state; returns the ones pushed out to make room (oldest first)."""
         self.drop(key)
-        if len(data) > self.limit:
-            return
-        while self.used + len(data) > self.limit:
-            _, (old, _) = self._entries.popitem(last=False)
-            self.used -= len(old)
-        self._entries[key] = (data, tokens)
-        self.used += len(data)
+        if len(state.data) > self.limit:
+            return [(key, state)]
+        out = []
+        while self.used + len(state.data) > self.limit:
+            old_key, old = self._entries.popitem(last=False)
+            self.used -= len(old.data)
+            out.append((old_key, old))
+        self._entries[key] = state
+        self.used += len(state.data)
+        return out
 
-    def take(self, key: str) -> tuple[ctypes.Array[ctypes.c_uint8], list[int]] | None:
+    def take(self, key: str) -> SavedState | None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self.used -= len(entry[0])
+            self.used -= len(entry.data)
         return entry
+
+    def items(self) -> list[tuple[str, SavedState]]:
+        return list(self._entries.items())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
 
     def drop(self, key: str) -> None:
         self.take(key)
@@ -178,6 +190,9 @@ class Engine:
         self.steps = 0
         self.batched_steps = 0  # steps that decoded more than one sequence
         self.tokens_evaluated = 0
+        self.disk_restores = 0  # states restored from the disk tier
+        self._clock = ForgetClock()
+        self._disk: KVDisk | None = None
 
     # --- loading -----------------------------------------------------------------------
 
@@ -228,6 +243,7 @@ class Engine:
         cparams.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}.get(
             options.flash_attn, L.LLAMA_FLASH_ATTN_TYPE_AUTO
         )
+        cparams.type_k = cparams.type_v = KV_TYPES[options.kv_type]
         ctx = L.llama_init_from_model(model, cparams)
         if not ctx:
             L.llama_model_free(model)
@@ -246,6 +262,9 @@ class Engine:
         self.info = self.vocab.info
         self._warm_up()
         log.info("model loaded: %s (%s), context %d tokens x %d slots, %d threads", path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads)
+        if options.kv_disk_dir is not None and options.kv_disk_mb > 0 and options.reuse:
+            identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=options.flash_attn, llama_cpp=L.__version__)
+            self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock)
 
     def _warm_up(self) -> None:
         """One real decode, so the first user does not pay for page faults and graph setup."""
@@ -282,12 +301,20 @@ class Engine:
                 raise EngineDead(self._dead)
             if self._stopping:
                 raise RuntimeError("engine is closed")
-            self._incoming.append(request)
-            self._lock.notify()
+            fetch = self._only_on_disk(key)
+            if not fetch:
+                self._incoming.append(request)
+                self._lock.notify()
+        if fetch:  # read it now, on the I/O thread; the request queues once the bytes are in memory
+            self._fetch(request)
         return gen
 
     def forget(self, key: str) -> None:
-        """Drop a conversation's cached KV state (after /reset, /template, edits)."""
+        """Drop a conversation's cached KV state, in RAM and on disk (after /reset, /template,
+        edits, deletes). No later reply of `key` sees the old state, even one already queued."""
+        self._clock.forget(key)
+        if self._disk is not None:
+            self._disk.forget(key)
         with self._lock:
             self._forget.add(key)
             self._lock.notify()
@@ -330,6 +357,11 @@ class Engine:
         return self._states.used
 
     @property
+    def disk(self) -> KVDisk | None:
+        """The disk tier (None when off); see its counters and `drain()`."""
+        return self._disk if self._disk is not None and self._disk.enabled else None
+
+    @property
     def dead(self) -> str | None:
         """Why the engine gave up (None while it serves)."""
         return self._dead
@@ -350,12 +382,49 @@ class Engine:
         self._executor.shutdown(wait=True)
 
     def _free(self) -> None:
+        try:
+            self._save_for_restart()
+        except Exception:  # a cache; closing goes on
+            log.exception("could not save the KV states for the next start")
         for slot in self._slots:
             if slot.request is not None and slot.request.sampler:
                 L.llama_sampler_free(slot.request.sampler)
         L.llama_batch_free(self._batch)
         L.llama_free(self._ctx)
         L.llama_model_free(self._model)
+        if self._disk is not None:
+            self._disk.close()  # waits for the writes
+
+    def _save_for_restart(self) -> None:
+        """Write what the slots and the RAM cache hold and the disk lacks, newest first within
+        the disk budget, so the next process starts warm."""
+        disk = self._disk
+        if disk is None or not disk.enabled or self._dead is not None:
+            return
+        wanted: list[tuple[float, str, _Slot | SavedState]] = []
+        for slot in self._slots:
+            if slot.key is not None and slot.tokens and slot.request is None and not self._clock.stale(slot.key, slot.born):
+                wanted.append((slot.last_used, slot.key, slot))
+        for key, state in self._states.items():
+            if not self._clock.stale(key, state.born) and not disk.holds(key, state):
+                wanted.append((state.used_at, key, state))
+        wanted.sort(key=lambda w: w[0], reverse=True)
+        room = disk.limit
+        chosen: list[tuple[str, SavedState]] = []
+        for _, key, what in wanted:
+            state = self._save_slot(what) if isinstance(what, _Slot) else what
+            if state is None or disk.holds(key, state):
+                continue
+            if len(state.data) > room:
+                continue
+            room -= len(state.data)
+            chosen.append((key, state))
+        for key, state in reversed(chosen):  # oldest first: the newest ends up last in the LRU
+            if not disk.write(key, state) and disk.enabled:
+                disk.drain()  # the write queue was full: let it catch up, then try once more
+                disk.write(key, state)
+        if chosen:
+            log.info("saving %d KV states to %s for the next start", len(chosen), disk.folder)
 
     # --- the engine thread -------------------------------------------------------------
 
@@ -463,6 +532,58 @@ class Engine:
             if slot.key == key and slot.request is None:
                 self._clear(slot)
 
+    # --- the disk tier -------------------------------------------------------------------
+
+    def _only_on_disk(self, key: str) -> bool:
+        """The state of `key` is on disk and nowhere in memory (any thread; a wrong guess only costs a read)."""
+        disk = self._disk
+        if disk is None or not disk.has(key) or key in self._states or disk.pending(key) is not None:
+            return False
+        return not any(s.key == key for s in self._slots)
+
+    def _fetch(self, request: _Request, *, first: bool = False) -> None:
+        """Read the request's state from disk on the I/O thread, then queue the request
+        (`first`: at the head of the queue, where it was)."""
+        request.fetched = True
+        try:
+            future = self._disk.read(request.gen.key, request.prompt)  # type: ignore[union-attr]
+        except RuntimeError:  # the engine closed meanwhile
+            self._report(request, "", "cancelled")
+            return
+        future.add_done_callback(functools.partial(self._fetched, request, first))
+
+    def _fetched(self, request: _Request, first: bool, future: concurrent.futures.Future[SavedState | None]) -> None:
+        try:
+            request.saved = future.result()
+        except BaseException:  # cancelled at shutdown
+            request.saved = None
+        with self._lock:
+            if self._dead is not None:
+                self._report(request, "", "error", self._dead)
+            elif self._stopping or request.gen._cancel:
+                self._report(request, "", "cancelled")
+            else:
+                if first:
+                    self._incoming.appendleft(request)
+                else:
+                    self._incoming.append(request)
+                self._lock.notify()
+
+    def _to_disk(self, key: str, state: SavedState) -> None:
+        """A state leaves memory: write it unless the disk has it already."""
+        if self._disk is not None and not self._clock.stale(key, state.born) and not self._disk.holds(key, state):
+            self._disk.write(key, state)
+
+    def _save_slot(self, slot: _Slot) -> SavedState | None:
+        """Copy a slot's KV state out of llama.cpp (None if it cannot be)."""
+        size = L.llama_state_seq_get_size(self._ctx, slot.seq)
+        if size <= 0:
+            return None
+        data = state_buffer(size)
+        if L.llama_state_seq_get_data(self._ctx, data, size, slot.seq) != size:
+            return None
+        return SavedState(data, list(slot.tokens), slot.born)
+
     def _clear(self, slot: _Slot) -> None:
         L.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
         slot.tokens = []
@@ -473,13 +594,20 @@ class Engine:
         key = request.gen.key
         idle = [s for s in self._slots if s.request is None]
         slot = next((s for s in idle if s.key == key), None)
+        if slot is not None and self._clock.stale(key, slot.born):  # forgotten while it was busy
+            self._clear(slot)
+            slot = None
         if slot is None:
+            if self._disk is not None and self.options.reuse and not request.fetched and self._only_on_disk(key):
+                self._fetch(request, first=True)  # it comes back with the bytes; the slots go on meanwhile
+                return
             slot = next((s for s in idle if s.key is None), None) or min(idle, key=lambda s: s.last_used)
             if slot.key is not None:
                 self._evict(slot)
             slot.key = key
+            slot.born = self._clock.now()
             slot.request = request  # from here on, a fault fails this request and empties the slot
-            self._restore(slot, key)
+            self._restore(slot, key, request)
         if not self.options.reuse:
             self._clear(slot)
         slot.key = key
@@ -504,27 +632,40 @@ class Engine:
         request.sampler = None if request.argmax else self._make_sampler(request.sampling, prompt, request.grammar)
 
     def _evict(self, slot: _Slot) -> None:
-        """Save an idle slot's KV state to the RAM cache, then empty the slot."""
-        assert slot.key is not None
-        if self.options.reuse and slot.tokens and self._states.limit:
-            size = L.llama_state_seq_get_size(self._ctx, slot.seq)
-            if 0 < size <= self._states.limit:
-                data = _state_buffer(size)
-                if L.llama_state_seq_get_data(self._ctx, data, size, slot.seq) == size:
-                    self._states.put(slot.key, data, list(slot.tokens))
+        """Save an idle slot's KV state to the RAM cache (what that pushes out, and what does
+        not fit, goes to disk), then empty the slot."""
+        key = slot.key
+        assert key is not None
+        if self.options.reuse and slot.tokens and (self._states.limit or self._disk is not None) and not self._clock.stale(key, slot.born):
+            state = self._save_slot(slot)
+            if state is not None:
+                for old_key, old in self._states.put(key, state):
+                    self._to_disk(old_key, old)
         self._clear(slot)
 
-    def _restore(self, slot: _Slot, key: str) -> None:
-        entry = self._states.take(key)
-        if entry is None or not self.options.reuse:
+    def _restore(self, slot: _Slot, key: str, request: _Request) -> None:
+        """Put the conversation's saved state into the slot: from RAM, from a write still
+        queued, or as read from disk for this request."""
+        saved, source = self._states.take(key), "RAM"
+        if saved is None and self._disk is not None:
+            saved = self._disk.pending(key)
+        if saved is None and request.saved is not None:
+            saved, source = request.saved, "disk"
+        request.saved = None
+        if saved is None or self._clock.stale(key, saved.born) or not self.options.reuse:
             return
         if self._fault("restore"):
             raise RuntimeError("injected fault while restoring a cached state")
-        data, tokens = entry
-        if L.llama_state_seq_set_data(self._ctx, data, len(data), slot.seq) == len(data):
-            slot.tokens = tokens
+        if L.llama_state_seq_set_data(self._ctx, saved.data, len(saved.data), slot.seq) == len(saved.data):
+            slot.tokens = list(saved.tokens)
+            slot.born = saved.born
+            if source == "disk":
+                self.disk_restores += 1
+                log.debug("restored %s from disk: %d tokens", key, len(saved.tokens))
         else:
-            log.warning("could not restore cached state for %s; evaluating its prompt again", key)
+            log.warning("could not restore the saved state of %s from %s; evaluating its prompt again", key, source)
+            if source == "disk" and self._disk is not None:
+                self._disk.discard(key)
             self._clear(slot)
             slot.key = key
 

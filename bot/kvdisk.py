@@ -1,0 +1,531 @@
+"""The disk tier of the KV state cache: every channel stays warm, even across restarts.
+
+A conversation's KV state (what `llama_state_seq_get_data` gives for its
+sequence) is megabytes. The engine keeps the recently used ones in RAM; this
+module keeps many more in a folder (KV_DISK_DIR), bounded in bytes (KV_DISK_MB)
+with least-recently-used eviction, so a follow-up in any channel restores its
+history instead of reading it all again, and so does the first one after a
+restart.
+
+File work runs on two threads of its own, never on the event loop or the engine
+thread: a reader (the engine asks for a state as soon as a reply is requested,
+and only hands the request to its thread once the bytes are in memory) and a
+writer (write-behind). The writer also does every delete, in order, so a delete
+is never overtaken by an older write of the same conversation.
+
+A file is only used with what it was made with: the same model file (size,
+modification time, a hash of its first MiB), context size, KV type,
+flash-attention setting and llama.cpp version (the *identity*; other files are
+deleted when the engine starts), and for a prompt that still shares at least
+half of its tokens. Each file ends with a CRC-32 of everything before it, so a
+truncated or damaged file is noticed, deleted and the prompt evaluated again.
+When the folder cannot be written (full disk, read-only), the tier turns itself
+off with one warning and replies go on from RAM.
+
+The folder is created 0700, files 0600, and a file's name is a hash of the
+conversation key: other users of the machine learn nothing of which channels
+exist.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import concurrent.futures
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LLBOTKV1"
+SUFFIX = ".kv"
+TMP_SUFFIX = ".kv.tmp"
+HEAD_BYTES = 1 << 20  # the part of the model file hashed for its identity
+MIN_SHARED = 0.5  # a saved state is read only if the prompt shares at least this share of its tokens
+MAX_QUEUED_BYTES = 256 << 20  # states waiting to be written; past this a write is skipped, not queued
+OTHER = "made for another model file or settings"
+_PREFIX = struct.Struct("<8sI")  # magic, header length
+_CRC = struct.Struct("<I")
+
+
+def state_buffer(size: int) -> ctypes.Array[ctypes.c_uint8]:
+    """Room for one saved KV state, in its own anonymous memory mapping.
+
+    States are megabytes each and come and go all day. From malloc, glibc soon serves
+    blocks that size from its heap, where freed ones leave holes the process keeps
+    (seen in the soak: RSS swinging 80 MiB above the live cache). A mapping is given
+    back to the system the moment the state is dropped."""
+    return (ctypes.c_uint8 * size).from_buffer(mmap.mmap(-1, size))
+
+
+def _int32(tokens: Sequence[int]) -> bytes:
+    """Token ids as little-endian int32, the form they take in a file."""
+    packed = array.array("i", tokens)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def tokens_digest(tokens: Sequence[int]) -> str:
+    return hashlib.sha256(_int32(tokens)).hexdigest()[:32]
+
+
+def key_name(key: str) -> str:
+    """The file name stem of a conversation: a hash, so the name says nothing of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def model_identity(model: Path, **settings: object) -> str:
+    """What a saved state is valid for: this exact model file, with these context settings."""
+    st = model.stat()
+    with model.open("rb") as f:
+        head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+    fields = {"format": 1, "model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns, "model_head": head, **settings}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ForgetClock:
+    """Tells state made before a conversation was forgotten from state made after.
+
+    Every saved state carries `born`, the clock when its content began. `forget`
+    moves the clock on; a state of that conversation born earlier is stale, wherever
+    it is (a slot, RAM, a write queued, a read on its way), and is never used or
+    written again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._now = 0
+        self._forgotten: dict[str, int] = {}
+
+    def now(self) -> int:
+        return self._now
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._now += 1
+            self._forgotten[key] = self._now
+
+    def stale(self, key: str, born: int) -> bool:
+        return self._forgotten.get(key, -1) > born
+
+
+@dataclass
+class SavedState:
+    """One conversation's KV state in memory: llama.cpp's bytes and the tokens they hold."""
+
+    data: ctypes.Array[ctypes.c_uint8]
+    tokens: list[int]
+    born: int  # ForgetClock time when this content began
+    used_at: float = field(default_factory=time.perf_counter)
+    _digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = tokens_digest(self.tokens)
+        return self._digest
+
+
+@dataclass
+class _Entry:
+    """A state file the tier holds (the index lives in memory, rebuilt from the folder at start)."""
+
+    size: int  # bytes on disk
+    digest: str  # of its tokens: a state already on disk is not written again
+
+
+class KVDisk:
+    """Saved KV states in a folder: LRU by bytes, write-behind, read ahead. Thread-safe.
+
+    Open it with `KVDisk.open`; `close()` waits for the writes still queued."""
+
+    def __init__(self, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock) -> None:
+        self.folder = folder
+        self.limit = limit_bytes
+        self.identity = identity
+        self.clock = clock
+        self.enabled = True
+        self._lock = threading.Lock()
+        self._index: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # file stem -> entry, oldest first
+        self._pending: dict[str, SavedState] = {}  # key -> the newest state queued for writing
+        self._queued_bytes = 0
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-read")
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-write")
+        # counters (read by tests and the benchmark)
+        self.used = 0
+        self.reads = 0
+        self.writes = 0
+        self.skipped_writes = 0  # the write queue was full
+        self.bad_files = 0  # corrupt, truncated, unreadable or made for something else
+
+    # --- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock) -> KVDisk | None:
+        """Open (creating it 0700) and index the folder; None, with a warning, if it cannot be used."""
+        try:
+            created = not folder.is_dir()
+            if created:
+                folder.mkdir(mode=0o700, parents=True)
+                os.chmod(folder, 0o700)
+            probe = folder / f"probe-{os.getpid()}{TMP_SUFFIX}"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            log.warning("KV_DISK_DIR %s cannot be used (%s); saved KV states stay in RAM only", folder, exc.strerror or exc)
+            return None
+        if not created and folder.stat().st_mode & 0o077:
+            log.warning("KV_DISK_DIR %s can be opened by other users; its files are private (0600), but chmod 700 it to hide them", folder)
+        disk = cls(folder, limit_bytes, identity, clock)
+        try:
+            disk._scan()
+        except OSError as exc:
+            log.warning("KV_DISK_DIR %s cannot be used (%s); saved KV states stay in RAM only", folder, exc.strerror or exc)
+            disk.close()
+            return None
+        return disk
+
+    def _scan(self) -> None:
+        """Index the files made for this model and settings; delete the rest (and leftovers of a crash)."""
+        found: list[tuple[float, str, _Entry]] = []
+        dropped: collections.Counter[str] = collections.Counter()
+        for path in self.folder.iterdir():
+            name = path.name
+            if name.endswith(TMP_SUFFIX):
+                _unlink(path)
+                continue
+            if not name.endswith(SUFFIX) or len(name) != 32 + len(SUFFIX):
+                continue  # not ours: leave it alone
+            try:
+                entry, mtime = self._check_header(path)
+            except (OSError, ValueError) as exc:
+                log.debug("deleting saved KV state %s: %s", name, exc)
+                _unlink(path)
+                dropped["made for another model file or settings" if str(exc) == OTHER else "damaged"] += 1
+                continue
+            found.append((mtime, name[: -len(SUFFIX)], entry))
+        for _, stem, entry in sorted(found):  # oldest first, as the LRU wants
+            self._index[stem] = entry
+            self.used += entry.size
+        for why, n in dropped.items():
+            self.bad_files += n
+            log.info("deleted %d saved KV states: %s", n, why)
+        self._make_room(0)
+        log.info("KV disk cache %s: %d saved states, %.0f of %.0f MiB", self.folder, len(self._index), self.used / 2**20, self.limit / 2**20)
+
+    def _check_header(self, path: Path) -> tuple[_Entry, float]:
+        with path.open("rb") as f:
+            header = self._read_header(f, path.name[: -len(SUFFIX)])
+            st = os.fstat(f.fileno())
+        return _Entry(st.st_size, header["tokens"]), st.st_mtime
+
+    def _read_header(self, f, stem: str) -> dict:  # noqa: ANN001 (a binary file)
+        """The header of a state file, checked against this tier (ValueError if it does not belong)."""
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise ValueError("truncated")
+        magic, length = _PREFIX.unpack(prefix)
+        if magic != MAGIC or length > 4096:
+            raise ValueError("not a saved KV state")
+        raw = f.read(length)
+        header = json.loads(raw)  # a JSONDecodeError is a ValueError
+        if not isinstance(header, dict) or header.get("identity") != self.identity:
+            raise ValueError(OTHER)
+        if header.get("key") != stem:
+            raise ValueError("its name does not match its content")
+        n, size = header.get("n_tokens"), header.get("state_bytes")
+        if not isinstance(n, int) or not isinstance(size, int) or n <= 0 or size <= 0 or not isinstance(header.get("tokens"), str):
+            raise ValueError("bad header")
+        expected = _PREFIX.size + length + 4 * n + size + _CRC.size
+        if os.fstat(f.fileno()).st_size != expected:
+            raise ValueError("truncated or padded")
+        header["_raw"] = prefix + raw
+        return header
+
+    # --- what the engine asks -------------------------------------------------------------
+
+    def has(self, key: str) -> bool:
+        """A file holds this conversation's state (not counting one still being written)."""
+        return self.enabled and key_name(key) in self._index
+
+    def holds(self, key: str, state: SavedState) -> bool:
+        """The file of this conversation already holds exactly these tokens."""
+        entry = self._index.get(key_name(key))
+        return entry is not None and entry.digest == state.digest
+
+    def pending(self, key: str) -> SavedState | None:
+        """A state queued for writing: it is still in memory and can be used as it is."""
+        with self._lock:
+            state = self._pending.get(key)
+        if state is None or self.clock.stale(key, state.born):
+            return None
+        return state
+
+    def read(self, key: str, prompt: Sequence[int] | None) -> concurrent.futures.Future[SavedState | None]:
+        """Read a conversation's state on the reader thread; the future gives None if there is
+        none worth using (missing, damaged, made for another prompt)."""
+        born = self.clock.now()
+        return self._reader.submit(self._read_safely, key, prompt, born)
+
+    def write(self, key: str, state: SavedState) -> bool:
+        """Queue a state for writing (write-behind). False if the tier is off or the queue full."""
+        if not self.enabled or self.clock.stale(key, state.born):
+            return False
+        size = len(state.data)
+        with self._lock:
+            if self._queued_bytes and self._queued_bytes + size > MAX_QUEUED_BYTES:
+                self.skipped_writes += 1
+                return False
+            self._pending[key] = state
+            self._queued_bytes += size
+        self._writer.submit(self._write_safely, key, state)
+        return True
+
+    def forget(self, key: str) -> None:
+        """Delete a conversation's file (on the writer thread, after any write already queued).
+
+        Call `clock.forget(key)` first: a write or read of the old state still on its
+        way then sees it is stale."""
+        stem = key_name(key)
+        with self._lock:
+            self._pending.pop(key, None)
+            entry = self._index.pop(stem, None)
+            if entry is not None:
+                self.used -= entry.size
+        self._submit_unlink(stem)
+
+    def discard(self, key: str) -> None:
+        """A file's state proved unusable (llama.cpp refused it): delete it."""
+        self._discard(key_name(key), None)
+
+    def drain(self) -> None:
+        """Wait until every write and delete queued so far is done."""
+        with contextlib.suppress(RuntimeError):  # closed: nothing is queued
+            self._writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Finish the queued writes and stop the threads."""
+        self._reader.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+
+    @property
+    def files(self) -> int:
+        return len(self._index)
+
+    # --- the reader thread ------------------------------------------------------------------
+
+    def _read_safely(self, key: str, prompt: Sequence[int] | None, born: int) -> SavedState | None:
+        try:
+            return self._read(key, prompt, born)
+        except Exception:  # whatever it was, this reply just evaluates its prompt
+            log.exception("could not read the saved KV state of %s", key)
+            self._discard(key_name(key), None)
+            return None
+
+    def _read(self, key: str, prompt: Sequence[int] | None, born: int) -> SavedState | None:
+        stem = key_name(key)
+        with self._lock:
+            entry = self._index.get(stem) if self.enabled else None
+        if entry is None or self.clock.stale(key, born):
+            return None
+        path = self.folder / (stem + SUFFIX)
+        try:
+            with path.open("rb", buffering=0) as f:
+                header = self._read_header(f, stem)
+                crc = zlib.crc32(header["_raw"])
+                raw_tokens = _read_exactly(f, 4 * header["n_tokens"])
+                crc = zlib.crc32(raw_tokens, crc)
+                tokens = array.array("i")
+                tokens.frombytes(raw_tokens)
+                if sys.byteorder == "big":
+                    tokens.byteswap()
+                if prompt is not None and _common_prefix(tokens, prompt) < len(tokens) * MIN_SHARED:
+                    log.debug("saved KV state of %s no longer matches its prompt (the history window moved); deleted", key)
+                    self._discard(stem, entry)
+                    return None
+                data = state_buffer(header["state_bytes"])
+                view = memoryview(data).cast("B")
+                _read_into(f, view)
+                crc = zlib.crc32(view, crc)
+                (stored,) = _CRC.unpack(_read_exactly(f, _CRC.size))
+                del view
+        except FileNotFoundError:  # deleted meanwhile (forgotten, or evicted for room)
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("saved KV state of %s is unreadable (%s); deleted, its prompt is evaluated again", key, exc)
+            self._discard(stem, entry)
+            return None
+        if crc != stored:
+            log.warning("saved KV state of %s is corrupt (checksum mismatch); deleted, its prompt is evaluated again", key)
+            self._discard(stem, entry)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # the LRU order survives a restart
+        with self._lock:
+            if stem in self._index:
+                self._index.move_to_end(stem)
+            self.reads += 1
+        # (if a newer state replaced the file while we opened it, we read that one: still whole and checked)
+        return SavedState(data, tokens.tolist(), born, _digest=header["tokens"])
+
+    def _discard(self, stem: str, entry: _Entry | None) -> None:
+        """Drop a file from the index (if `entry` is still the one indexed, or any) and delete it."""
+        with self._lock:
+            current = self._index.get(stem)
+            if current is not None and (entry is None or current is entry):
+                del self._index[stem]
+                self.used -= current.size
+                self.bad_files += 1
+        self._submit_unlink(stem)
+
+    # --- the writer thread ------------------------------------------------------------------
+
+    def _submit_unlink(self, stem: str) -> None:
+        with contextlib.suppress(RuntimeError):  # closed: nothing more is deleted
+            self._writer.submit(self._unlink_unindexed, stem)
+
+    def _unlink_unindexed(self, stem: str) -> None:
+        """Delete a file unless a newer state of the same conversation took its place."""
+        with self._lock:
+            if stem in self._index:
+                return
+        try:
+            (self.folder / (stem + SUFFIX)).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._turn_off(exc)
+
+    def _write_safely(self, key: str, state: SavedState) -> None:
+        try:
+            self._write(key, state)
+        except OSError as exc:
+            self._turn_off(exc)
+        except Exception:
+            log.exception("could not write the KV state of %s", key)
+        finally:
+            with self._lock:
+                self._queued_bytes -= len(state.data)
+                if self._pending.get(key) is state:
+                    del self._pending[key]
+
+    def _write(self, key: str, state: SavedState) -> None:
+        with self._lock:
+            if not self.enabled or self._pending.get(key) is not state:
+                return  # off, forgotten, or a newer state of this conversation is queued
+        if self.clock.stale(key, state.born):
+            return
+        stem = key_name(key)
+        tokens = _int32(state.tokens)
+        raw = json.dumps(
+            {"identity": self.identity, "key": stem, "n_tokens": len(state.tokens), "state_bytes": len(state.data), "tokens": state.digest}
+        ).encode()
+        head = _PREFIX.pack(MAGIC, len(raw)) + raw
+        size = len(head) + len(tokens) + len(state.data) + _CRC.size
+        if size > self.limit:
+            return
+        self._make_room(size, replacing=stem)
+        tmp = self.folder / (stem + TMP_SUFFIX)
+        final = self.folder / (stem + SUFFIX)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+            with open(fd, "wb", buffering=0) as f:
+                os.fchmod(fd, 0o600)  # in case an old temporary file was left with other modes
+                crc = 0
+                for part in (head, tokens, memoryview(state.data).cast("B")):
+                    _write_all(f, part)
+                    crc = zlib.crc32(part, crc)
+                _write_all(f, _CRC.pack(crc))
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        with self._lock:
+            old = self._index.pop(stem, None)
+            if old is not None:
+                self.used -= old.size
+            if self.clock.stale(key, state.born):
+                return  # forgotten while we wrote: the delete queued behind us removes the file
+            self._index[stem] = _Entry(size, state.digest)
+            self.used += size
+            self.writes += 1
+
+    def _make_room(self, size: int, replacing: str | None = None) -> None:
+        """Delete the least recently used files until `size` more bytes fit the budget
+        (`replacing`: the file this write takes the place of, which does not count)."""
+        doomed = []
+        with self._lock:
+            held = self._index[replacing].size if replacing in self._index else 0
+            for stem in list(self._index):
+                if self.used - held + size <= self.limit:
+                    break
+                if stem != replacing:
+                    self.used -= self._index.pop(stem).size
+                    doomed.append(stem)
+        for stem in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / (stem + SUFFIX)).unlink()
+
+    def _turn_off(self, exc: OSError) -> None:
+        """The folder cannot be written (full, read-only, gone): off until restart, said once."""
+        with self._lock:
+            if not self.enabled:
+                return
+            self.enabled = False
+            self._pending.clear()
+        log.warning(
+            "KV disk cache turned off: %s (%s). Conversations' KV states stay in RAM only until the bot restarts.",
+            exc.strerror or type(exc).__name__,
+            exc.filename or self.folder,
+        )
+
+
+def _read_exactly(f, n: int) -> bytes:  # noqa: ANN001
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("truncated")
+    return data
+
+
+def _read_into(f, view: memoryview) -> None:  # noqa: ANN001
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise ValueError("truncated")
+        done += got
+
+
+def _write_all(f, data: bytes | memoryview) -> None:  # noqa: ANN001
+    view = memoryview(data)
+    while view:
+        written = f.write(view)
+        view = view[written:]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
