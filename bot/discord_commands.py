@@ -269,7 +269,9 @@ def _speed(last: LastReply) -> str:
             parts.append(f"reply: {gen.n_generated} tokens in {gen_s:.2f} s ({(gen.n_generated - 1) / gen_s:.1f} tokens/s)")
     if not gen.done:
         parts.append(f"being written ({gen.n_generated} tokens so far)")
-    return "\n".join(parts) or "no tokens yet"
+    elif gen.first_token_at is None:
+        parts.append("stopped before its first token" if gen.finish_reason == "cancelled" else f"ended before its first token ({gen.finish_reason})")
+    return "\n".join(parts)
 
 
 def _describe_options(options: ChannelOptions, most: int) -> str:
