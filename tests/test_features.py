@@ -413,3 +413,48 @@ def test_export_marks_rows_and_a_message_cannot_forge_a_heading() -> None:
     assert "*(not delivered" in text and "waiting" not in text.split("## Messages")[1]
     assert "- Messages: 2 (1 still waiting for an answer are not included)" in text
     assert CUT_FILES_NOTE.format(kept=0.25).endswith("about 25% of it.)")
+
+
+# --- the chat layer and the store, without Discord (the terminal chat uses the same) ------------
+
+
+async def test_conversation_settings_in_the_chat_layer(chat, engine) -> None:
+    from bot.chat import SettingError
+
+    options = await chat.change_options("terminal:a", n_predict=2, top_p=0.5)
+    assert (options.n_predict, options.sampling.top_p, options.own) == (2, 0.5, frozenset({"n_predict", "top_p"}))
+    reply = await chat.respond(UserMessage("terminal:a", "Tell me a long story."))
+    await reply.save()
+    assert reply.generation.n_generated <= 2
+    other = await chat.respond(UserMessage("terminal:b", "Tell me a long story."))
+    await other.save()
+    assert other.generation.n_generated > 2  # another conversation keeps the defaults
+    with pytest.raises(SettingError, match="top_p must be from 0 to 1, not 1.5"):
+        await chat.change_options("terminal:a", top_p=1.5, n_predict=5)
+    assert chat.options(await chat.store.conversation("terminal:a")).n_predict == 2  # a refused change changes nothing
+    with pytest.raises(SettingError, match="here it may be at most"):
+        await chat.set_system_prompt("terminal:a", "You are a very verbose assistant. " * 300)
+    with pytest.raises(SettingError, match="cannot be empty"):
+        await chat.set_system_prompt("terminal:a", "   ")
+    await chat.set_system_prompt("terminal:a", "You are a cat.")
+    prompt = await chat.build_prompt(await chat.store.conversation("terminal:a"))
+    assert prompt.messages[0].content == "You are a cat."
+    await chat.set_system_prompt("terminal:a", None)
+    prompt = await chat.build_prompt(await chat.store.conversation("terminal:a"))
+    assert prompt.messages[0].content == chat.settings.system_prompt
+
+
+async def test_migration_4_keeps_old_rows(tmp_path: Path) -> None:
+    from bot.store import Store
+
+    path = tmp_path / "old.sqlite3"
+    async with await Store.open(path, upto=3) as old:
+        conv = await old.conversation("guild:1:channel:2")
+        await old.add_message(conv.id, "user", "hello", author_name="ann")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE conversations SET system_prompt = 'Be brief.'")
+    async with await Store.open(path) as store:
+        conv = await store.conversation("guild:1:channel:2")
+        assert (conv.system_prompt, conv.temperature, conv.top_p, conv.n_predict, conv.thinking) == ("Be brief.", None, None, None, None)
+        [message] = await store.messages(conv.id)
+        assert (message.content, message.attachments, message.full_text) == ("hello", None, "hello")
