@@ -8,15 +8,17 @@ and nothing of what runs the model beyond the `Backend` interface.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from bot.backend import Backend, Generation, PreparedPrompt
-from bot.config import ConfigError, Settings
+from bot.config import ConfigError, Sampling, Settings
 from bot.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
 from bot.templates import AUTO, JinjaTemplate, Message, Template, canonical_name, get_template
 
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 WINDOW_REFILL = 0.5  # after the history outgrows the context, the prompt restarts half full (as llama.cpp's context shift)
 CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
+CUT_FILES_NOTE = "(Your message with its attached files was too long for my context window, so I only read its beginning: about {kept:.0%} of it.)"
+THINKING_MODES = ("hide", "spoiler", "show")
+TEMPERATURE_RANGE = (0.0, 5.0)  # the same bounds as TEMPERATURE in .env
+TOP_P_RANGE = (0.0, 1.0)
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
 
 
@@ -40,10 +46,34 @@ class UserMessage:
     author_name: str | None = None
     platform_message_id: str | None = None
     channel_id: str | None = None  # where it was said (to catch up on a channel after a restart)
+    attachments: str | None = None  # attached text files, rendered (see bot.attachments.render_files)
 
 
 class TemplateChoiceError(ValueError):
     """A template switch that cannot be done; the message says why, for the user."""
+
+
+class SettingError(ValueError):
+    """A /system or /settings value that is refused; the message says why and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """How a conversation's replies are made: its own settings over the configured defaults."""
+
+    sampling: Sampling
+    n_predict: int
+    thinking: str
+    own: frozenset[str]  # which of temperature, top_p, n_predict, thinking the channel set itself
+
+
+@dataclass(frozen=True)
+class LastReply:
+    """The newest reply started in a conversation, for /status: no tokenizing needed to show it."""
+
+    prompt_tokens: int  # tokens of its prompt (the conversation's window in use)
+    budget: int  # most prompt tokens the window may hold (n_ctx - n_predict)
+    generation: Generation  # n_cached, n_evaluated, timings and n_generated, filled in as it runs
 
 
 @dataclass(frozen=True)
@@ -53,6 +83,7 @@ class Prompt:
     template: Template
     n_history: int  # stored messages that made it into the prompt
     cut: bool  # the newest message had to be shortened
+    kept: float = 1.0  # the share of its characters that was kept, when cut
 
 
 def shows_names(scope: str, authors: set[str | None]) -> bool:
@@ -72,6 +103,7 @@ class Reply:
     saved_id: int | None = None
     notes: list[str] = field(default_factory=list)
     discarded: bool = False  # the user took their message back: nothing is stored
+    thinking: str = "hide"  # how the reasoning of a reasoning model is shown (the channel's THINKING mode)
 
     async def stream(self) -> AsyncIterator[str]:
         """The reply's text as it is generated, leading whitespace removed."""
@@ -137,6 +169,9 @@ class ChatService:
         self.settings = settings
         self._templates: dict[str, Template] = {}
         self._window_start: dict[str, int] = {}  # scope -> id of the oldest message in its last prompt
+        self.last_replies: collections.OrderedDict[str, LastReply] = collections.OrderedDict()  # newest 1,000 scopes
+        self.last_reply: LastReply | None = None  # bot-wide
+        self.started_at = time.time()
         if settings.n_predict >= backend.n_ctx:
             raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({backend.n_ctx})")
 
@@ -178,6 +213,88 @@ class ChatService:
         await self.store.set_template(scope, key)
         self.forget(scope)
         return key
+
+    # --- per-conversation settings -------------------------------------------------------
+
+    def system_prompt(self, conversation: Conversation) -> str:
+        return conversation.system_prompt if conversation.system_prompt is not None else self.settings.system_prompt
+
+    async def set_system_prompt(self, scope: str, text: str | None) -> None:
+        """A conversation's own system prompt (None: back to SYSTEM_PROMPT). The prompt starts
+        with it, so the conversation's cached KV state no longer matches and is dropped.
+
+        Raises SettingError when it would leave too little of the window for the conversation."""
+        if text is not None:
+            text = text.strip()
+            if not text:
+                raise SettingError("The system prompt cannot be empty. Use `reset` to go back to the default one.")
+            conversation = await self.store.conversation(scope)
+            budget = self.backend.n_ctx - self.options(conversation).n_predict
+            [tokens] = await self.backend.count([text])
+            if tokens > budget // 2:
+                raise SettingError(f"That system prompt is about {tokens} tokens; here it may be at most {budget // 2} (half of the context window).")
+        await self.store.set_system_prompt(scope, text)
+        self.forget(scope)
+
+    def options(self, conversation: Conversation) -> ChannelOptions:
+        """The conversation's settings over the configured ones. A stored reply length above
+        today's LLAMA_N_PREDICT (lowered since) is held to it."""
+        s = self.settings
+        sampling = replace(
+            s.sampling,
+            temperature=conversation.temperature if conversation.temperature is not None else s.sampling.temperature,
+            top_p=conversation.top_p if conversation.top_p is not None else s.sampling.top_p,
+        )
+        own = {k for k in ("temperature", "top_p", "n_predict", "thinking") if getattr(conversation, k) is not None}
+        return ChannelOptions(
+            sampling=sampling,
+            n_predict=min(conversation.n_predict, s.n_predict) if conversation.n_predict is not None else s.n_predict,
+            thinking=conversation.thinking or s.thinking,
+            own=frozenset(own),
+        )
+
+    async def change_options(
+        self,
+        scope: str,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        n_predict: int | None = None,
+        thinking: str | None = None,
+        reset: bool = False,
+    ) -> ChannelOptions:
+        """Change some of a conversation's settings (None: leave as is; `reset`: all back to the
+        defaults first). Every value is checked before anything is stored: SettingError says
+        what is allowed."""
+        self.check_options(temperature=temperature, top_p=top_p, n_predict=n_predict, thinking=thinking)
+        current = await self.store.conversation(scope)
+        if reset:
+            current = replace(current, temperature=None, top_p=None, n_predict=None, thinking=None)
+
+        def pick(new: object, old: object) -> object:
+            return new if new is not None else old
+
+        updated = await self.store.set_channel_settings(
+            scope,
+            temperature=pick(temperature, current.temperature),  # type: ignore[arg-type]
+            top_p=pick(top_p, current.top_p),  # type: ignore[arg-type]
+            n_predict=pick(n_predict, current.n_predict),  # type: ignore[arg-type]
+            thinking=pick(thinking, current.thinking),  # type: ignore[arg-type]
+        )
+        return self.options(updated)
+
+    def check_options(
+        self, *, temperature: float | None = None, top_p: float | None = None, n_predict: int | None = None, thinking: str | None = None
+    ) -> None:
+        """Raise SettingError, saying the allowed range, for a value a conversation may not use."""
+        if temperature is not None and not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+            raise SettingError(f"temperature must be from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g} (0 always picks the likeliest word), not {temperature:g}.")
+        if top_p is not None and not TOP_P_RANGE[0] <= top_p <= TOP_P_RANGE[1]:
+            raise SettingError(f"top_p must be from {TOP_P_RANGE[0]:g} to {TOP_P_RANGE[1]:g}, not {top_p:g}.")
+        if n_predict is not None and not 1 <= n_predict <= self.settings.n_predict:
+            raise SettingError(f"reply length must be from 1 to {self.settings.n_predict} tokens (LLAMA_N_PREDICT), not {n_predict}.")
+        if thinking is not None and thinking not in THINKING_MODES:
+            raise SettingError(f"thinking must be one of {', '.join(THINKING_MODES)}, not {thinking!r}.")
 
     async def reset(self, scope: str) -> int:
         """Forget a conversation's history (settings stay). Returns how many messages went."""
@@ -234,6 +351,7 @@ class ChatService:
             author_id=message.author_id,
             author_name=message.author_name,
             platform_message_id=message.platform_message_id,
+            attachments=message.attachments,
         )
 
     async def answer(self, scope: str, message_id: int) -> Reply | None:
@@ -244,13 +362,35 @@ class ChatService:
         if stored is None or stored.status != PENDING:
             return None
         conversation = await self.store.conversation(scope)
+        options = self.options(conversation)
         prompt = await self.build_prompt(conversation, include=message_id)
         log.debug("prompt for %s: %d tokens, %d history messages%s", scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
-        generation = self.backend.generate(scope, prompt.prepared, max_tokens=self.settings.n_predict, sampling=self.settings.sampling)
-        reply = Reply(self, conversation, generation, prompt, message_id)
+        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=options.sampling)
+        self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
+        reply = Reply(self, conversation, generation, prompt, message_id, thinking=options.thinking)
         if prompt.cut:
-            reply.notes.append(CUT_NOTE)
+            reply.notes.append(CUT_FILES_NOTE.format(kept=prompt.kept) if stored.attachments else CUT_NOTE)
         return reply
+
+    def _remember(self, scope: str, last: LastReply) -> None:
+        self.last_reply = last
+        self.last_replies[scope] = last
+        self.last_replies.move_to_end(scope)
+        while len(self.last_replies) > 1000:
+            self.last_replies.popitem(last=False)
+
+    def engine_stats(self) -> EngineStats | None:
+        """Slots and KV state cache of the local engine (None for a remote server). Cheap: read on the event loop."""
+        engine = getattr(self.backend, "engine", None)
+        if engine is None:
+            return None
+        return EngineStats(
+            busy_slots=engine.busy_slots,
+            slots=engine.options.parallel,
+            cached_states=engine.cached_states,
+            cache_bytes=engine.cache_bytes,
+            cache_limit_bytes=engine.options.kv_cache_mb * 1024 * 1024,
+        )
 
     async def settle(self, message_id: int) -> None:
         """A turn that got an apology instead of an answer still becomes part of the
@@ -276,9 +416,9 @@ class ChatService:
         before the next full re-evaluation, instead of one on every message.
         """
         template = self.template(self.template_name(conversation))
-        system = conversation.system_prompt if conversation.system_prompt is not None else self.settings.system_prompt
+        system = self.system_prompt(conversation)
         head = [Message("system", system)] if system.strip() else []
-        budget = self.backend.n_ctx - self.settings.n_predict
+        budget = self.backend.n_ctx - self.options(conversation).n_predict
         start = self._window_start.get(conversation.scope)
 
         # Pick turns newest first by an estimate; the exact rendering is checked below.
@@ -306,6 +446,7 @@ class ChatService:
             picked.pop(0)
 
         cut = False
+        kept = 1.0
         while True:
             names = shows_names(conversation.scope, {m.author_id or m.author_name for m in picked if m.role == "user"})
             messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
@@ -313,19 +454,21 @@ class ChatService:
             if prepared.n_tokens <= budget:
                 if picked:
                     self._window_start[conversation.scope] = picked[0].id
-                return Prompt(prepared, messages, template, len(picked), cut)
+                return Prompt(prepared, messages, template, len(picked), cut, kept)
             if len(picked) > 1:
                 picked.pop(0)
                 while len(picked) > 1 and picked[0].role == "assistant":
                     picked.pop(0)
                 continue
-            # One message alone is too long: keep its beginning, shortened in proportion.
-            if not picked or not picked[0].content:
+            # One message alone is too long: keep its beginning (text, then attached files), shortened in proportion.
+            if not picked or not picked[0].full_text:
                 raise ValueError("the system prompt alone does not fit in the context window")
             only = picked[0]
-            [content_tokens] = await self.backend.count([only.content])
+            whole = only.full_text
+            [content_tokens] = await self.backend.count([whole])
             keep = max(0.0, 1 - (prepared.n_tokens - budget + 8) / max(content_tokens, 1)) * 0.97
-            picked = [replace(only, content=only.content[: int(len(only.content) * keep)])]
+            picked = [replace(only, content=whole[: int(len(whole) * keep)], attachments=None)]
+            kept *= keep
             cut = True
 
     async def _pages(self, conversation: Conversation, start: int | None, include: int | None) -> AsyncIterator[list[StoredMessage]]:
@@ -345,8 +488,17 @@ class ChatService:
 
 def _content(message: StoredMessage, names: bool) -> str:
     if names and message.role == "user" and message.author_name:
-        return f"{message.author_name}: {message.content}"
-    return message.content
+        return f"{message.author_name}: {message.full_text}"
+    return message.full_text
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    busy_slots: int
+    slots: int
+    cached_states: int  # conversations whose KV state waits in RAM for their next message
+    cache_bytes: int
+    cache_limit_bytes: int  # KV_CACHE_MB
 
 
 def _merge_turns(messages: list[Message]) -> list[Message]:
@@ -404,4 +556,7 @@ async def open_backend(settings: Settings, *, parallel: int | None = None, abort
     return LocalBackend(engine)
 
 
-__all__ = ["ChatService", "Reply", "UserMessage", "Prompt", "TemplateChoiceError", "OK", "STOPPED", "UNDELIVERED"]
+__all__ = [
+    "ChatService", "Reply", "UserMessage", "Prompt", "TemplateChoiceError", "SettingError", "ChannelOptions", "LastReply",
+    "EngineStats", "OK", "STOPPED", "UNDELIVERED",
+]

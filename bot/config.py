@@ -79,6 +79,14 @@ class Settings:
     dev_guild_id: int | None = None
     admin_role_ids: frozenset[int] = frozenset()
     chat_channels: frozenset[int] = frozenset()
+    # Who may talk to the bot (empty: no restriction). See `allow_dms` for DMs.
+    allowed_channel_ids: frozenset[int] = frozenset()  # guild channels (and their threads)
+    allowed_role_ids: frozenset[int] = frozenset()  # in guilds: members with one of these roles (or an ADMIN_ROLE_IDS one)
+    blocked_user_ids: frozenset[int] = frozenset()  # never answered, anywhere
+    allow_dms: bool | None = None  # None: DMs are open unless ALLOWED_CHANNEL_IDS or ALLOWED_ROLE_IDS restricts the bot
+    # Text attachments read into the prompt
+    attachment_max_kb: int = 256  # per file; 0: attachments are not read
+    attachment_max_files: int = 4  # per message
     shard_count: int | None = None  # None: one connection; 0: "auto" (as Discord recommends)
     # Remote inference (BACKEND=openai)
     backend: str = "local"
@@ -97,6 +105,14 @@ class Settings:
             openai_base_url=redact_url(self.openai_base_url) if self.openai_base_url else None,
         )
         return dataclasses.asdict(shown).__repr__()
+
+    @property
+    def dms_open(self) -> bool:
+        """Whether DMs are answered: ALLOW_DMS, or by default only when no allow-list restricts the bot
+        (a server owner who limits it to some channels or roles does not expect it open to anyone in DMs)."""
+        if self.allow_dms is not None:
+            return self.allow_dms
+        return not (self.allowed_channel_ids or self.allowed_role_ids)
 
     def resolved_model_path(self) -> Path:
         """The GGUF to load: MODEL_PATH, or the bundled model."""
@@ -296,6 +312,12 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "dev_guild_id", take("DEV_GUILD_ID", lambda n, r: _int(n, r, 1)))
     put(kwargs, "admin_role_ids", take("ADMIN_ROLE_IDS", _ids))
     put(kwargs, "chat_channels", take("CHAT_CHANNELS", _ids))
+    put(kwargs, "allowed_channel_ids", take("ALLOWED_CHANNEL_IDS", _ids))
+    put(kwargs, "allowed_role_ids", take("ALLOWED_ROLE_IDS", _ids))
+    put(kwargs, "blocked_user_ids", take("BLOCKED_USER_IDS", _ids))
+    put(kwargs, "allow_dms", take("ALLOW_DMS", _bool))
+    put(kwargs, "attachment_max_kb", take("ATTACHMENT_MAX_KB", lambda n, r: _int(n, r, 0, 8192)))
+    put(kwargs, "attachment_max_files", take("ATTACHMENT_MAX_FILES", lambda n, r: _int(n, r, 0, 10)))
     put(kwargs, "shard_count", take("SHARD_COUNT", _shards))
     put(kwargs, "backend", take("BACKEND", lambda n, r: _choice(n, r, ("local", "openai"))))
     put(kwargs, "openai_base_url", take("OPENAI_BASE_URL", lambda n, r: _url(n, r, ("http", "https"))))

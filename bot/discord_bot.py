@@ -24,6 +24,7 @@ import discord
 import yarl
 from discord import app_commands
 
+from bot.attachments import SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
 from bot.backend import ModelError
 from bot.chat import EMPTY_NOTE, ChatService, Reply, UserMessage, open_chat
 from bot.config import Settings
@@ -37,9 +38,14 @@ log = logging.getLogger(__name__)
 SORRY = "Sorry, something went wrong while I was answering. Please try again."
 UNDELIVERED = "Sorry, Discord did not accept my reply. Please ask again."
 BUSY = "I'm busy with other conversations right now. Please try again in a minute."
-NO_TEXT = "I can only read text. Write me a message (attachments, stickers and embeds are ignored)."
+NO_TEXT = "I can only read text and text files (like .txt, .md or .py). Write me a message; images, stickers and embeds are ignored."
 MENTION_ONLY = "You mentioned me, but there is no message. Ask me something!"
-IGNORED = "I ignored the attachment, sticker or embed; I can only read text."
+IGNORED = "I ignored the sticker or embed; I can only read text."
+# Refusals of slash commands (messages that may not talk to the bot get no answer at all).
+REFUSED_BLOCKED = "Sorry, you can't use this bot."
+REFUSED_CHANNEL = "I'm not available in this channel."
+REFUSED_ROLE = "You need one of the roles allowed to use this bot here."
+REFUSED_DMS = "I don't take direct messages; talk to me in the server."
 SLOW_DOWN = "Please slow down a little: I answer one message from you every {s:g} seconds."
 STOPPED = " *(stopped)*"
 RESTARTED = "Sorry, I was restarting when you sent this and it is too old to answer now. Please ask again."
@@ -79,6 +85,34 @@ class _Turn:
 discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # a text bot: no voice warnings
 
 
+def refusal(settings: Settings, *, user_id: int, channel_ids: set[int], role_ids: set[int] | None, in_dm: bool) -> str | None:
+    """Why this person may not use the bot here (one of the REFUSED_* texts), or None when they may.
+
+    BLOCKED_USER_IDS applies everywhere. In guilds, ALLOWED_CHANNEL_IDS lists channels
+    (a thread counts when its parent is listed: `channel_ids` holds both) and ALLOWED_ROLE_IDS
+    roles (an ADMIN_ROLE_IDS role counts too; `role_ids` None: not known yet, see
+    `LlamaBot._refusal_fetching_roles`). DMs follow `settings.dms_open`: closed by default
+    as soon as either list restricts the bot, so "only these channels" also means "not in DMs"."""
+    if user_id in settings.blocked_user_ids:
+        return REFUSED_BLOCKED
+    if in_dm:
+        return None if settings.dms_open else REFUSED_DMS
+    if settings.allowed_channel_ids and not channel_ids & settings.allowed_channel_ids:
+        return REFUSED_CHANNEL
+    if settings.allowed_role_ids and role_ids is not None and not role_ids & (settings.allowed_role_ids | settings.admin_role_ids):
+        return REFUSED_ROLE
+    return None
+
+
+class _GatedTree(app_commands.CommandTree):
+    """The slash command tree, with who-may-use-the-bot checked before any command runs."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        client = self.client
+        assert isinstance(client, LlamaBot)
+        return await client.check_interaction(interaction)
+
+
 class LlamaBot(discord.Client):
     """The bot. `chat` is the shared conversation service over the one loaded model."""
 
@@ -91,7 +125,7 @@ class LlamaBot(discord.Client):
         super().__init__(intents=intents, allowed_mentions=NO_PINGS, **options)  # type: ignore[arg-type]
         self.settings = settings
         self.chat = chat
-        self.tree = app_commands.CommandTree(self)
+        self.tree = _GatedTree(self)
         self.scheduler = FairScheduler(settings.parallel, settings.max_queue)
         self.edit_budget = EditBudget()
         self.chat_scopes: set[str] = set()  # channels turned on with /chat on
@@ -103,6 +137,8 @@ class LlamaBot(discord.Client):
         self._catching_up = asyncio.Lock()
         self._resumed = False
         self._background: set[asyncio.Task[None]] = set()
+        self._files: aiohttp.ClientSession | None = None  # downloads attachments (created on first use)
+        self.started_at = time.time()
         register_commands(self)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -139,6 +175,11 @@ class LlamaBot(discord.Client):
         await self.scheduler.close(grace, wind_down=self._stop_all)
         await self.close()
 
+    async def close(self) -> None:
+        if self._files is not None:
+            await self._files.close()
+        await super().close()
+
     def _stop_all(self) -> None:
         for reply in list(self.replies.values()):
             reply.stop()
@@ -171,6 +212,9 @@ class LlamaBot(discord.Client):
                 await self.chat.delete_message(turn.message.platform_message_id)
                 continue
             first = await self._fetch_message(turn.channel_id, turn.message.reply_message_id) if turn.message.reply_message_id else None
+            if await self._refusal_fetching_roles(message) is not None:  # blocked, or the allowed lists changed, while it waited
+                await self.chat.store.set_status(turn.message.id, EXPIRED)
+                continue
             first = first or await self._own_reply_to(message)  # posted just before the process died
             age = (now - message.created_at).total_seconds()
             if age > self.settings.resume_max_age_s:
@@ -209,8 +253,10 @@ class LlamaBot(discord.Client):
             try:
                 async for message in channel.history(after=discord.Object(max(newest or 0, floor)), oldest_first=True, limit=self.settings.catchup_max_messages):
                     if self._wants_answer(message) and not await self.chat.store.has_platform_id(str(message.id)):
+                        if await self._refusal_fetching_roles(message) is not None:
+                            continue
                         text = self._text_of(message)
-                        if text:
+                        if text or message.attachments:
                             answered += await self._accept(message, text, [], force=True)
             except discord.HTTPException as exc:
                 log.warning("could not read what arrived in channel %s while I was away: %s", channel_id, exc)
@@ -259,20 +305,74 @@ class LlamaBot(discord.Client):
     # --- messages ----------------------------------------------------------------------
 
     def _wants_answer(self, message: discord.Message) -> bool:
-        """A message from a person, of a normal kind, addressed to the bot."""
+        """A message from a person, of a normal kind, addressed to the bot, by someone who may use it here."""
         if message.author.bot or message.webhook_id is not None:
             return False  # never bots, including this one
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return False  # joins, pins, boosts...
-        return self._addressed(message)
+        if not self._addressed(message):
+            return False
+        why = self._refusal_of(message)
+        if why is not None:  # no answer at all, not even a note: the bot is not for them here
+            log.debug("not answering message %s from user %s in channel %s: %s", message.id, message.author.id, message.channel.id, why)
+            return False
+        return True
+
+    def _refusal_of(self, message: discord.Message, role_ids: set[int] | None = None) -> str | None:
+        """`refusal` for a message. A live message carries its author's roles; one fetched
+        later (after a restart) does not: then roles are not checked unless given."""
+        channel = message.channel
+        if role_ids is None and isinstance(message.author, discord.Member):
+            role_ids = {role.id for role in message.author.roles}
+        return refusal(
+            self.settings,
+            user_id=message.author.id,
+            channel_ids={i for i in (channel.id, getattr(channel, "parent_id", None)) if i},
+            role_ids=role_ids,
+            in_dm=message.guild is None,
+        )
+
+    async def _refusal_fetching_roles(self, message: discord.Message) -> str | None:
+        """`_refusal_of` for a message read back from Discord (resumed, caught up), fetching
+        its author's roles when ALLOWED_ROLE_IDS needs them."""
+        role_ids = None
+        if message.guild is not None and self.settings.allowed_role_ids and not isinstance(message.author, discord.Member):
+            try:
+                member = await message.guild.fetch_member(message.author.id)
+                role_ids = {role.id for role in member.roles}
+            except discord.NotFound:
+                role_ids = set()  # no longer a member
+            except discord.HTTPException as exc:
+                log.warning("could not read the roles of user %s: %s", message.author.id, exc)
+                role_ids = set()
+        return self._refusal_of(message, role_ids)
+
+    async def check_interaction(self, interaction: discord.Interaction) -> bool:
+        """Slash commands (and any other interaction) from someone who may not use the bot here
+        get a short ephemeral refusal. The decision is logged at debug level."""
+        channel = interaction.channel
+        why = refusal(
+            self.settings,
+            user_id=interaction.user.id,
+            channel_ids={i for i in (interaction.channel_id, getattr(channel, "parent_id", None)) if i},
+            role_ids={role.id for role in interaction.user.roles} if isinstance(interaction.user, discord.Member) else set(),
+            in_dm=interaction.guild_id is None,
+        )
+        name = interaction.command.name if interaction.command else interaction.type.name
+        log.debug("interaction %s from user %s in channel %s: %s", name, interaction.user.id, interaction.channel_id, why or "allowed")
+        if why is None:
+            return True
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.response.send_message(why, ephemeral=True)
+        return False
 
     async def on_message(self, message: discord.Message) -> None:
         if not self._wants_answer(message):
             return
         await self._caught_up.wait()  # what waited across a restart goes first, in order
         text = self._text_of(message)
-        extras = bool(message.attachments or message.embeds or message.stickers)
-        if not text:
+        extras = bool(message.embeds or message.stickers)
+        if not text and not message.attachments:
             mentioned_only = not extras and bool(message.content.strip())
             await self._note(message, MENTION_ONLY if mentioned_only else NO_TEXT)
             return
@@ -296,10 +396,18 @@ class LlamaBot(discord.Client):
             return False
         author = message.author
         try:
+            # Attached files are read after the place in line is taken (arrival order holds) and
+            # before the message is stored: they are part of it, in the history and after a restart.
+            files, file_notes = await self._read_files(message) if message.attachments else (None, [])
+            turn.notes.extend(file_notes)
+            if not text and not files:  # only images or binary files: nothing to answer
+                turn.stored.set_result(None)
+                await self._note(message, NO_TEXT)
+                return False
             stored = await self.chat.receive(
                 UserMessage(
                     scope, text, author_id=str(author.id), author_name=author.display_name,
-                    platform_message_id=str(message.id), channel_id=str(message.channel.id),
+                    platform_message_id=str(message.id), channel_id=str(message.channel.id), attachments=files,
                 )
             )
         except Exception as exc:  # e.g. the disk is full: the turn apologises
@@ -310,6 +418,54 @@ class LlamaBot(discord.Client):
             return False  # stored already: seen twice (a catch-up racing a live event)
         self._note_position(turn, job)
         return True
+
+    async def _read_files(self, message: discord.Message) -> tuple[str | None, list[str]]:
+        """The message's text attachments rendered for the prompt (None: none readable), and
+        the notes for the reply: files cut at ATTACHMENT_MAX_KB, files skipped and why."""
+        limit = self.settings.attachment_max_kb * 1024
+        most = self.settings.attachment_max_files
+        files: list[TextFile] = []
+        skipped: list[Skipped] = []
+        for i, attachment in enumerate(message.attachments):
+            name = attachment.filename
+            kind = kind_of(name, attachment.content_type)
+            if not limit or not most:
+                skipped.append(Skipped(name, "reading attached files is turned off"))
+            elif i >= most:
+                skipped.append(Skipped(name, f"I read at most {most} files per message"))
+            elif kind in SKIP_REASONS:
+                skipped.append(Skipped(name, SKIP_REASONS[kind]))
+            else:
+                try:
+                    data, cut = await self._download(attachment, limit)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    log.warning("could not download attachment %s of message %s: %s", attachment.id, message.id, exc)
+                    skipped.append(Skipped(name, "I could not download it"))
+                    continue
+                text = decode_text(data, cut=cut)
+                if text is None:
+                    skipped.append(Skipped(name, SKIP_REASONS["binary"]))
+                elif not text.strip():
+                    skipped.append(Skipped(name, "it is empty"))
+                else:
+                    files.append(TextFile(name, text, size=max(attachment.size, len(data)), read_bytes=len(data), cut=cut))
+        return render_files(files), notes_for(files, skipped)
+
+    async def _download(self, attachment: discord.Attachment, limit: int) -> tuple[bytes, bool]:
+        """The first `limit` bytes of an attachment, and whether the file is longer. The declared
+        size is looked at first, so a huge file costs one bounded read (a Range request), never
+        a full download; reading stops at the bound whatever the server sends."""
+        if self._files is None or self._files.closed:
+            self._files = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, sock_connect=10))
+        headers = {"Range": f"bytes=0-{limit - 1}"} if attachment.size > limit else {}
+        data = bytearray()
+        async with self._files.get(attachment.url, headers=headers) as resp:
+            resp.raise_for_status()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                data += chunk
+                if len(data) > limit:
+                    break
+        return bytes(data[:limit]), attachment.size > limit or len(data) > limit
 
     def _queue(self, turn: _Turn) -> None:
         """Queue a turn stored before (by an earlier run)."""
@@ -461,7 +617,7 @@ class LlamaBot(discord.Client):
         async for _ in gen.updates():
             if not live:
                 continue
-            shown = reply_view(gen.text, gen.reasoning, mode=self.settings.thinking, thinking=gen.thinking, thought_s=gen.thought_s, final=False)
+            shown = reply_view(gen.text, gen.reasoning, mode=reply.thinking, thinking=gen.thinking, thought_s=gen.thought_s, final=False)
             try:
                 await out.update(shown)
             except discord.HTTPException as exc:
@@ -478,7 +634,7 @@ class LlamaBot(discord.Client):
         answer = reply.clean_text()
         if not answer and reply.reasoning_text() and reply.finish_reason != "cancelled":
             answer = THOUGHT_ONLY
-        text = reply_view(answer, gen.reasoning, mode=self.settings.thinking, thinking=False, thought_s=gen.thought_s, final=True)
+        text = reply_view(answer, gen.reasoning, mode=reply.thinking, thinking=False, thought_s=gen.thought_s, final=True)
         if reply.finish_reason == "cancelled":
             text = text + STOPPED if text else STOPPED.strip()
         elif not text:

@@ -48,6 +48,11 @@ class Conversation:
     system_prompt: str | None
     chat_enabled: bool
     channel_id: str | None = None  # the platform channel (where to read what arrived while down)
+    # The channel's own settings (/settings); None: the configured default.
+    temperature: float | None = None
+    top_p: float | None = None
+    n_predict: int | None = None
+    thinking: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,14 @@ class StoredMessage:
     status: str
     reasoning: str | None = None
     reply_message_id: str | None = None  # for a pending turn: the bot's message already posted for it
+    attachments: str | None = None  # attached text files as put in the prompt (kept apart: edits change `content` only)
+
+    @property
+    def full_text(self) -> str:
+        """What the model reads of this message: its text, then its attached files."""
+        if not self.attachments:
+            return self.content
+        return f"{self.content}\n\n{self.attachments}" if self.content else self.attachments
 
 
 @dataclass(frozen=True)
@@ -204,6 +217,22 @@ class Store:
         await self.conversation(scope)
         await self._write("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (int(enabled), scope))
 
+    async def set_system_prompt(self, scope: str, system_prompt: str | None) -> None:
+        """A conversation's own system prompt; None: the configured one."""
+        await self.conversation(scope)
+        await self._write("UPDATE conversations SET system_prompt = ? WHERE scope = ?", (system_prompt, scope))
+
+    async def set_channel_settings(
+        self, scope: str, *, temperature: float | None, top_p: float | None, n_predict: int | None, thinking: str | None
+    ) -> Conversation:
+        """Replace a conversation's own sampling settings (None: the configured default)."""
+        await self.conversation(scope)
+        await self._write(
+            "UPDATE conversations SET temperature = ?, top_p = ?, n_predict = ?, thinking = ? WHERE scope = ?",
+            (temperature, top_p, n_predict, thinking, scope),
+        )
+        return await self.conversation(scope)
+
     async def chat_enabled_scopes(self) -> set[str]:
         rows = await self._db.execute_fetchall("SELECT scope FROM conversations WHERE chat_enabled = 1")
         return {row[0] for row in rows}
@@ -233,16 +262,23 @@ class Store:
         return cursor.lastrowid
 
     async def receive(
-        self, conversation_id: int, content: str, *, author_id: str | None, author_name: str | None, platform_message_id: str | None
+        self,
+        conversation_id: int,
+        content: str,
+        *,
+        author_id: str | None,
+        author_name: str | None,
+        platform_message_id: str | None,
+        attachments: str | None = None,
     ) -> int | None:
         """Store a message to be answered, as pending, the moment it arrives.
 
         Returns its id, or None when that platform message is already stored (a
         message is answered once, however often it is seen)."""
         cursor = await self._write(
-            "INSERT OR IGNORE INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, status)"
-            " VALUES (?, 'user', ?, ?, ?, ?, ?, ?)",
-            (conversation_id, content, author_id, author_name, platform_message_id, _now(), PENDING),
+            "INSERT OR IGNORE INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, status, attachments)"
+            " VALUES (?, 'user', ?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, content, author_id, author_name, platform_message_id, _now(), PENDING, attachments),
         )
         return cursor.lastrowid if cursor.rowcount else None
 
@@ -410,6 +446,10 @@ def _conversation(row: aiosqlite.Row) -> Conversation:
         system_prompt=row["system_prompt"],
         chat_enabled=bool(row["chat_enabled"]) if "chat_enabled" in keys else False,
         channel_id=row["channel_id"] if "channel_id" in keys else None,
+        temperature=row["temperature"] if "temperature" in keys else None,
+        top_p=row["top_p"] if "top_p" in keys else None,
+        n_predict=row["n_predict"] if "n_predict" in keys else None,
+        thinking=row["thinking"] if "thinking" in keys else None,
     )
 
 
@@ -428,6 +468,7 @@ def _message(row: aiosqlite.Row) -> StoredMessage:
         status=row["status"] if "status" in keys else OK,
         reasoning=row["reasoning"] if "reasoning" in keys else None,
         reply_message_id=row["reply_message_id"] if "reply_message_id" in keys else None,
+        attachments=row["attachments"] if "attachments" in keys else None,
     )
 
 

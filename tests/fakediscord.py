@@ -56,6 +56,9 @@ Driving the bot as users do
   ``add_channel(guild, name, type=11, parent_id=...)`` makes one outright.
 * ``set_role_permissions(guild, role, bits)`` changes a role (``role=guild``
   for @everyone), e.g. to take a permission away from the bot.
+* ``set_command_permissions(guild, "name", {user_or_role_id: bool})`` is a
+  server admin's per-command override (Integrations settings): it lets a
+  member use a command hidden by ``default_member_permissions``, or denies it.
 
 Observing
 ---------
@@ -631,6 +634,8 @@ class FakeDiscord:
         self._reaction_users: dict[str, dict[str, list[str]]] = {}  # message id -> emoji -> user ids
         self._files: dict[str, tuple[str, bytes]] = {}  # attachment id -> (content type, data)
         self._command_ids: dict[tuple[str, str, int], str] = {}
+        # (guild id, command name) -> {user or role id (the guild id: @everyone): allowed}
+        self._command_overrides: dict[tuple[str, str], dict[str, bool]] = {}
         self._interactions_by_id: dict[str, Interaction] = {}
         self._interactions_by_token: dict[str, Interaction] = {}
         self._failures: list[_FailureRule] = []
@@ -2598,6 +2603,32 @@ class FakeDiscord:
 
     # ------------------------------------------------------------------ interactions: driving
 
+    def set_command_permissions(self, guild: JSON, name: str, overrides: Mapping[str, bool]) -> None:
+        """What a server admin sets under Server Settings > Integrations: per user or role id
+        (the guild id for @everyone), whether ``/name`` may be used, overriding the command's
+        ``default_member_permissions`` (which is then only the default).  Apps cannot set these
+        with a bot token, so there is no REST route; channel-level overrides are not modelled."""
+        self._command_overrides[(_cid(guild), name)] = {str(k): bool(v) for k, v in overrides.items()}
+
+    def _command_allowed(self, gid: str, user: JSON, command: JSON, member_perms: int) -> bool:
+        """Discord's order: administrators always; then a user override, a role override (any
+        allowing role wins), the @everyone override, and last default_member_permissions."""
+        if member_perms & Permissions.ADMINISTRATOR:
+            return True
+        overrides = self._command_overrides.get((gid, command["name"]), {})
+        if user["id"] in overrides:
+            return overrides[user["id"]]
+        member = self._members[gid].get(user["id"]) or {}
+        by_role = [overrides[r] for r in member.get("roles", []) if r in overrides]
+        if by_role:
+            return any(by_role)
+        if gid in overrides:
+            return overrides[gid]
+        default = command.get("default_member_permissions")
+        # None: everyone; "0": administrators only; else every bit is needed.
+        required = Permissions.ADMINISTRATOR if default is not None and int(default) == 0 else int(default or 0)
+        return (member_perms & required) == required
+
     def _find_command(self, name: str, channel: JSON) -> tuple[JSON, list[str]]:
         """Synced command for ``"cmd"`` / ``"cmd sub"`` / ``"cmd group sub"``, guild scope first."""
         top, *subs = name.split()
@@ -2679,7 +2710,8 @@ class FakeDiscord:
         fake's dicts (or ids) and are put into ``data.resolved``; attachment
         options take ``{"filename", "data", "content_type"}``.  Raises
         LookupError for unsynced commands and PermissionError when the member
-        lacks the command's ``default_member_permissions`` (Discord hides it).
+        lacks the command's ``default_member_permissions`` (Discord hides it) and no
+        :meth:`set_command_permissions` override allows it.
         """
         command, subs = self._find_command(name, channel)
         gid = channel.get("guild_id")
@@ -2694,12 +2726,11 @@ class FakeDiscord:
             member_perms = permissions
         else:
             member_perms = self.permissions_of(self._guilds[gid], user) if gid else Permissions.DEFAULT_EVERYONE
-        default = command.get("default_member_permissions")
-        # None: everyone; "0": administrators only; else every bit is needed.
-        required = Permissions.ADMINISTRATOR if default is not None and int(default) == 0 else int(default or 0)
-        if gid is not None and not member_perms & Permissions.ADMINISTRATOR and (member_perms & required) != required:
+        if gid is not None and not self._command_allowed(gid, user, command, member_perms):
+            default = command.get("default_member_permissions")
             raise PermissionError(
                 f"{user['username']} lacks default_member_permissions={default} for /{command['name']}"
+                " (and no set_command_permissions override allows it)"
             )
 
         resolved: JSON = {}

@@ -84,6 +84,8 @@ async def test_reset_clears_only_its_channel(world: World, start_bot) -> None:
 
 async def test_non_admin_is_refused_server_side(world: World, start_bot) -> None:
     async with start_bot() as bot:
+        for hidden in ("reset", "chat"):  # a server admin shows the hidden admin commands to @everyone
+            world.fake.set_command_permissions(world.guild, hidden, {world.guild["id"]: True})
         for name, options in (("template", {"name": "chatml"}), ("reset", None), ("chat", {"mode": "on"})):
             interaction = await world.fake.invoke_command(name, user=world.ann, channel=world.general, options=options)
             await interaction.wait_done()
@@ -270,9 +272,9 @@ async def test_an_edit_is_stored_as_a_new_message_would_be(world: World, start_b
 async def test_text_with_attachment_is_answered_with_a_note(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         sent = await world.fake.send_message(
-            world.general, world.ann, f"{mention(world.fake)} What is 2+2?", attachments=[{"filename": "a.txt", "data": b"x", "content_type": "text/plain"}]
+            world.general, world.ann, f"{mention(world.fake)} What is 2+2?", attachments=[{"filename": "a.bin", "data": b"\x00\x01", "content_type": None}]
         )
         [reply] = await world.fake.wait_for_bot_message(world.general, after=sent)
-        assert reply["content"].endswith("-# I ignored the attachment, sticker or embed; I can only read text.")
+        assert reply["content"].endswith("-# I did not read a.bin (not a text file).")
         await world.fake.wait_for(lambda: bot.scheduler.running == 0)
         assert [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"] == ["What is 2+2?"]
