@@ -46,7 +46,7 @@ import numpy as np
 
 from bot.backend import Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
-from bot.kvdisk import ForgetClock, KVDisk, SavedState, model_identity, state_buffer
+from bot.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
 from bot.reasoning import ReplyFormat, ReplyText
 from bot.templates import Message, Template, reply_format
 from bot.vocab import Vocab, check_model_file, init_backend
@@ -617,7 +617,7 @@ class Engine:
         if self._fault("admit"):
             raise RuntimeError("injected fault while admitting a request")
         prompt = request.prompt
-        keep = _common_prefix(slot.tokens, prompt)
+        keep = common_prefix(slot.tokens, prompt)
         if keep == len(prompt):
             keep -= 1  # the last prompt token must be evaluated again to get its logits
         if keep < len(slot.tokens):
@@ -911,10 +911,3 @@ class LocalBackend:
     async def close(self) -> None:
         await self.engine.close()
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

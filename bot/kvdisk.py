@@ -352,7 +352,7 @@ class KVDisk:
                 tokens.frombytes(raw_tokens)
                 if sys.byteorder == "big":
                     tokens.byteswap()
-                if prompt is not None and _common_prefix(tokens, prompt) < len(tokens) * MIN_SHARED:
+                if prompt is not None and common_prefix(tokens, prompt) < len(tokens) * MIN_SHARED:
                     log.debug("saved KV state of %s no longer matches its prompt (the history window moved); deleted", key)
                     self._discard(stem, entry)
                     return None
@@ -523,7 +523,8 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

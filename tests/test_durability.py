@@ -74,6 +74,8 @@ async def test_queued_message_survives_a_restart(tmp_path: Path, how: str) -> No
             if process.returncode is None:
                 process.kill()
         db = tmp_path / "bot.sqlite3"
+        with sqlite3.connect(db) as conn:  # a clean database, whatever the way it stopped
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         statuses = {content: status for role, status, content in table(db) if role == "user"}
         assert statuses["What is two plus two?"] == "pending"  # on disk, waiting
         assert statuses[LONG] == ("ok" if how == "SIGTERM" else "pending")

@@ -129,40 +129,29 @@ async def cold_text(engine: Engine, tokens: list[int]) -> str:
     return gen.text
 
 
-async def test_a_corrupt_state_is_detected_deleted_and_logged(model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("damage", "logged"),
+    [("corrupt", "corrupt (checksum mismatch)"), ("truncated", "unreadable (truncated")],
+)
+async def test_a_damaged_state_is_detected_deleted_and_logged(
+    model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str, logged: str
+) -> None:
     folder = tmp_path / "kv"
     _, gen = await saved_conversation(model_path, folder)
     path = state_file(folder, "guild:1:channel:2")
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x01  # one flipped bit in the middle of the KV data
-    path.write_bytes(bytes(raw))
-
+    if damage == "corrupt":  # one flipped bit in the middle of the KV data
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
     engine = await load(model_path, folder)
     try:
+        if damage == "truncated":  # cut short after the engine indexed it (as a crash mid-copy would)
+            with path.open("r+b") as f:
+                f.truncate(path.stat().st_size // 2)
         follow = chat_tokens(engine, "Tell me about cats.", gen.text, "And dogs?")
         with caplog.at_level(logging.WARNING, logger="bot.kvdisk"):
             again = await ask(engine, "guild:1:channel:2", follow)
-        assert "corrupt (checksum mismatch)" in caplog.text
-        assert again.n_cached == 0 and engine.disk_restores == 0
-        engine.disk.drain()
-        assert not path.exists()
-        assert again.text == await cold_text(engine, follow)
-    finally:
-        await engine.close()
-
-
-async def test_a_truncated_state_is_detected_deleted_and_logged(model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = tmp_path / "kv"
-    _, gen = await saved_conversation(model_path, folder)
-    path = state_file(folder, "guild:1:channel:2")
-    engine = await load(model_path, folder)
-    try:
-        with path.open("r+b") as f:  # cut short after the engine indexed it (as a crash mid-copy would)
-            f.truncate(path.stat().st_size // 2)
-        follow = chat_tokens(engine, "Tell me about cats.", gen.text, "And dogs?")
-        with caplog.at_level(logging.WARNING, logger="bot.kvdisk"):
-            again = await ask(engine, "guild:1:channel:2", follow)
-        assert "unreadable (truncated" in caplog.text
+        assert logged in caplog.text
         assert again.n_cached == 0 and engine.disk_restores == 0
         engine.disk.drain()
         assert not path.exists()

@@ -6,12 +6,10 @@ real CLI in a subprocess where a process has to die or fail to start."""
 from __future__ import annotations
 
 import ast
-import asyncio
 import logging
 import os
 import resource
 import shutil
-import signal
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from bot.discord_bot import MENTION_ONLY, NO_TEXT, SLOW_DOWN, SORRY, UNDELIVERED
 from tests.conftest import ROOT, World, mention, rows, run_cli, scope
 from tests.fakediscord import FakeDiscord
-from tests.test_discord_process import finish, one_channel, one_reply_then_sigterm, start_process
+from tests.test_discord_process import one_reply_then_sigterm
 from tests.test_templates import EVIL
 
 
@@ -179,51 +177,6 @@ async def test_disk_full_at_write_time_apologises_then_recovers(world: World, st
         await db.execute("PRAGMA max_page_count = 1073741823")  # space is back
         [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Still there?")
         assert reply["content"] != SORRY
-
-
-def test_sigkill_during_generation_leaves_a_clean_database(tmp_path: Path) -> None:
-    asyncio.run(_sigkill_during_generation(tmp_path))
-
-
-async def _sigkill_during_generation(tmp_path: Path) -> None:
-    async with FakeDiscord() as fake:
-        _, general, ann = one_channel(fake)
-        process = await start_process(fake, tmp_path, LLAMA_N_PREDICT="400", STREAM="1")
-        try:
-            await fake.wait_ready(timeout=60)
-            sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Write a long story about a dragon.")
-            await fake.wait_for_bot_message(general, after=sent, timeout=60)  # mid-reply
-            process.kill()
-            await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-        db = tmp_path / "bot.sqlite3"
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            assert conn.execute("SELECT role, status, content FROM messages").fetchall() == [("user", "pending", "Write a long story about a dragon.")]
-        await fake.drop_connections()
-        restarted = await start_process(fake, tmp_path, LLAMA_N_PREDICT="16")
-        try:
-            await fake.wait_for(lambda: fake.identify_count >= 2, 60)
-            await asyncio.sleep(0.5)
-            again = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Hello again")
-            await fake.wait_for_bot_message(general, after=again, timeout=60)
-
-            def answered() -> bool:
-                with sqlite3.connect(db) as conn:
-                    return conn.execute("SELECT COUNT(*) FROM messages WHERE role = 'assistant'").fetchone()[0] == 2
-
-            await fake.wait_for(answered, 60)
-            restarted.send_signal(signal.SIGTERM)
-            code, log = await finish(restarted)
-        finally:
-            if restarted.returncode is None:
-                restarted.kill()
-        assert code == 0 and "Traceback" not in log
-        with sqlite3.connect(db) as conn:  # the story was finished after the restart (see test_durability.py), then the greeting
-            assert [r[0] for r in conn.execute("SELECT role FROM messages ORDER BY id")] == ["user", "assistant", "user", "assistant"]
-        assert len([m for m in fake.bot_messages(general) if m.get("message_reference", {}).get("message_id") == sent["id"]]) == 1
 
 
 def test_unusable_database_is_a_clear_error_at_start(tmp_path: Path) -> None:
