@@ -595,14 +595,19 @@ class LlamaBot(discord.Client):
         if answered in self._redoing:
             await interaction.response.send_message(ALREADY, ephemeral=True)
             return
-        await interaction.response.defer()
+        self._redoing.add(answered)  # from the press on, until the work is done or dropped
+        try:
+            await interaction.response.defer()
+        except discord.HTTPException:
+            self._redoing.discard(answered)
+            raise
         redo = _Redo(action, interaction, self.scope_of(interaction), answered, author)
         try:
             job = self.scheduler.submit(redo.scope, lambda: self._redo(redo))
         except QueueFull:
+            self._redoing.discard(answered)
             await _tell(interaction, BUSY)
             return
-        self._redoing.add(answered)
         job.done.add_done_callback(lambda _: self._redoing.discard(answered))
         position = self.scheduler.position(job)
         if position:
