@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from bot.chat import OpenAnswer
+from bot.chat import NOT_NEWEST, OpenAnswer
 from bot.config import Sampling
 from bot.discord_bot import NOT_YOURS, LlamaBot
+from bot.discord_output import split_message
 from bot.discord_views import CONTINUE, REGENERATE, STOP
 from bot.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
 from tests.conftest import JSON, World, mention, scope
@@ -215,3 +216,38 @@ def test_open_answer_with_real_chat_templates(path: Path) -> None:
     if template.harmony:  # gpt-oss: inside the final channel, so the reply is plain text up to <|return|>
         assert text.endswith("<|channel|>final<|message|>The answer is")
         assert not OpenAnswer(template).harmony and "<|return|>" in OpenAnswer(template).stop
+
+
+async def test_regenerate_waits_its_turn_and_refuses_once_a_newer_answer_exists(world: World, start_bot) -> None:
+    async with start_bot(parallel=1, n_predict=150) as bot:  # one reply at a time, in all channels
+        db = bot.settings.database_path
+        where = scope(world, world.general)
+        [old] = await ask(world, bot, world.general, world.ann, "Say hello.")
+        stored = answers(db, where)
+        busy = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} Write a long story about a dragon.")
+        await world.fake.wait_for_bot_message(world.random, after=busy)
+        newer = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Now say goodbye.")  # waits
+        pressed = await press(world, bot, old, REGENERATE, world.ann)  # queued behind it, then refused
+        assert pressed.response_types == [6] and [m["flags"] & 64 for m in pressed.followups] == [64, 64]
+        assert [m["content"] for m in pressed.followups] == ["\u23f3 Busy: you're #2 in line.", NOT_NEWEST]
+        assert custom_ids(old) == [] and answers(db, where)[: len(stored)] == stored  # nothing rewritten
+        assert len(answers(db, where)) == 2 and world.fake.bot_messages(world.general)[-1]["message_reference"]["message_id"] == newer["id"]
+
+
+async def test_regenerate_rewrites_every_page_of_a_long_answer(world: World, start_bot, tmp_path: Path) -> None:
+    db = tmp_path / "kept.sqlite3"
+    where = scope(world, world.general)
+    async with start_bot(db=db, n_predict=700, sampling=SAMPLED) as bot:  # long enough for two Discord messages
+        pages = await ask(world, bot, world.general, world.ann, "Write a very long and detailed story about a dragon named Ember, with many chapters.", timeout=300)
+    assert len(pages) >= 2 and custom_ids(pages[0]) == [] and custom_ids(pages[-1]) != []  # buttons under the last page
+    [(old_text, _, first, last, _)] = answers(db, where)
+    assert (first, last) == (pages[0]["id"], pages[-1]["id"]) and [p["content"] for p in pages] == split_message(old_text)
+
+    async with start_bot(db=db, n_predict=40, sampling=SAMPLED) as bot:  # now the new answer fits in one message
+        await press(world, bot, pages[-1], REGENERATE, world.ann)
+        [(new_text, _, first, last, _)] = answers(db, where)
+        shown = world.fake.bot_messages(world.general)
+        assert new_text != old_text and [m["content"] for m in shown] == split_message(new_text) == [new_text]
+        assert shown[0]["id"] == pages[0]["id"] == first == last  # the first page kept its place; the rest went
+        assert world.fake.message(pages[-1]["id"]) is None and pages[-1]["_deleted"]
+        assert REGENERATE in button(shown[0], REGENERATE)
