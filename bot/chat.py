@@ -33,6 +33,7 @@ EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
 NOT_NEWEST = "Only the newest answer here can be regenerated or continued."
 NO_ANSWER = "That answer is no longer stored, so I cannot write it again."
 TOO_LONG_TO_CONTINUE = "This answer is too long to continue: it no longer fits in my context window."
+NO_CONTINUE = "Continuing an answer needs OPENAI_MODE=completions with this model server."
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,12 @@ class ChatService:
             self.forget(scope)
         return scope
 
+    @property
+    def can_continue(self) -> bool:
+        """Continue needs the prompt rendered here, to leave the answer's turn open: a
+        server that applies its own chat template may start a new turn instead."""
+        return not self.backend.applies_template
+
     def backend_dead(self) -> bool:
         """True once the model engine gave up (the process is about to exit and restart)."""
         return getattr(self.backend, "dead", None) is not None
@@ -297,6 +304,8 @@ class ChatService:
         """Write more of the newest answer (it stopped at the length limit): the model
         continues that same assistant turn, and the saved answer is the old text followed by
         the new. Raises CannotRedo."""
+        if not self.can_continue:
+            raise CannotRedo(NO_CONTINUE)
         conversation = await self.store.conversation(scope)
         user, answer = await self._newest_answer(conversation, platform_message_id)
         prompt = await self.build_prompt(conversation, open_answer=True)

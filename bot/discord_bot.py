@@ -526,7 +526,7 @@ class LlamaBot(discord.Client):
         """Regenerate (and Continue after the length limit) under an answer that is stored."""
         if not reply.clean_text() or reply.finish_reason == "error":
             return None
-        return finished_view(answered, author, can_continue=reply.finish_reason == "length")
+        return finished_view(answered, author, can_continue=reply.finish_reason == "length" and self.chat.can_continue)
 
     async def _settle(self, turn: _Turn) -> None:
         """After an apology the turn is done, unless the model engine is gone: then the

@@ -7,6 +7,7 @@ the bot remembers from the database and from the prompt it would build next."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from bot.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
 from tests.conftest import JSON, World, mention, scope
 from tests.fakediscord import Interaction
 from tests.test_discord import ask
+from tests.test_remote import LlamaServer, remote_bot, remote_settings
 
 REFERENCE_TEMPLATES = Path("/work/shared/reference/templates")
 SAMPLED = Sampling(temperature=0.9, seed=1234)  # reproducible, and Regenerate really draws anew
@@ -181,6 +183,30 @@ async def test_buttons_work_after_a_restart_and_for_admins(world: World, start_b
         assert regenerated.response_types == [6] and regenerated.errors == []
         [(new_text, *_)] = answers(db, where)
         assert new_text != longer and reply["content"] == new_text
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path) -> Iterator[LlamaServer]:
+    srv = LlamaServer(model_path).start()
+    yield srv
+    srv.stop()
+
+
+async def test_continue_with_a_model_server_only_where_the_bot_renders_the_prompt(world: World, server: LlamaServer, tmp_path: Path) -> None:
+    # OPENAI_MODE=chat: the server applies its template and may start a new turn, so no Continue.
+    async with remote_bot(world, remote_settings(tmp_path, server.base, stream=False, n_predict=16)) as bot:
+        [chatted] = await ask(world, bot, world.general, world.ann, "Write a long poem about the sea.")
+        assert [a[4] for a in answers(bot.settings.database_path, scope(world, world.general))] == [16]
+        assert custom_ids(chatted) == [button(chatted, REGENERATE)]
+    # OPENAI_MODE=completions: the bot's own template leaves the answer open; the server continues it.
+    settings = remote_settings(tmp_path / "c", server.base, openai_mode="completions", prompt_template="chatml", stream=False, n_predict=16)
+    async with remote_bot(world, settings) as bot:
+        [reply] = await ask(world, bot, world.random, world.ann, "Write a long poem about the sea.")
+        [(old_text, *_)] = answers(settings.database_path, scope(world, world.random))
+        pressed = await press(world, bot, reply, CONTINUE, world.ann)
+        assert pressed.errors == [] and pressed.followups == []
+        [(new_text, *_)] = answers(settings.database_path, scope(world, world.random))
+        assert new_text.startswith(old_text) and len(new_text) > len(old_text) and reply["content"] == new_text
 
 
 def _conversation() -> list[Message]:
