@@ -25,13 +25,13 @@ import yarl
 from discord import app_commands
 
 from bot.backend import ModelError
-from bot.chat import EMPTY_NOTE, TOO_LONG_TO_CONTINUE, CannotRedo, ChatService, Reply, UserMessage, open_chat
+from bot.chat import EMPTY_NOTE, NO_CONTINUE, TOO_LONG_TO_CONTINUE, CannotRedo, ChatService, Reply, UserMessage, open_chat
 from bot.config import Settings
 from bot.discord_commands import register_commands
 from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
 from bot.discord_views import CONTINUE, REGENERATE, STOP, ReplyButton, finished_view, has_button, writing_view
 from bot.scheduler import FairScheduler, Job, QueueFull
-from bot.store import CHAT_ON, CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
+from bot.store import CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -617,32 +617,23 @@ class LlamaBot(discord.Client):
         """Regenerate or Continue the newest answer of a channel, in its own messages."""
         pressed = redo.interaction.message
         assert pressed is not None
-        try:
-            start = self.chat.regenerate if redo.action == REGENERATE else self.chat.continue_answer
-            reply = await start(redo.scope, str(redo.answered))
-        except CannotRedo as exc:
-            await _tell(redo.interaction, str(exc))
-            still = finished_view(redo.answered, redo.author, can_continue=False) if exc.args[0] == TOO_LONG_TO_CONTINUE else None
-            with contextlib.suppress(discord.HTTPException):
-                await pressed.edit(view=still)
-            return
-        except Exception:
-            log.exception("could not start a %s in %s", redo.action, redo.scope)
-            await _tell(redo.interaction, SORRY)
+        reply = await self._start_redo(redo, pressed)
+        if reply is None:
             return
         assert reply.rewrites is not None
         old = reply.rewrites
         could_continue = has_button(pressed, CONTINUE)
-        pages = await self._pages_of(old, pressed)
         stop = writing_view(redo.answered, redo.author)
-        out = ReplyStreamer(pages[0], budget=self.edit_budget, pages=pages, view=stop)
         typing = _Typing(pressed.channel)
         self.replies[redo.scope] = reply
         self._answering[redo.answered] = reply
+        out: ReplyStreamer | None = None
         failed = False
         try:
             with contextlib.suppress(discord.HTTPException):
                 await pressed.edit(view=stop)  # at once: the press did something
+            pages = await self._pages_of(old, pressed)
+            out = ReplyStreamer(pages[0], budget=self.edit_budget, pages=pages, view=stop)
             await typing.start()
             await self._stream(reply, out, typing)
             await reply.generation.wait()
@@ -654,8 +645,8 @@ class LlamaBot(discord.Client):
             self.replies.pop(redo.scope, None)
             self._answering.pop(redo.answered, None)
             if not reply.generation.done:
-                reply.stop()  # this job was cancelled (shutdown): free the slot
-        if failed or reply.discarded or reply.finish_reason == "error":
+                reply.stop()  # failed, or this job was cancelled (shutdown): free the slot
+        if out is None or failed or reply.discarded or reply.finish_reason == "error":
             # Put the earlier answer back as it was: it is still the one in the history.
             if not reply.discarded:
                 log.error("%s failed in %s: %s", redo.action, redo.scope, reply.generation.error)
@@ -663,7 +654,7 @@ class LlamaBot(discord.Client):
             earlier = old.content + (STOPPED if old.status == STOPPED_STATUS else "")
             view = None if reply.discarded else finished_view(redo.answered, redo.author, can_continue=could_continue)
             with contextlib.suppress(discord.HTTPException):
-                await out.finish(earlier, view=view)
+                await (out.finish(earlier, view=view) if out is not None else pressed.edit(view=view))
             return
         delivered = True
         try:
@@ -680,6 +671,22 @@ class LlamaBot(discord.Client):
             )
         except Exception:
             log.exception("could not store the %s in %s", redo.action, redo.scope)
+
+    async def _start_redo(self, redo: _Redo, pressed: discord.Message) -> Reply | None:
+        """Start the new generation, or tell the presser why not (and take away buttons that
+        no longer apply)."""
+        try:
+            start = self.chat.regenerate if redo.action == REGENERATE else self.chat.continue_answer
+            return await start(redo.scope, str(redo.answered))
+        except CannotRedo as exc:
+            await _tell(redo.interaction, str(exc))
+            only_regenerate = exc.args[0] in (TOO_LONG_TO_CONTINUE, NO_CONTINUE)
+            with contextlib.suppress(discord.HTTPException):
+                await pressed.edit(view=finished_view(redo.answered, redo.author, can_continue=False) if only_regenerate else None)
+        except Exception:
+            log.exception("could not start a %s in %s", redo.action, redo.scope)
+            await _tell(redo.interaction, SORRY)
+        return None
 
     async def _pages_of(self, answer: StoredMessage, last: discord.Message) -> list[discord.Message]:
         """The messages an answer was posted as: its first (stored), the one with the buttons,

@@ -90,6 +90,17 @@ async def test_stop_button_is_for_the_author_and_admins(world: World, start_bot)
             assert status == "stopped" and first == last == reply["id"] and tokens is not None and tokens < 400
             assert reply["content"] == content + " *(stopped)*"
 
+        # A Regenerate can be stopped too: the stopped new answer replaces the old one.
+        count = len(answers(db, scope(world, world.general)))
+        regenerate = await world.fake.press_button(reply, button(reply, REGENERATE), world.ann)
+        await world.fake.wait_for(lambda: custom_ids(reply) == [f"llamabot:stop:{sent['id']}:{world.ann['id']}"], 30)
+        await world.fake.press_button(reply, button(reply, STOP), world.ann)
+        await world.fake.wait_for(lambda: not bot._redoing and bot.scheduler.running == 0, 60)
+        assert regenerate.response_types == [6] and regenerate.followups == []
+        stored = answers(db, scope(world, world.general))
+        assert len(stored) == count and stored[-1][1] == "stopped" and reply["content"] == stored[-1][0] + " *(stopped)*"
+        assert custom_ids(reply) == [f"llamabot:regen:{sent['id']}:{world.ann['id']}"]
+
 
 async def test_regenerate_replaces_the_answer_in_place(world: World, start_bot) -> None:
     other = bob(world)
