@@ -13,14 +13,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from bot.backend import Backend, Generation, PreparedPrompt
 from bot.config import ConfigError, Sampling, Settings
+from bot.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
 from bot.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
-from bot.templates import AUTO, JinjaTemplate, Message, Template, canonical_name, get_template
+from bot.templates import AUTO, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
 
 if TYPE_CHECKING:
     from bot.engine import EngineOptions
@@ -34,6 +36,10 @@ THINKING_MODES = ("hide", "spoiler", "show")
 TEMPERATURE_RANGE = (0.0, 5.0)  # the same bounds as TEMPERATURE in .env
 TOP_P_RANGE = (0.0, 1.0)
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
+NOT_NEWEST = "Only the newest answer here can be regenerated or continued."
+NO_ANSWER = "That answer is no longer stored, so I cannot write it again."
+TOO_LONG_TO_CONTINUE = "This answer is too long to continue: it no longer fits in my context window."
+NO_CONTINUE = "Continuing an answer needs OPENAI_MODE=completions with this model server."
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,10 @@ class LastReply:
     generation: Generation  # n_cached, n_evaluated, timings and n_generated, filled in as it runs
 
 
+class CannotRedo(ValueError):
+    """A Regenerate or Continue that cannot be done; the message says why, for the user."""
+
+
 @dataclass(frozen=True)
 class Prompt:
     prepared: PreparedPrompt
@@ -104,6 +114,8 @@ class Reply:
     notes: list[str] = field(default_factory=list)
     discarded: bool = False  # the user took their message back: nothing is stored
     thinking: str = "hide"  # how the reasoning of a reasoning model is shown (the channel's THINKING mode)
+    rewrites: StoredMessage | None = None  # Regenerate / Continue: the stored answer this reply replaces
+    prefix: str = ""  # Continue: the answer so far, which the generation extends
 
     async def stream(self) -> AsyncIterator[str]:
         """The reply's text as it is generated, leading whitespace removed."""
@@ -121,7 +133,8 @@ class Reply:
         return self.clean_text() or EMPTY_NOTE
 
     def clean_text(self) -> str:
-        return self.generation.text.strip()
+        """The answer as it stands (for Continue: the earlier part and what was added)."""
+        return (self.prefix + self.generation.text).strip()
 
     def reasoning_text(self) -> str:
         """The model's private reasoning, if it wrote any (never shown in `hide` mode, never in prompts)."""
@@ -140,20 +153,38 @@ class Reply:
         self.discarded = True
         self.generation.cancel()
 
-    async def save(self, *, delivered: bool = True, platform_message_id: str | None = None) -> int | None:
+    async def save(self, *, delivered: bool = True, platform_message_id: str | None = None, last_message_id: str | None = None) -> int | None:
         """Store the finished reply with its turn, in one transaction. An undelivered one is
-        kept but never shown to the model; a failed or empty one stores only the turn."""
+        kept but never shown to the model; a failed or empty one stores only the turn.
+
+        A Regenerate or Continue replaces the answer it rewrites, in its place in the history.
+        `last_message_id`: the last platform message, when the reply took several."""
         await self.generation.wait()
         if self.discarded:
             return None
         text = self.clean_text()
         failed = self.generation.finish_reason == "error" or not text
         status = UNDELIVERED if not delivered else STOPPED if self.generation.finish_reason == "cancelled" else OK
+        if self.rewrites is not None:
+            if self.generation.finish_reason == "error":
+                return None  # the earlier answer stays as it was
+            earlier = (self.rewrites.token_count or 0) if self.prefix else 0
+            self.saved_id = await self.chat.store.replace_answer(
+                self.rewrites.id,
+                text or None,
+                reasoning=self.reasoning_text() or (self.rewrites.reasoning if self.prefix else None),
+                platform_message_id=platform_message_id,
+                last_message_id=last_message_id,
+                token_count=earlier + self.generation.n_generated,
+                status=status,
+            )
+            return self.saved_id
         self.saved_id = await self.chat.store.finish_turn(
             self.user_message_id,
             None if failed else text,
             reasoning=self.reasoning_text() or None,
             platform_message_id=platform_message_id,
+            last_message_id=last_message_id,
             token_count=self.generation.n_generated,
             status=status,
         )
@@ -325,6 +356,12 @@ class ChatService:
             self.forget(scope)
         return scope
 
+    @property
+    def can_continue(self) -> bool:
+        """Continue needs the prompt rendered here, to leave the answer's turn open: a
+        server that applies its own chat template may start a new turn instead."""
+        return not self.backend.applies_template
+
     def backend_dead(self) -> bool:
         """True once the model engine gave up (the process is about to exit and restart)."""
         return getattr(self.backend, "dead", None) is not None
@@ -392,6 +429,47 @@ class ChatService:
             cache_limit_bytes=engine.options.kv_cache_mb * 1024 * 1024,
         )
 
+    async def regenerate(self, scope: str, platform_message_id: str) -> Reply:
+        """Write the newest answer again: the same prompt, a new seed. The new answer
+        replaces the old one in the history when saved. Raises CannotRedo.
+
+        `platform_message_id` is the message that answer answers: only the conversation's
+        newest answer can be rewritten (an older one has later turns built on it)."""
+        conversation = await self.store.conversation(scope)
+        user, answer = await self._newest_answer(conversation, platform_message_id)
+        options = self.options(conversation)
+        prompt = await self.build_prompt(conversation, below=answer.id)
+        sampling = resampled(options.sampling, answer.content)
+        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=sampling)
+        self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
+        reply = Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, rewrites=answer)
+        if prompt.cut:
+            reply.notes.append(CUT_NOTE)
+        return reply
+
+    async def continue_answer(self, scope: str, platform_message_id: str) -> Reply:
+        """Write more of the newest answer (it stopped at the length limit): the model
+        continues that same assistant turn, and the saved answer is the old text followed by
+        the new. Raises CannotRedo."""
+        if not self.can_continue:
+            raise CannotRedo(NO_CONTINUE)
+        conversation = await self.store.conversation(scope)
+        user, answer = await self._newest_answer(conversation, platform_message_id)
+        options = self.options(conversation)
+        prompt = await self.build_prompt(conversation, open_answer=True)
+        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=options.sampling)
+        self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
+        return Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, rewrites=answer, prefix=answer.content)
+
+    async def _newest_answer(self, conversation: Conversation, platform_message_id: str) -> tuple[StoredMessage, StoredMessage]:
+        turn = await self.store.last_turn(conversation.id)
+        if turn is None or turn[0].platform_message_id != platform_message_id:
+            raise CannotRedo(NOT_NEWEST)
+        user, answer = turn
+        if answer is None:
+            raise CannotRedo(NO_ANSWER)
+        return user, answer
+
     async def settle(self, message_id: int) -> None:
         """A turn that got an apology instead of an answer still becomes part of the
         history (as it always was), so a restart does not answer it again."""
@@ -406,7 +484,9 @@ class ChatService:
         assert reply is not None
         return reply
 
-    async def build_prompt(self, conversation: Conversation, *, include: int | None = None) -> Prompt:
+    async def build_prompt(
+        self, conversation: Conversation, *, include: int | None = None, below: int | None = None, open_answer: bool = False
+    ) -> Prompt:
         """The system prompt plus the newest turns that fit in n_ctx - n_predict.
 
         The oldest turn of the prompt stays put while everything after it fits,
@@ -414,6 +494,11 @@ class ChatService:
         valid. When the history outgrows the window, old turns are dropped until
         the prompt is only WINDOW_REFILL full: room for several more exchanges
         before the next full re-evaluation, instead of one on every message.
+
+        `below`: only the history older than that message (Regenerate: the prompt the
+        answer was written from). `open_answer`: the newest message is an answer to
+        continue, rendered without its closing markup (Continue; raises CannotRedo when
+        it and its question no longer fit).
         """
         template = self.template(self.template_name(conversation))
         system = self.system_prompt(conversation)
@@ -426,7 +511,7 @@ class ChatService:
         costs: list[int] = []
         used = (await self.backend.prepare(template, head)).n_tokens if head else 0
         overflow = False
-        async for page in self._pages(conversation, start, include):
+        async for page in self._pages(conversation, start, include, below):
             counts = await self.backend.count([_content(m, True) for m in page])
             for stored, count in zip(page, counts):
                 if picked and used + count + 8 > budget:
@@ -444,22 +529,27 @@ class ChatService:
         picked.reverse()
         while picked and picked[0].role == "assistant":  # a prompt starts with a user turn
             picked.pop(0)
+        if open_answer and (len(picked) < 2 or picked[-1].role != "assistant"):
+            raise CannotRedo(TOO_LONG_TO_CONTINUE)
 
         cut = False
         kept = 1.0
+        renderer: Template = OpenAnswer(template) if open_answer else template
         while True:
             names = shows_names(conversation.scope, {m.author_id or m.author_name for m in picked if m.role == "user"})
             messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
-            prepared = await self.backend.prepare(template, messages)
+            prepared = await self.backend.prepare(renderer, messages)
             if prepared.n_tokens <= budget:
                 if picked:
                     self._window_start[conversation.scope] = picked[0].id
                 return Prompt(prepared, messages, template, len(picked), cut, kept)
-            if len(picked) > 1:
+            if len(picked) > (2 if open_answer else 1):
                 picked.pop(0)
                 while len(picked) > 1 and picked[0].role == "assistant":
                     picked.pop(0)
                 continue
+            if open_answer:
+                raise CannotRedo(TOO_LONG_TO_CONTINUE)
             # One message alone is too long: keep its beginning (text, then attached files), shortened in proportion.
             if not picked or not picked[0].full_text:
                 raise ValueError("the system prompt alone does not fit in the context window")
@@ -471,11 +561,13 @@ class ChatService:
             kept *= keep
             cut = True
 
-    async def _pages(self, conversation: Conversation, start: int | None, include: int | None) -> AsyncIterator[list[StoredMessage]]:
+    async def _pages(
+        self, conversation: Conversation, start: int | None, include: int | None, below: int | None
+    ) -> AsyncIterator[list[StoredMessage]]:
         """Visible messages (and `include`, the turn being answered) newest first, in pages,
         stopping at the window's start."""
         page: list[StoredMessage] = []
-        async for stored in self.store.newest_first(conversation.id, include=include):
+        async for stored in self.store.newest_first(conversation.id, include=include, below=below):
             if start is not None and stored.id < start and stored.id != include:
                 break  # the window still begins where it began last time
             page.append(stored)
@@ -484,6 +576,62 @@ class ChatService:
                 page = []
         if page:
             yield page
+
+
+def resampled(sampling: Sampling, earlier: str) -> Sampling:
+    """Sampling for Regenerate: a new seed, so the new answer can differ from `earlier`.
+
+    With no fixed SEED the engine draws a fresh one anyway; a fixed SEED is moved by a
+    hash of the answer being replaced (reproducible, and different each time). Greedy
+    decoding (temperature 0) would only write the same answer again, so a regeneration
+    samples at the default temperature instead."""
+    seed = None if sampling.seed is None else (sampling.seed + zlib.crc32(earlier.encode())) % (1 << 31)
+    temperature = sampling.temperature if sampling.temperature > 0 else Sampling().temperature
+    return replace(sampling, seed=seed, temperature=temperature)
+
+
+@dataclass(frozen=True)
+class OpenAnswer:
+    """A template that leaves the last turn, an answer, open: Continue's prompt.
+
+    The conversation is rendered with that answer the way the template writes past
+    answers, minus the markup that closes it, so the model goes on with the same turn
+    (`<|im_start|>assistant\nThe answer is` and no `<|im_end|>`). A template that cannot
+    end on an answer (Mistral Nemo's puts the system prompt in the last user turn) gets
+    its generation prompt with the answer after it instead, with an empty reasoning
+    block closed first when that prompt opens one (DeepSeek-R1)."""
+
+    template: Template
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        # gpt-oss: the final channel is already open, so the end of that message ends the reply.
+        return self.template.stop + (HARMONY_END if self.template.harmony else ())
+
+    @property
+    def harmony(self) -> bool:
+        return False  # what follows an open answer is plain answer text, whatever the format
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        *earlier, answer = messages
+        if answer.role != "assistant":
+            raise ValueError("an open answer must be the last message")
+        try:
+            segments = self.template.render(messages, add_generation_prompt=False)
+        except TemplateError:
+            segments = []
+        texts = [i for i, s in enumerate(segments) if not s.special]
+        if texts and segments[texts[-1]].text == answer.content.strip():
+            return segments[: texts[-1] + 1]
+        segments = self.template.render(earlier, add_generation_prompt=True)
+        markup = "".join(s.text for s in segments[-1:] if s.special).rstrip()
+        if markup.endswith(THINK_OPEN):
+            segments.append(Segment(f"\n{THINK_CLOSE}\n\n", True))
+        return segments + [Segment(answer.content.strip(), False)]
 
 
 def _content(message: StoredMessage, names: bool) -> str:
@@ -558,5 +706,5 @@ async def open_backend(settings: Settings, *, parallel: int | None = None, abort
 
 __all__ = [
     "ChatService", "Reply", "UserMessage", "Prompt", "TemplateChoiceError", "SettingError", "ChannelOptions", "LastReply",
-    "EngineStats", "OK", "STOPPED", "UNDELIVERED",
+    "EngineStats", "CannotRedo", "OpenAnswer", "OK", "STOPPED", "UNDELIVERED",
 ]

@@ -26,12 +26,13 @@ from discord import app_commands
 
 from bot.attachments import SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
 from bot.backend import ModelError
-from bot.chat import EMPTY_NOTE, ChatService, Reply, UserMessage, open_chat
+from bot.chat import EMPTY_NOTE, NO_CONTINUE, TOO_LONG_TO_CONTINUE, CannotRedo, ChatService, Reply, UserMessage, open_chat
 from bot.config import Settings
 from bot.discord_commands import register_commands
 from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
+from bot.discord_views import CONTINUE, REGENERATE, STOP, ReplyButton, finished_view, has_button, writing_view
 from bot.scheduler import FairScheduler, Job, QueueFull
-from bot.store import EXPIRED
+from bot.store import CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,16 @@ SLOW_DOWN = "Please slow down a little: I answer one message from you every {s:g
 STOPPED = " *(stopped)*"
 RESTARTED = "Sorry, I was restarting when you sent this and it is too old to answer now. Please ask again."
 THOUGHT_ONLY = "(I spent my whole reply length thinking and did not get to an answer. Ask me again, or raise LLAMA_N_PREDICT.)"
+NOT_YOURS = "Only the person I answered (or a moderator) can use these buttons."
+NOT_WRITING = "That reply is not being written any more."
+ALREADY = "Already on it."
+IN_LINE = "\u23f3 Busy: you're #{n} in line."
+NO_THREAD_PERMISSION = "I could not start a thread here (I need the Create Public Threads permission), so I answered in the channel."
+NO_THREAD = "I could not start a thread here, so I answered in the channel."
+# Create Public Threads: /chat threads starts a thread for each conversation.
 PERMISSIONS = discord.Permissions(
-    view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True, add_reactions=True
+    view_channel=True, send_messages=True, send_messages_in_threads=True, create_public_threads=True,
+    read_message_history=True, add_reactions=True,
 )
 
 
@@ -80,6 +89,22 @@ class _Turn:
     notes: list[str] = field(default_factory=list)
     waiting_note: asyncio.Task[discord.Message | None] | None = None
     first: discord.Message | None = None  # the bot's message already posted for it (before a restart)
+    thread: discord.abc.Messageable | None = None  # where the reply goes when not beside the message (a thread started for it)
+
+    @property
+    def channel(self) -> discord.abc.Messageable:
+        return self.thread or self.message.channel
+
+
+@dataclass
+class _Redo:
+    """A Regenerate or Continue button press, waiting for or holding its channel's turn."""
+
+    action: str  # REGENERATE or CONTINUE
+    interaction: discord.Interaction
+    scope: str
+    answered: int  # the Discord id of the message the answer answers
+    author: int  # who wrote it
 
 
 discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # a text bot: no voice warnings
@@ -129,8 +154,10 @@ class LlamaBot(discord.Client):
         self.scheduler = FairScheduler(settings.parallel, settings.max_queue)
         self.edit_budget = EditBudget()
         self.chat_scopes: set[str] = set()  # channels turned on with /chat on
+        self.thread_scopes: set[str] = set()  # channels set to /chat threads
         self.replies: dict[str, Reply] = {}  # replies being generated, by scope (for /stop)
         self._answering: dict[int, Reply] = {}  # the same, by the Discord id of the message being answered
+        self._redoing: set[int] = set()  # answered message ids with a Regenerate/Continue queued or running
         self._accepted_at: dict[int, float] = {}  # user id -> when we last took a message (cooldown)
         self._warned: set[int] = set()
         self._caught_up = asyncio.Event()  # set once restart work is done; live messages wait for it
@@ -145,6 +172,8 @@ class LlamaBot(discord.Client):
 
     async def setup_hook(self) -> None:
         self.chat_scopes = await self.chat.store.chat_enabled_scopes()
+        self.thread_scopes = await self.chat.store.chat_mode_scopes(CHAT_THREADS)
+        self.add_dynamic_items(ReplyButton)  # buttons on replies posted by earlier runs work too
         if self.settings.dev_guild_id:
             guild = discord.Object(self.settings.dev_guild_id)
             self.tree.copy_global_to(guild=guild)
@@ -207,7 +236,7 @@ class LlamaBot(discord.Client):
         for turn in await self.chat.store.pending():
             if not turn.scope.startswith(("guild:", "dm:")) or not turn.message.platform_message_id:
                 continue  # not a Discord conversation (the terminal chat's)
-            message = await self._fetch_message(turn.channel_id, turn.message.platform_message_id)
+            message, thread = await self._fetch_pending(turn.channel_id, turn.message.platform_message_id)
             if message is None:  # deleted while the bot was down, or no longer reachable
                 await self.chat.delete_message(turn.message.platform_message_id)
                 continue
@@ -225,7 +254,7 @@ class LlamaBot(discord.Client):
             text = self._text_of(message)
             if text != turn.message.content:  # edited while the bot was down
                 await self.chat.edit_message(turn.message.platform_message_id, text)
-            self._queue(_Turn(message, turn.scope, _done(turn.message.id), first=first))
+            self._queue(_Turn(message, turn.scope, _done(turn.message.id), first=first, thread=thread))
             resumed += 1
         if resumed or expired:
             log.info("after the restart: answering %d waiting message(s); %d were too old (RESUME_MAX_AGE_S)", resumed, expired)
@@ -274,6 +303,14 @@ class LlamaBot(discord.Client):
                 return None
         return channel if isinstance(channel, discord.abc.Messageable) else None
 
+    async def _fetch_pending(self, channel_id: str | None, message_id: str) -> tuple[discord.Message | None, discord.Thread | None]:
+        """A waiting message, and the thread its reply goes to when the bot started one from it
+        (that thread has the message's id; the message itself is in the thread's parent)."""
+        where = await self._channel(channel_id)
+        if isinstance(where, discord.Thread) and str(where.id) == message_id and where.parent_id:
+            return await self._fetch_message(str(where.parent_id), message_id), where
+        return await self._fetch_message(channel_id, message_id), None
+
     async def _fetch_message(self, channel_id: str | None, message_id: str | None) -> discord.Message | None:
         channel = await self._channel(channel_id)
         if channel is None or message_id is None:
@@ -298,7 +335,7 @@ class LlamaBot(discord.Client):
         """A note in reply to `message`, in the bot's message already there if there is one."""
         if first is not None:
             with contextlib.suppress(discord.HTTPException):
-                await first.edit(content=text, allowed_mentions=NO_PINGS)
+                await first.edit(content=text, allowed_mentions=NO_PINGS, view=None)
                 return
         await self._note(message, text)
 
@@ -384,9 +421,15 @@ class LlamaBot(discord.Client):
         """Take a message: its place in line is taken at once (arrival order), and it is
         stored as pending before its turn can start, so from here on a restart cannot lose it.
 
-        `force` takes it even past MAX_QUEUE: it was accepted before (a restart, an outage)."""
-        scope = scope_for(message.guild.id if message.guild else None, message.channel.id, message.author.id)
-        turn = _Turn(message, scope, asyncio.get_running_loop().create_future(), notes)
+        `force` takes it even past MAX_QUEUE: it was accepted before (a restart, an outage).
+        In a channel set to /chat threads, the conversation moves to a new thread first."""
+        thread = None
+        if self._starts_threads(message):
+            thread, problem = await self._thread_for(message, text)
+            notes = notes + [problem] if problem else notes
+        channel = thread or message.channel
+        scope = scope_for(message.guild.id if message.guild else None, channel.id, message.author.id)
+        turn = _Turn(message, scope, asyncio.get_running_loop().create_future(), notes, thread=thread)
         try:
             job = self.scheduler.submit(scope, lambda: self._answer(turn), force=force)
         except QueueFull:
@@ -407,7 +450,7 @@ class LlamaBot(discord.Client):
             stored = await self.chat.receive(
                 UserMessage(
                     scope, text, author_id=str(author.id), author_name=author.display_name,
-                    platform_message_id=str(message.id), channel_id=str(message.channel.id), attachments=files,
+                    platform_message_id=str(message.id), channel_id=str(channel.id), attachments=files,
                 )
             )
         except Exception as exc:  # e.g. the disk is full: the turn apologises
@@ -482,18 +525,19 @@ class LlamaBot(discord.Client):
 
     async def _waiting_note(self, turn: _Turn, position: int) -> discord.Message | None:
         """Tell the sender their place in line (in the bot's own message, if it already has one)."""
-        text = f"\u23f3 Busy: you're #{position} in line."
+        text = IN_LINE.format(n=position)
         if turn.first is not None:
             with contextlib.suppress(discord.HTTPException):
-                await turn.first.edit(content=text, allowed_mentions=NO_PINGS)
+                await turn.first.edit(content=text, allowed_mentions=NO_PINGS, view=None)
                 return turn.first
-        note = await self._note(turn.message, text)
+        note = await self._note(turn.message, text, channel=turn.thread)
         if note is not None and turn.stored.done() and turn.stored.result() is not None:
             await self.chat.store.set_reply_message(turn.stored.result(), str(note.id))
         return note
 
     def _addressed(self, message: discord.Message) -> bool:
-        """DMs, mentions, replies to the bot, and every message in chat-enabled channels."""
+        """DMs, mentions, replies to the bot, every message in chat-enabled channels, and
+        every message in the threads the bot started in a /chat threads channel."""
         if message.guild is None:
             return True
         assert self.user is not None
@@ -503,11 +547,39 @@ class LlamaBot(discord.Client):
         if ref is not None and isinstance(ref.resolved, discord.Message) and ref.resolved.author.id == self.user.id:
             return True
         channel = message.channel
-        ids = {channel.id, getattr(channel, "parent_id", None)}
+        parent_id = getattr(channel, "parent_id", None)
+        ids = {channel.id, parent_id}
         if ids & set(self.settings.chat_channels):
             return True
         guild_id = message.guild.id
+        if parent_id and scope_for(guild_id, parent_id, 0) in self.thread_scopes and getattr(channel, "owner_id", None) == self.user.id:
+            return True  # the bot's own thread (Discord remembers who started it, across restarts)
         return any(scope_for(guild_id, i, 0) in self.chat_scopes for i in ids if i)
+
+    def _starts_threads(self, message: discord.Message) -> bool:
+        """A message in a /chat threads channel (not in a thread): its conversation gets a thread."""
+        if message.guild is None or isinstance(message.channel, discord.Thread):
+            return False
+        return scope_for(message.guild.id, message.channel.id, 0) in self.thread_scopes
+
+    async def _thread_for(self, message: discord.Message, text: str) -> tuple[discord.Thread | None, str | None]:
+        """A new thread started from `message` (or the one it already has, after a restart),
+        or None and a note to add to the reply when Discord refuses."""
+        if message.thread is not None:
+            return message.thread, None
+        try:
+            return await message.create_thread(name=thread_name(text)), None
+        except discord.Forbidden:
+            log.warning("no permission to start a thread in channel %s; answering in the channel", message.channel.id)
+            return None, NO_THREAD_PERMISSION
+        except discord.HTTPException as exc:
+            if exc.code == 160004:  # Discord: a thread has already been started from this message
+                with contextlib.suppress(discord.HTTPException):
+                    existing = await self.fetch_channel(message.id)  # a message's thread has the message's id
+                    if isinstance(existing, discord.Thread):
+                        return existing, None
+            log.warning("could not start a thread in channel %s (%s); answering in the channel", message.channel.id, exc)
+            return None, NO_THREAD
 
     def _text_of(self, message: discord.Message) -> str:
         """The message text with the bot's own mention removed and other mentions as names."""
@@ -538,9 +610,12 @@ class LlamaBot(discord.Client):
         self._warned.discard(uid)
         return True
 
-    async def _note(self, message: discord.Message, text: str) -> discord.Message | None:
-        """A short visible answer that is not part of the conversation."""
+    async def _note(self, message: discord.Message, text: str, *, channel: discord.abc.Messageable | None = None) -> discord.Message | None:
+        """A short visible answer that is not part of the conversation (in `channel`, a
+        thread started from the message, if given)."""
         try:
+            if channel is not None:
+                return await channel.send(text, allowed_mentions=NO_PINGS)
             return await message.channel.send(
                 text, reference=message.to_reference(fail_if_not_exists=False), mention_author=False, allowed_mentions=NO_PINGS
             )
@@ -551,8 +626,9 @@ class LlamaBot(discord.Client):
     async def _answer(self, turn: _Turn) -> None:
         """Generate and post the reply to one stored message; store it with its turn."""
         first = await turn.waiting_note if turn.waiting_note is not None else turn.first
-        out = ReplyStreamer(turn.message, budget=self.edit_budget, first=first)
-        typing = _Typing(turn.message.channel)
+        stop = writing_view(turn.message.id, turn.message.author.id)
+        out = ReplyStreamer(turn.message, budget=self.edit_budget, first=first, channel=turn.thread, view=stop)
+        typing = _Typing(turn.channel)
         await typing.start()
         reply: Reply | None = None
         try:
@@ -565,7 +641,8 @@ class LlamaBot(discord.Client):
                 return
             self.replies[turn.scope] = reply
             self._answering[turn.message.id] = reply
-            await self._stream(reply, out, typing, turn)
+            await self._retire_buttons(reply, turn.channel)
+            await self._stream(reply, out, typing)
             await reply.generation.wait()
         except Exception:
             log.exception("could not answer message %s in %s", turn.message.id, turn.scope)
@@ -589,15 +666,35 @@ class LlamaBot(discord.Client):
             return
         delivered = True
         try:
-            sent = await out.finish(self._final_text(reply, turn))
+            view = self._finished_view(reply, turn.message.id, turn.message.author.id)
+            sent = await out.finish(self._final_text(reply, turn.notes), view=view)
         except discord.HTTPException as exc:
             log.error("could not deliver the reply to message %s in %s (%s); kept as undelivered", turn.message.id, turn.scope, exc)
             delivered = False
-            await self._note(turn.message, UNDELIVERED)
+            await self._note(turn.message, UNDELIVERED, channel=turn.thread)
         try:
-            await reply.save(delivered=delivered, platform_message_id=str(sent[0].id) if delivered else None)
+            await reply.save(
+                delivered=delivered,
+                platform_message_id=str(sent[0].id) if delivered else None,
+                last_message_id=str(sent[-1].id) if delivered else None,
+            )
         except Exception:
             log.exception("could not store the reply to message %s in %s", turn.message.id, turn.scope)
+
+    async def _retire_buttons(self, reply: Reply, channel: discord.abc.Messageable) -> None:
+        """A new turn starts: the answer before it can no longer be regenerated or continued,
+        so its buttons go (in the background; found in the store, so also after a restart)."""
+        last = await self.chat.store.last_turn(reply.conversation.id)
+        answer = last[1] if last is not None else None
+        message_id = answer and (answer.reply_message_id or answer.platform_message_id)
+        if message_id and hasattr(channel, "get_partial_message"):
+            self._in_background(_remove_buttons(channel.get_partial_message(int(message_id))))
+
+    def _finished_view(self, reply: Reply, answered: int, author: int) -> discord.ui.View | None:
+        """Regenerate (and Continue after the length limit) under an answer that is stored."""
+        if not reply.clean_text() or reply.finish_reason == "error":
+            return None
+        return finished_view(answered, author, can_continue=reply.finish_reason == "length" and self.chat.can_continue)
 
     async def _settle(self, turn: _Turn) -> None:
         """After an apology the turn is done, unless the model engine is gone: then the
@@ -609,7 +706,7 @@ class LlamaBot(discord.Client):
             with contextlib.suppress(Exception):
                 await self.chat.settle(message_id)
 
-    async def _stream(self, reply: Reply, out: ReplyStreamer, typing: _Typing, turn: _Turn) -> None:
+    async def _stream(self, reply: Reply, out: ReplyStreamer, typing: _Typing) -> None:
         """Show the reply while it is generated; if Discord refuses an edit, wait for the end."""
         gen = reply.generation
         live = self.settings.stream
@@ -617,7 +714,7 @@ class LlamaBot(discord.Client):
         async for _ in gen.updates():
             if not live:
                 continue
-            shown = reply_view(gen.text, gen.reasoning, mode=reply.thinking, thinking=gen.thinking, thought_s=gen.thought_s, final=False)
+            shown = reply_view(reply.clean_text(), gen.reasoning, mode=reply.thinking, thinking=gen.thinking, thought_s=gen.thought_s, final=False)
             try:
                 await out.update(shown)
             except discord.HTTPException as exc:
@@ -629,7 +726,7 @@ class LlamaBot(discord.Client):
                     recorded = True
                     await self.chat.store.set_reply_message(reply.user_message_id, str(out.messages[0].id))
 
-    def _final_text(self, reply: Reply, turn: _Turn) -> str:
+    def _final_text(self, reply: Reply, notes: list[str]) -> str:
         gen = reply.generation
         answer = reply.clean_text()
         if not answer and reply.reasoning_text() and reply.finish_reason != "cancelled":
@@ -639,13 +736,141 @@ class LlamaBot(discord.Client):
             text = text + STOPPED if text else STOPPED.strip()
         elif not text:
             text = EMPTY_NOTE
-        for note in turn.notes + reply.notes:
+        for note in notes + reply.notes:
             text += f"\n-# {note}"
         return text
 
     async def _apologize(self, out: ReplyStreamer) -> None:
         with contextlib.suppress(discord.HTTPException):
             await out.finish(SORRY)
+
+    # --- buttons: Stop, Regenerate, Continue ---------------------------------------------
+
+    async def on_reply_button(self, interaction: discord.Interaction, action: str, answered: int, author: int) -> None:
+        """A press on a reply's button (see `discord_views`). Answered at once, well inside
+        Discord's 3 seconds; a Regenerate or Continue then waits its channel's turn."""
+        if interaction.user.id != author and not self.is_admin(interaction):
+            await interaction.response.send_message(NOT_YOURS, ephemeral=True)
+            return
+        if action == STOP:
+            reply = self._answering.get(answered)
+            if reply is None:
+                await interaction.response.send_message(NOT_WRITING, ephemeral=True)
+                return
+            reply.stop()
+            await interaction.response.defer()  # the message itself shows the result
+            return
+        if answered in self._redoing:
+            await interaction.response.send_message(ALREADY, ephemeral=True)
+            return
+        self._redoing.add(answered)  # from the press on, until the work is done or dropped
+        try:
+            await interaction.response.defer()
+        except discord.HTTPException:
+            self._redoing.discard(answered)
+            raise
+        redo = _Redo(action, interaction, self.scope_of(interaction), answered, author)
+        try:
+            job = self.scheduler.submit(redo.scope, lambda: self._redo(redo))
+        except QueueFull:
+            self._redoing.discard(answered)
+            await _tell(interaction, BUSY)
+            return
+        job.done.add_done_callback(lambda _: self._redoing.discard(answered))
+        position = self.scheduler.position(job)
+        if position:
+            await _tell(interaction, IN_LINE.format(n=position))
+
+    async def _redo(self, redo: _Redo) -> None:
+        """Regenerate or Continue the newest answer of a channel, in its own messages."""
+        pressed = redo.interaction.message
+        assert pressed is not None
+        reply = await self._start_redo(redo, pressed)
+        if reply is None:
+            return
+        assert reply.rewrites is not None
+        old = reply.rewrites
+        could_continue = has_button(pressed, CONTINUE)
+        stop = writing_view(redo.answered, redo.author)
+        typing = _Typing(pressed.channel)
+        self.replies[redo.scope] = reply
+        self._answering[redo.answered] = reply
+        out: ReplyStreamer | None = None
+        failed = False
+        try:
+            with contextlib.suppress(discord.HTTPException):
+                await pressed.edit(view=stop)  # at once: the press did something
+            pages = await self._pages_of(old, pressed)
+            out = ReplyStreamer(pages[0], budget=self.edit_budget, pages=pages, view=stop)
+            await typing.start()
+            await self._stream(reply, out, typing)
+            await reply.generation.wait()
+        except Exception:
+            log.exception("%s failed in %s", redo.action, redo.scope)
+            failed = True
+        finally:
+            await typing.stop()
+            self.replies.pop(redo.scope, None)
+            self._answering.pop(redo.answered, None)
+            if not reply.generation.done:
+                reply.stop()  # failed, or this job was cancelled (shutdown): free the slot
+        if out is None or failed or reply.discarded or reply.finish_reason == "error":
+            # Put the earlier answer back as it was: it is still the one in the history.
+            if not reply.discarded:
+                log.error("%s failed in %s: %s", redo.action, redo.scope, reply.generation.error)
+                await _tell(redo.interaction, SORRY)
+            earlier = old.content + (STOPPED if old.status == STOPPED_STATUS else "")
+            view = None if reply.discarded else finished_view(redo.answered, redo.author, can_continue=could_continue)
+            with contextlib.suppress(discord.HTTPException):
+                await (out.finish(earlier, view=view) if out is not None else pressed.edit(view=view))
+            return
+        delivered = True
+        try:
+            sent = await out.finish(self._final_text(reply, []), view=self._finished_view(reply, redo.answered, redo.author))
+        except discord.HTTPException as exc:
+            log.error("could not show the %s in %s (%s); kept as undelivered", redo.action, redo.scope, exc)
+            delivered = False
+            await _tell(redo.interaction, UNDELIVERED)
+        try:
+            await reply.save(
+                delivered=delivered,
+                platform_message_id=str(sent[0].id) if delivered else None,
+                last_message_id=str(sent[-1].id) if delivered else None,
+            )
+        except Exception:
+            log.exception("could not store the %s in %s", redo.action, redo.scope)
+
+    async def _start_redo(self, redo: _Redo, pressed: discord.Message) -> Reply | None:
+        """Start the new generation, or tell the presser why not (and take away buttons that
+        no longer apply)."""
+        try:
+            start = self.chat.regenerate if redo.action == REGENERATE else self.chat.continue_answer
+            return await start(redo.scope, str(redo.answered))
+        except CannotRedo as exc:
+            await _tell(redo.interaction, str(exc))
+            only_regenerate = exc.args[0] in (TOO_LONG_TO_CONTINUE, NO_CONTINUE)
+            with contextlib.suppress(discord.HTTPException):
+                await pressed.edit(view=finished_view(redo.answered, redo.author, can_continue=False) if only_regenerate else None)
+        except Exception:
+            log.exception("could not start a %s in %s", redo.action, redo.scope)
+            await _tell(redo.interaction, SORRY)
+        return None
+
+    async def _pages_of(self, answer: StoredMessage, last: discord.Message) -> list[discord.Message]:
+        """The messages an answer was posted as: its first (stored), the one with the buttons,
+        and the bot's continuation pages between them (sent without a reference)."""
+        if not answer.platform_message_id or answer.platform_message_id == str(last.id):
+            return [last]
+        try:
+            first = await last.channel.fetch_message(int(answer.platform_message_id))
+            middle = [
+                m
+                async for m in last.channel.history(after=first, before=last, oldest_first=True, limit=50)
+                if self.user is not None and m.author.id == self.user.id and m.reference is None
+            ]
+        except discord.HTTPException:
+            return [last]  # the first page is gone: rewrite the one that was pressed
+        return [first, *middle, last]
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         """An edited message changes the stored turn, so the bot never remembers the old text.
@@ -721,6 +946,23 @@ def _done(value: int) -> asyncio.Future[int | None]:
     future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
     future.set_result(value)
     return future
+
+
+async def _tell(interaction: discord.Interaction, text: str) -> None:
+    """A short note only the presser sees, after the press was acknowledged."""
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.followup.send(text, ephemeral=True)
+
+
+async def _remove_buttons(message: discord.PartialMessage) -> None:
+    with contextlib.suppress(discord.HTTPException):
+        await message.edit(view=None)
+
+
+def thread_name(text: str) -> str:
+    """A thread's name from the message that starts it: its first line, at most 100 characters."""
+    line = " ".join(text.split("\n", 1)[0].split()) or "Conversation"
+    return line if len(line) <= 100 else line[:99].rstrip() + "\u2026"
 
 
 async def _delete_all(messages: list[discord.Message]) -> None:

@@ -1,5 +1,5 @@
-"""The Discord adapter's slash commands: /reset, /template, /chat, /stop, /system,
-/settings, /status, /export.
+"""The Discord adapter's slash commands: /reset, /template, /chat (on, off, threads), /stop,
+/system, /settings, /status, /export.
 
 Each answers ephemerally, well inside Discord's 3 seconds, and admin commands
 are checked by the bot itself on every call (see `LlamaBot.is_admin`), not only
@@ -27,6 +27,7 @@ from discord import app_commands
 from bot.attachments import human_size
 from bot.chat import THINKING_MODES, ChannelOptions, LastReply, SettingError, TemplateChoiceError
 from bot.export import ExportInfo, export_markdown
+from bot.store import CHAT_OFF, CHAT_ON, CHAT_THREADS
 from bot.templates import NAMES
 
 if TYPE_CHECKING:
@@ -38,6 +39,14 @@ COMMAND_FAILED = "Sorry, that did not work (the error is in the bot's log). Plea
 NEED_ADMIN = "You need the Manage Messages permission (or an admin role) to use /{name} here."
 EXPORT_LIMIT = 8 * 1024 * 1024  # bytes: under Discord's smallest upload limit for bots (10 MiB)
 ADMIN_ONLY = discord.Permissions(manage_messages=True)  # who sees the admin-only commands by default
+CHAT_MODES = {"on": CHAT_ON, "off": CHAT_OFF, "threads": CHAT_THREADS}
+CHAT_ANSWERS = {
+    "on": "every message in this channel.",
+    "off": "only when mentioned or replied to.",
+    "threads": "mentions here by starting a thread for each conversation; in those threads I answer every message.",
+}
+NO_THREADS_IN_THREADS = "Use /chat threads in a text channel: a thread cannot have threads of its own."
+CANNOT_THREAD = "(But I lack the Create Public Threads permission here: until I get it, I answer in the channel.)"
 
 
 def register_commands(bot: LlamaBot) -> None:
@@ -88,22 +97,28 @@ def register_commands(bot: LlamaBot) -> None:
             return
         await interaction.followup.send(f"Template here is now **{key}**.", ephemeral=True)
 
-    @bot.tree.command(name="chat", description="Answer every message in this channel (on), or only mentions (off)")
+    @bot.tree.command(name="chat", description="Answer every message here (on), only mentions (off), or each mention in a new thread")
     @app_commands.guild_only()
     @app_commands.default_permissions(ADMIN_ONLY)
-    @app_commands.choices(mode=[app_commands.Choice(name="on", value="on"), app_commands.Choice(name="off", value="off")])
+    @app_commands.choices(mode=[app_commands.Choice(name=m, value=m) for m in CHAT_MODES])
     async def chat(interaction: discord.Interaction, mode: str) -> None:
         if await refuse_unless_admin(interaction, "chat"):
             return
-        if mode not in ("on", "off"):
-            await interaction.response.send_message("Use /chat on or /chat off.", ephemeral=True)
+        if mode not in CHAT_MODES:
+            await interaction.response.send_message("Use /chat on, /chat off or /chat threads.", ephemeral=True)
+            return
+        if mode == "threads" and isinstance(interaction.channel, discord.Thread):
+            await interaction.response.send_message(NO_THREADS_IN_THREADS, ephemeral=True)
             return
         scope = bot.scope_of(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await bot.chat.store.set_chat_enabled(scope, mode == "on")
+        await bot.chat.store.set_chat_mode(scope, CHAT_MODES[mode])
         (bot.chat_scopes.add if mode == "on" else bot.chat_scopes.discard)(scope)
-        what = "every message in this channel" if mode == "on" else "only when mentioned or replied to"
-        await interaction.followup.send(f"OK: I now answer {what}.", ephemeral=True)
+        (bot.thread_scopes.add if mode == "threads" else bot.thread_scopes.discard)(scope)
+        what = CHAT_ANSWERS[mode]
+        if mode == "threads" and not interaction.app_permissions.create_public_threads:
+            what += " " + CANNOT_THREAD
+        await interaction.followup.send(f"OK: I now answer {what}", ephemeral=True)
 
     @bot.tree.command(name="stop", description="Stop the reply being written in this channel")
     async def stop(interaction: discord.Interaction) -> None:

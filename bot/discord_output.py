@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Sequence
 
 import discord
 
@@ -94,7 +95,11 @@ class EditBudget:
 class ReplyStreamer:
     """Shows a reply as it grows: the first page replies to the user's message, edits
     follow at most once per `interval` per message, new pages continue past 2,000
-    characters, and `finish` leaves exactly `split_message(final)` on screen."""
+    characters, and `finish` leaves exactly `split_message(final)` on screen.
+
+    `pages`: messages already showing this reply (rewritten in place); `channel`: where
+    to post instead of beside `reply_to` (a thread started from it; then no reference);
+    `view`: buttons under the newest page while it is written (`finish` sets the final ones)."""
 
     def __init__(
         self,
@@ -103,13 +108,19 @@ class ReplyStreamer:
         budget: EditBudget,
         first: discord.Message | None = None,
         interval: float = 1.0,
+        pages: Sequence[discord.Message] = (),
+        channel: discord.abc.Messageable | None = None,
+        view: discord.ui.View | None = None,
     ) -> None:
         self.reply_to = reply_to
+        self.channel = channel
         self.budget = budget
         self.interval = interval
-        self.messages: list[discord.Message] = [first] if first is not None else []
-        self._shown: list[str] = [first.content] if first is not None else []
+        self.view = view
+        self.messages: list[discord.Message] = list(pages) or ([first] if first is not None else [])
+        self._shown: list[str] = [m.content for m in self.messages]
         self._edited_at: list[float] = [0.0] * len(self.messages)
+        self._views: list[object] = [_OLD_VIEW if m.components else None for m in self.messages]
 
     async def update(self, text: str) -> None:
         """Show partial text, if the rate limits allow an edit now (otherwise skip)."""
@@ -124,41 +135,54 @@ class ReplyStreamer:
                 return
         await self._show(pages, final=False)
 
-    async def finish(self, text: str) -> list[discord.Message]:
-        """Make the messages show exactly `text`, split into pages; returns them."""
+    async def finish(self, text: str, *, view: discord.ui.View | None = None) -> list[discord.Message]:
+        """Make the messages show exactly `text`, split into pages, with `view` under the
+        last one (and no buttons on the others); returns them."""
+        self.view = view
         await self._show(split_message(text), final=True)
         return self.messages
 
     async def _show(self, pages: list[str], *, final: bool) -> None:
         for i, page in enumerate(pages):
+            view = self.view if i == len(pages) - 1 else None
             if i < len(self.messages):
-                if self._shown[i] != page:
+                if self._shown[i] != page or self._views[i] is not view:
                     wait = self.interval - (time.monotonic() - self._edited_at[i])
                     if wait > 0:
                         if not final:
                             continue
                         await asyncio.sleep(wait)
-                    await self.messages[i].edit(content=page, allowed_mentions=NO_PINGS)
+                    buttons = {} if self._views[i] is view else {"view": view}
+                    await self.messages[i].edit(content=page, allowed_mentions=NO_PINGS, **buttons)
                     self._shown[i] = page
+                    self._views[i] = view
                     self._edited_at[i] = time.monotonic()
             else:
-                await self._send(page)
+                await self._send(page, view)
         if final:  # the final text can be shorter than a partial one (a stop string was cut)
             while len(self.messages) > len(pages):
                 extra = self.messages.pop()
                 self._shown.pop()
+                self._views.pop()
                 self._edited_at.pop()
                 await extra.delete()
 
-    async def _send(self, page: str) -> None:
-        if not self.messages:
+    async def _send(self, page: str, view: discord.ui.View | None) -> None:
+        buttons = {"view": view} if view is not None else {}
+        if self.channel is not None:
+            message = await self.channel.send(page, allowed_mentions=NO_PINGS, **buttons)
+        elif not self.messages:
             reference = self.reply_to.to_reference(fail_if_not_exists=False)
-            message = await self.reply_to.channel.send(page, reference=reference, mention_author=False, allowed_mentions=NO_PINGS)
+            message = await self.reply_to.channel.send(page, reference=reference, mention_author=False, allowed_mentions=NO_PINGS, **buttons)
         else:
-            message = await self.reply_to.channel.send(page, allowed_mentions=NO_PINGS)
+            message = await self.reply_to.channel.send(page, allowed_mentions=NO_PINGS, **buttons)
         self.messages.append(message)
         self._shown.append(page)
+        self._views.append(view)
         self._edited_at.append(time.monotonic())
+
+
+_OLD_VIEW = object()  # buttons a message already had (from before): replaced or removed on its next edit
 
 
 # --- what a reply looks like: answer, reasoning, notes ---------------------------------------

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 OK, STOPPED, UNDELIVERED, PENDING, EXPIRED = "ok", "stopped", "undelivered", "pending", "expired"
 VISIBLE = (OK, STOPPED)
 
+# conversations.chat_enabled: which messages of a channel the bot answers (/chat off|on|threads).
+CHAT_OFF, CHAT_ON, CHAT_THREADS = 0, 1, 2  # threads: a new thread for each mention, every message answered in it
+
 
 class StoreError(Exception):
     """The database cannot be used. The message is one line for the user."""
@@ -68,7 +71,9 @@ class StoredMessage:
     token_count: int | None
     status: str
     reasoning: str | None = None
-    reply_message_id: str | None = None  # for a pending turn: the bot's message already posted for it
+    # For a pending turn: the bot's message already posted for it. For an answer: the last of
+    # the messages it was posted as (a long answer takes several; platform_message_id is the first).
+    reply_message_id: str | None = None
     attachments: str | None = None  # attached text files as put in the prompt (kept apart: edits change `content` only)
 
     @property
@@ -234,7 +239,17 @@ class Store:
         return await self.conversation(scope)
 
     async def chat_enabled_scopes(self) -> set[str]:
-        rows = await self._db.execute_fetchall("SELECT scope FROM conversations WHERE chat_enabled = 1")
+        return await self.chat_mode_scopes(CHAT_ON)
+
+    async def set_chat_mode(self, scope: str, mode: int) -> None:
+        """CHAT_OFF, CHAT_ON or CHAT_THREADS (stored in chat_enabled, an INTEGER column)."""
+        if mode not in (CHAT_OFF, CHAT_ON, CHAT_THREADS):
+            raise ValueError(f"unknown chat mode {mode!r}")
+        await self.conversation(scope)
+        await self._write("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (mode, scope))
+
+    async def chat_mode_scopes(self, mode: int) -> set[str]:
+        rows = await self._db.execute_fetchall("SELECT scope FROM conversations WHERE chat_enabled = ?", (mode,))
         return {row[0] for row in rows}
 
     # --- messages ----------------------------------------------------------------------
@@ -300,13 +315,15 @@ class Store:
         *,
         reasoning: str | None = None,
         platform_message_id: str | None = None,
+        last_message_id: str | None = None,
         token_count: int | None = None,
         status: str = OK,
     ) -> int | None:
         """Store a reply and make its user turn part of the conversation, in one transaction.
 
         Nothing is stored when the user's message was deleted meanwhile (returns None), or
-        no reply when `reply` is None (the turn still becomes part of the history)."""
+        no reply when `reply` is None (the turn still becomes part of the history).
+        `last_message_id`: the last platform message of a reply posted as several."""
         async with self._writing:
             try:
                 row = await (await self._db.execute("SELECT conversation_id FROM messages WHERE id = ?", (user_message_id,))).fetchone()
@@ -321,9 +338,9 @@ class Store:
                 reply_id = None
                 if reply is not None:
                     cursor = await self._db.execute(
-                        "INSERT INTO messages (conversation_id, role, content, platform_message_id, created_at, token_count, status, reasoning)"
-                        " VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?)",
-                        (row[0], reply, platform_message_id, _now(), token_count, status, reasoning),
+                        "INSERT INTO messages (conversation_id, role, content, platform_message_id, reply_message_id, created_at, token_count, status, reasoning)"
+                        " VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
+                        (row[0], reply, platform_message_id, last_message_id, _now(), token_count, status, reasoning),
                     )
                     reply_id = cursor.lastrowid
                 await self._db.commit()
@@ -331,6 +348,44 @@ class Store:
             except BaseException:
                 await self._db.rollback()
                 raise
+
+    async def replace_answer(
+        self,
+        answer_id: int,
+        reply: str | None,
+        *,
+        reasoning: str | None = None,
+        platform_message_id: str | None = None,
+        last_message_id: str | None = None,
+        token_count: int | None = None,
+        status: str = OK,
+    ) -> int | None:
+        """Rewrite a stored answer in place (Regenerate, Continue): it keeps its place in the
+        history. `reply` None deletes it (the new answer came out empty). Returns its id, or
+        None when it is gone (deleted meanwhile, or by this call)."""
+        if reply is None:
+            await self._write("DELETE FROM messages WHERE id = ? AND role = 'assistant'", (answer_id,))
+            return None
+        cursor = await self._write(
+            "UPDATE messages SET content = ?, reasoning = ?, platform_message_id = ?, reply_message_id = ?, token_count = ?, status = ?,"
+            " created_at = ? WHERE id = ? AND role = 'assistant'",
+            (reply, reasoning, platform_message_id, last_message_id, token_count, status, _now(), answer_id),
+        )
+        return answer_id if cursor.rowcount else None
+
+    async def last_turn(self, conversation_id: int) -> tuple[StoredMessage, StoredMessage | None] | None:
+        """The newest turn of the history: (the user's message, its answer or None).
+
+        None when the history is empty or ends with an answer to no stored message."""
+        rows = await self._db.execute_fetchall(
+            "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped') ORDER BY id DESC LIMIT 2", (conversation_id,)
+        )
+        newest = [_message(r) for r in rows]
+        if newest and newest[0].role == "user":
+            return newest[0], None
+        if len(newest) == 2 and newest[1].role == "user":
+            return newest[1], newest[0]
+        return None
 
     async def pending(self) -> list[PendingTurn]:
         """Messages still waiting for an answer, oldest first, with their conversation."""
@@ -346,17 +401,20 @@ class Store:
         rows = await self._db.execute_fetchall("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [_message(r) for r in rows]
 
-    async def newest_first(self, conversation_id: int, page: int = 64, *, include: int | None = None) -> AsyncIterator[StoredMessage]:
+    async def newest_first(
+        self, conversation_id: int, page: int = 64, *, include: int | None = None, below: int | None = None
+    ) -> AsyncIterator[StoredMessage]:
         """Visible messages from the newest back, a page at a time (for context fitting).
 
         `include` is one pending message, the turn being answered: it comes first (it
         is the newest turn, whatever its id). Other pending messages (waiting their own
-        turn) are not part of the conversation yet."""
+        turn) are not part of the conversation yet. `below`: only messages older than
+        that id (the history an answer was written from)."""
         if include is not None:
             row = await (await self._db.execute("SELECT * FROM messages WHERE id = ? AND conversation_id = ?", (include, conversation_id))).fetchone()
             if row is not None:
                 yield _message(row)
-        before = None
+        before = below
         while True:
             rows = await self._db.execute_fetchall(
                 "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped')"
