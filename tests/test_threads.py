@@ -128,6 +128,7 @@ async def test_without_the_thread_permission_the_answer_comes_in_the_channel(wor
 
 async def test_chat_threads_needs_an_admin_and_a_text_channel(world: World, start_bot) -> None:
     async with start_bot() as bot:
+        world.fake.set_command_permissions(world.guild, "chat", {world.guild["id"]: True})  # shown to @everyone by a server admin
         refused = await world.fake.invoke_command("chat", user=world.ann, channel=world.general, options={"mode": "threads"})
         await refused.wait_done()
         assert refused.content == NEED_ADMIN.format(name="chat") and bot.thread_scopes == set()
