@@ -47,6 +47,10 @@ class ReplyButton(
     ) -> ReplyButton:
         return cls(match["action"], int(match["answered"]), int(match["author"]))
 
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """BLOCKED_USER_IDS and the allowed lists hold for buttons as for messages and commands."""
+        return await cast("LlamaBot", interaction.client).check_interaction(interaction)
+
     async def callback(self, interaction: discord.Interaction) -> None:
         bot = cast("LlamaBot", interaction.client)
         await bot.on_reply_button(interaction, self.action, self.answered, self.author)

@@ -15,7 +15,7 @@ import pytest
 
 from bot.chat import NOT_NEWEST, OpenAnswer
 from bot.config import Sampling
-from bot.discord_bot import NOT_YOURS, LlamaBot
+from bot.discord_bot import NOT_YOURS, REFUSED_BLOCKED, LlamaBot
 from bot.discord_output import split_message
 from bot.discord_views import CONTINUE, REGENERATE, STOP
 from bot.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
@@ -288,3 +288,15 @@ async def test_regenerate_rewrites_every_page_of_a_long_answer(world: World, sta
         assert shown[0]["id"] == pages[0]["id"] == first == last  # the first page kept its place; the rest went
         assert world.fake.message(pages[-1]["id"]) is None and pages[-1]["_deleted"]
         assert REGENERATE in button(shown[0], REGENERATE)
+
+
+async def test_a_blocked_user_cannot_press_buttons(world: World, start_bot, tmp_path: Path) -> None:
+    """BLOCKED_USER_IDS holds for buttons too: a press gets the same short refusal as a command."""
+    db = tmp_path / "kept.sqlite3"
+    async with start_bot(db=db, stream=False, n_predict=12) as first:
+        [reply] = await ask(world, first, world.general, world.ann, "Name a colour.")
+    before = answers(db, scope(world, world.general))
+    async with start_bot(db=db, stream=False, n_predict=12, blocked_user_ids=frozenset({int(world.ann["id"])})) as bot:
+        refused = await press(world, bot, reply, REGENERATE, world.ann)
+        assert refused.ephemeral and refused.content == REFUSED_BLOCKED
+    assert answers(db, scope(world, world.general)) == before
