@@ -3,7 +3,7 @@
 Nothing here uses bot/templates.py: the references are llama.cpp's own chat formatter
 (`llama_chat_apply_template` with a built-in template name), Hugging Face's documented
 way of rendering a chat template, and GGUF files made from the vocabularies in
-/work/shared/reference/vocab/ with a real published chat template set in them.
+../shared/reference/vocab/ (or the same files from the llama-cpp-python sdist) with a real published chat template set in them.
 """
 
 from __future__ import annotations
@@ -25,11 +25,64 @@ import pytest
 from bot.backend import ModelInfo
 from bot.vocab import read_model_info
 
-# shared/ lies beside the project's folder (CI's clone, /work/main); worktrees elsewhere use /work's.
-REFERENCE = next(
-    (p for p in (Path(__file__).resolve().parents[2] / "shared" / "reference", Path("/work/shared/reference")) if p.is_dir()),
-    Path("/work/shared/reference"),
-)
+SDIST = "llama-cpp-python==0.3.36"  # the bindings the bot pins; their sdist vendors llama.cpp's models/ folder
+VOCAB_FAMILIES = ("llama-spm", "llama-bpe", "phi-3", "qwen2")
+TEMPLATE_NAMES = (
+    "Qwen-Qwen3-0.6B", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "google-gemma-2-2b-it", "meta-llama-Llama-3.1-8B-Instruct",
+    "microsoft-Phi-3.5-mini-instruct", "mistralai-Mistral-Nemo-Instruct-2407", "openai-gpt-oss-120b",
+)  # fmt: skip
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / "vocab" / f"ggml-vocab-{f}.gguf").is_file() for f in VOCAB_FAMILIES) and all(
+        (folder / "templates" / f"{t}.jinja").is_file() for t in TEMPLATE_NAMES
+    )
+
+
+def _from_sdist() -> Path:
+    """The same files, taken from llama.cpp's `models/` folder in the llama-cpp-python sdist
+    (where ../shared/reference/ comes from), for machines without that folder. Fetched once
+    with pip (PyPI, or pip's cache) into ~/.cache/llamabot-tests."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    target = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamabot-tests" / "reference-0.3.36"
+    if _complete(target):
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:", "-d", tmp, "-q"], check=True
+        )
+        [sdist] = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        wanted = {f"models/ggml-vocab-{f}.gguf": f"vocab/ggml-vocab-{f}.gguf" for f in VOCAB_FAMILIES}
+        wanted |= {f"models/templates/{t}.jinja": f"templates/{t}.jinja" for t in TEMPLATE_NAMES}
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                tail = member.name.split("/vendor/llama.cpp/", 1)[-1]
+                if tail in wanted and member.isfile():
+                    out = target / wanted[tail]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    out.write_bytes(source.read())
+    if not _complete(target):
+        raise RuntimeError(f"the {SDIST} sdist lacks some reference files")
+    return target
+
+
+def _find_reference() -> Path:
+    """../shared/reference beside the project (as on the development machines), or the
+    same files from llama-cpp-python's sdist where that folder is missing."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (os.environ.get("LLAMABOT_REFERENCE"), here.parent / "shared" / "reference", "/work/shared/reference"):
+        if candidate and _complete(Path(candidate)):
+            return Path(candidate)
+    return _from_sdist()
+
+
+REFERENCE = _find_reference()
 VOCABS = REFERENCE / "vocab"
 HF_TEMPLATES = REFERENCE / "templates"
 
@@ -212,7 +265,7 @@ def family_vocabs(gemma3_vocab_path: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def hf_ggufs(family_vocabs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each real template of /work/shared/reference/templates built into a GGUF of its family."""
+    """Each real template of ../shared/reference/templates (or the same files from the llama-cpp-python sdist) built into a GGUF of its family."""
     folder = tmp_path_factory.mktemp("hf-ggufs")
     out = {}
     for name, (family, rename) in HF_FAMILIES.items():

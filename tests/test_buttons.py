@@ -20,11 +20,12 @@ from bot.discord_output import split_message
 from bot.discord_views import CONTINUE, REGENERATE, STOP
 from bot.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
 from tests.conftest import JSON, World, mention, scope
+from tests.references import HF_TEMPLATES
 from tests.fakediscord import Interaction
 from tests.test_discord import ask
 from tests.test_remote import LlamaServer, remote_bot, remote_settings
 
-REFERENCE_TEMPLATES = Path("/work/shared/reference/templates")
+REFERENCE_TEMPLATES = HF_TEMPLATES
 SAMPLED = Sampling(temperature=0.9, seed=1234)  # reproducible, and Regenerate really draws anew
 
 

@@ -30,10 +30,11 @@ from bot.store import Store
 from bot.templates import TEMPLATES, JinjaTemplate, Message, Template
 from tests.conftest import GREEDY, ROOT, World, make_settings, mention, rows, scope
 from tests.fakediscord import FakeDiscord
+from tests.references import HF_TEMPLATES
 from tests.sse_server import CLOSE, DONE, ScriptedServer, Step, chat_reply, delta, event, free_port, text
 from tests.test_templates import EVIL
 
-GPT_OSS = Path("/work/shared/reference/templates/openai-gpt-oss-120b.jinja")
+GPT_OSS = HF_TEMPLATES / "openai-gpt-oss-120b.jinja"
 
 
 class LlamaServer:

@@ -5,7 +5,7 @@
   states; for SentencePiece families also the token ids that the model authors' own code
   builds (Meta's llama `chat_completion`, mistral-common's v1 instruct tokenizer, FastChat),
   and BELLE's documented prompt.
-- `auto`: each real chat template in /work/shared/reference/templates, built into a GGUF of
+- `auto`: each real chat template in ../shared/reference/templates (or the same files from the llama-cpp-python sdist), built into a GGUF of
   its family's vocabulary, rendered by the bot exactly as Hugging Face's `apply_chat_template`
   renders it.
 """
