@@ -66,7 +66,11 @@ class EngineOptions:
     n_threads: int = 1
     parallel: int = 4  # slots: conversations decoded together
     kv_cache_mb: int = 256  # RAM for KV state of conversations that lost their slot
-    n_batch: int = 512  # tokens per decode step
+    # llama-server's defaults. A prompt read alone goes to llama.cpp n_batch tokens at a time (it
+    # computes them n_ubatch at a time); while other slots generate, a step holds at most n_ubatch
+    # tokens, so their next token never waits for more than one micro-batch (see bench/: prompt).
+    n_batch: int = 2048
+    n_ubatch: int = 512
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
     flash_attn: str = "auto"  # "auto" (llama.cpp decides; on for CPUs), "on" or "off" (see bench/)
     llama_log: bool = False
@@ -162,6 +166,8 @@ class Engine:
         self.vocab: Vocab
         self.options: EngineOptions
         self.n_ctx: int  # tokens per conversation
+        self.n_batch: int  # most tokens in one decode step
+        self.n_ubatch: int  # most tokens in a step while other slots generate
         self.on_fatal: Callable[[str], None] | None = None  # called (from the engine thread) when it gives up
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._lock = threading.Condition()
@@ -222,7 +228,8 @@ class Engine:
         cparams.n_ctx = n_ctx * options.parallel
         cparams.n_seq_max = options.parallel
         cparams.kv_unified = False  # each conversation gets its own n_ctx cells
-        cparams.n_batch = cparams.n_ubatch = options.n_batch
+        cparams.n_batch = options.n_batch
+        cparams.n_ubatch = min(options.n_ubatch, options.n_batch)
         cparams.n_threads = cparams.n_threads_batch = options.n_threads
         cparams.no_perf = not options.llama_log
         cparams.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}.get(
@@ -235,6 +242,7 @@ class Engine:
         self._ctx = ctx
         self._mem = L.llama_get_memory(ctx)
         self.n_ctx = L.llama_n_ctx_seq(ctx)
+        self.n_batch, self.n_ubatch = L.llama_n_batch(ctx), L.llama_n_ubatch(ctx)  # as llama.cpp took them
         self.options = options
         self._batch = L.llama_batch_init(options.n_batch, 0, 1)
         self._slots = [_Slot(seq) for seq in range(options.parallel)]
@@ -562,7 +570,8 @@ class Engine:
         entries: list[tuple[int, int, int, bool]] = []
         outputs: list[tuple[_Slot, int]] = []  # slots that sample from this batch, with batch index
         grown: list[tuple[_Slot, list[int], bool]] = []  # (slot, tokens added, are they prompt tokens)
-        budget = self.options.n_batch
+        generating = any(s.request is not None and s.request.next_token is not None for s in self._active())
+        budget = self.n_ubatch if generating else self.n_batch
         for slot in self._active():
             req = slot.request
             assert req is not None
