@@ -8,10 +8,12 @@ import asyncio
 import sqlite3
 
 from bot.chat import ChatService, UserMessage
+from bot.engine import Engine
 from bot.discord_bot import STOPPED
 from bot.discord_output import BOT_EDITS_PER_S, EDITS_PER_WINDOW, LIMIT, split_message
 from tests.conftest import World, mention, rows, scope
 from tests.test_discord_output import max_edits_in_window
+from tests.test_engine import GREEDY, chat_tokens
 
 STORY = "Write a long story about a dragon."
 
@@ -119,3 +121,24 @@ async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> Non
     after_switch = await chat.respond(UserMessage("dm:cache", "Hi"))
     await after_switch.save()
     assert after_switch.generation.n_cached == 0
+
+
+async def test_a_long_prompt_shares_steps_with_a_generating_channel_one_micro_batch_at_a_time(engine: Engine) -> None:
+    """Alone, a prompt is read in one decode (n_batch 2048). While another channel generates,
+    it goes at most n_ubatch (512) tokens a step, so that channel's next token never waits
+    for more than one micro-batch."""
+    long = chat_tokens(engine, "Please summarise: " + "the history of the world in many words " * 90)
+    assert engine.n_ubatch < len(long) <= engine.n_batch
+    before = engine.steps
+    alone = await engine.generate("micro-alone", long, max_tokens=1, sampling=GREEDY).wait()
+    assert alone.n_evaluated == len(long) and engine.steps - before == 1
+    story = engine.generate("micro-story", chat_tokens(engine, STORY), max_tokens=300, sampling=GREEDY)
+    async for _ in story.stream():
+        break  # it is generating now
+    before = engine.batched_steps
+    read = await engine.generate("micro-read", long, max_tokens=1, sampling=GREEDY).wait()
+    batched = engine.batched_steps - before
+    story.cancel()
+    await story.wait()
+    assert read.n_evaluated == len(long)
+    assert batched == -(-len(long) // (engine.n_ubatch - 1))  # one step per micro-batch: the story's next token + 511 of the prompt
