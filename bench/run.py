@@ -404,8 +404,9 @@ async def final_text_latency(engine: Engine, short: int = 8, long: int = 3) -> R
                         for i in range(count):
                             question = STORIES[i % 4] if n_predict > 16 else f"Question {i}: what is {i} plus {i}?"
                             sent = await fake.send_message(channel, user, f"<@{fake.bot_user['id']}> {question}")
-                            await fake.wait_for(lambda: len(chat.replies) == i + 1 and chat.replies[i].saved_id is not None, 600)
-                            gen = chat.replies[i].generation
+                            replies = chat.replies
+                            await fake.wait_for(lambda n=i + 1, r=replies: len(r) == n and r[-1].saved_id is not None, 600)
+                            gen = replies[i].generation
                             pages = [m for m in fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
                             shown = max([p["_created"] for p in pages] + [e["time"] for p in pages for e in p["_edits"]])
                             lags[n_predict].append(shown - gen.finished_at)  # perf_counter and monotonic: one clock
@@ -430,8 +431,6 @@ async def prompt_reading(path: Path, rounds: int) -> list[Row]:
     """Cold prompt reading, engine vs plain `Llama.eval` of the same ~1,500 tokens with the same
     threads and batch sizes, in pairs taking turns to go first; and the engine's batch sizes
     (llama-server's defaults, 2048/512) against 512/512, the same way."""
-    import llama_cpp
-
     options = EngineOptions(n_ctx=3072, n_threads=threads(), parallel=4, kv_cache_mb=256)
     engine = await Engine.load(path, options)
     small = await Engine.load(path, EngineOptions(**{**options.__dict__, "n_batch": 512, "n_ubatch": 512}))
@@ -460,7 +459,7 @@ async def prompt_reading(path: Path, rounds: int) -> list[Row]:
         vs_plain = await _paired(ours, plain, rounds)
         vs_small = await _paired(ours, ours_small, rounds)
     finally:
-        del llm
+        llm.close()
         await engine.close()
         await small.close()
     n = len(prompt)
