@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,13 +73,13 @@ def decode_rate(gen: Generation) -> float:
 # --- 1. overhead against the plain library ----------------------------------------------
 
 
-def plain_llama(path: Path):  # noqa: ANN201 (llama_cpp.Llama)
+def plain_llama(path: Path, n_batch: int = EngineOptions.n_batch, n_ubatch: int = EngineOptions.n_ubatch):  # noqa: ANN201 (llama_cpp.Llama)
     """llama-cpp-python's high-level API, with the engine's context size, batch, threads and
     attention kernels (the engine's FLASH_ATTN=auto turns flash attention on for CPUs)."""
     import llama_cpp
 
     return llama_cpp.Llama(
-        str(path), n_ctx=3072, n_batch=512, n_threads=threads(), n_threads_batch=threads(), flash_attn=True, verbose=False
+        str(path), n_ctx=3072, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=threads(), n_threads_batch=threads(), flash_attn=True, verbose=False
     )
 
 
@@ -359,7 +359,153 @@ async def discord_end_to_end(engine: Engine, messages: int = 5) -> Row:
     )
 
 
-# --- 7. the disk tier: every channel warm -------------------------------------------------
+# --- 7. the final text after generation, through Discord ----------------------------------
+
+
+async def final_text_latency(engine: Engine, short: int = 8, long: int = 3) -> Row:
+    """Through the local Discord API with streaming on: from the end of generation to the reply's
+    final text on screen (its last POST or PATCH), for short and long replies in one channel,
+    and the most edits that channel saw in any 5 seconds (Discord allows 5)."""
+    sys.path.insert(0, str(HERE.parent))
+    import tempfile
+
+    from bot.chat import ChatService, Reply, UserMessage
+    from bot.config import Settings
+    from bot.discord_bot import LlamaBot
+    from bot.discord_output import EDITS_PER_WINDOW, WINDOW_S
+    from bot.engine import LocalBackend
+    from bot.store import Store
+    from tests.fakediscord import FakeDiscord
+
+    class Recording(ChatService):
+        """Keeps every reply, for its generation's finishing time."""
+
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            self.replies: list[Reply] = []
+
+        async def respond(self, message: UserMessage) -> Reply:
+            reply = await super().respond(message)
+            self.replies.append(reply)
+            return reply
+
+    lags: dict[int, list[float]] = {16: [], 128: []}
+    posted_once = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        async with FakeDiscord() as fake:
+            guild = fake.add_guild("bench")
+            channel = fake.add_channel(guild, "general")
+            user = fake.add_user("user")
+            fake.add_member(guild, user)
+            for n_predict, count in ((16, short), (128, long)):
+                settings = Settings(database_path=Path(tmp) / f"bench-{n_predict}.sqlite3", n_predict=n_predict, sampling=GREEDY, user_cooldown_s=0.0, stream=True)
+                async with await Store.open(settings.database_path) as store:
+                    chat = Recording(LocalBackend(engine), store, settings)
+                    bot = LlamaBot(settings, chat, guild_ready_timeout=0.1)
+                    async with fake.running(bot):
+                        for i in range(count):
+                            question = STORIES[i % 4] if n_predict > 16 else f"Question {i}: what is {i} plus {i}?"
+                            sent = await fake.send_message(channel, user, f"<@{fake.bot_user['id']}> {question}")
+                            replies = chat.replies
+                            await fake.wait_for(lambda n=i + 1, r=replies: len(r) == n and r[-1].saved_id is not None, 600)
+                            gen = replies[i].generation
+                            pages = [m for m in fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
+                            shown = max([p["_created"] for p in pages] + [e["time"] for p in pages for e in p["_edits"]])
+                            lags[n_predict].append(shown - gen.finished_at)  # perf_counter and monotonic: one clock
+                            posted_once += n_predict == 16 and len(pages) == 1 and not pages[0]["_edits"]
+                        await bot.shutdown()
+    edits = sorted(r["time"] for r in fake.requests_to("PATCH", rf"/channels/{channel['id']}/messages/\d+$"))
+    most = max((sum(1 for t in edits[i:] if t - start < WINDOW_S) for i, start in enumerate(edits)), default=0)
+    a, b = statistics.median(lags[16]) * 1000, statistics.median(lags[128]) * 1000
+    return Row(
+        "Final text after generation, through Discord (local fake API, streaming on): end of generation to the final text "
+        f"on screen, median, 16-token / 128-token replies; most edits in one channel in any {WINDOW_S:g} s",
+        f"**{a:.0f} ms** ({posted_once} of {short} posted once, complete) / **{b:.0f} ms**; {most} edits",
+        f"< 150 ms; <= {EDITS_PER_WINDOW} edits",
+        a < 150 and most <= EDITS_PER_WINDOW,
+    )
+
+
+# --- 8. reading a prompt ------------------------------------------------------------------
+
+
+async def prompt_reading(path: Path, rounds: int) -> list[Row]:
+    """Cold prompt reading, engine vs plain `Llama.eval` of the same ~1,500 tokens with the same
+    threads and batch sizes, in pairs taking turns to go first; and the engine's batch sizes
+    (llama-server's defaults, 2048/512) against 512/512, the same way."""
+    options = EngineOptions(n_ctx=3072, n_threads=threads(), parallel=4, kv_cache_mb=256)
+    engine = await Engine.load(path, options)
+    small = await Engine.load(path, EngineOptions(**{**options.__dict__, "n_batch": 512, "n_ubatch": 512}))
+    llm = plain_llama(path, engine.n_batch, engine.n_ubatch)
+    try:
+        prompt = chat_prompt(engine, history(44, 0))
+
+        async def read(eng: Engine) -> float:
+            eng.forget("prompt")  # its slot is emptied: every token is read again
+            gen = await eng.generate("prompt", prompt, max_tokens=1, sampling=GREEDY).wait()
+            assert gen.n_evaluated == len(prompt) and gen.first_token_at and gen.started_at
+            return gen.first_token_at - gen.started_at
+
+        async def plain() -> float:
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(prompt)
+            return time.perf_counter() - start
+
+        async def ours() -> float:
+            return await read(engine)
+
+        async def ours_small() -> float:
+            return await read(small)
+
+        vs_plain = await _paired(ours, plain, rounds)
+        vs_small = await _paired(ours, ours_small, rounds)
+    finally:
+        llm.close()
+        await engine.close()
+        await small.close()
+    n = len(prompt)
+
+    def speed(pairs: list[tuple[float, float]], i: int) -> float:
+        return n / statistics.median(p[i] for p in pairs)
+
+    ratio = statistics.median(b / a for a, b in vs_plain)
+    ratio_small = statistics.median(b / a for a, b in vs_small)
+    return [
+        Row(
+            f"Prompt reading, cold: {n} tokens, engine vs plain `Llama.eval` of the same tokens (same threads, batch "
+            f"{engine.n_batch}/{engine.n_ubatch}, flash attention; median of {rounds} paired runs)",
+            f"{speed(vs_plain, 0):.0f} vs {speed(vs_plain, 1):.0f} tok/s = **{ratio:.2f}x**",
+            ">= 0.97x",
+            ratio >= 0.97,
+        ),
+        Row(
+            f"Prompt reading, cold: engine batch {engine.n_batch}/{engine.n_ubatch} (llama-server's defaults) vs 512/512 "
+            f"({n} tokens, median of {rounds} paired runs)",
+            f"{speed(vs_small, 0):.0f} vs {speed(vs_small, 1):.0f} tok/s = **{ratio_small:.2f}x**",
+            "",
+            None,
+        ),
+    ]
+
+
+async def _paired(a: Callable[[], Awaitable[float]], b: Callable[[], Awaitable[float]], rounds: int) -> list[tuple[float, float]]:
+    """`rounds` pairs of timings, taking turns to go first (after one unmeasured run of each)."""
+    await a()
+    await b()
+    pairs = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            x = await a()
+            y = await b()
+        else:
+            y = await b()
+            x = await a()
+        pairs.append((x, y))
+    return pairs
+
+
+# --- the disk tier: every channel warm -------------------------------------------------
 
 
 def disk_options(folder: Path | None, **changes: object) -> EngineOptions:
@@ -541,34 +687,41 @@ async def kv_types(path: Path, rounds: int, turns: int = 28) -> Row:
     )
 
 
+
 # --- the report --------------------------------------------------------------------------
 
-GROUPS = ("overhead", "follow-up", "throughput", "box", "flash", "memory", "discord", "disk", "loop-lag", "kv-type")
+
+GROUPS = ("overhead", "followup", "throughput", "channels", "flash", "memory", "discord", "final", "prompt", "disk", "loop-lag", "kv-type")
+"""Row groups, in the order they run; `--only` picks some."""
 
 
 async def run(quick: bool, only: Sequence[str] = GROUPS) -> tuple[list[Row], str]:
     rounds = 2 if quick else 3
     path = bundled_model_path()
     options = EngineOptions(n_ctx=3072, n_threads=threads(), parallel=4, kv_cache_mb=256)
-    engine = await Engine.load(path, options) if {"overhead", "follow-up", "throughput", "discord"} & set(only) else None
-    llm = plain_llama(path) if {"overhead", "follow-up"} & set(only) else None
+    needs_engine = {"overhead", "followup", "throughput", "discord", "final"} & set(only)
+    engine = await Engine.load(path, options) if needs_engine else None
     rows: list[Row] = []
     try:
-        if "overhead" in only:
-            print("overhead...", file=sys.stderr)
-            rows.append(await overhead(engine, llm, 2 if quick else 21))  # a ratio near 1: more pairs against the noise
-        if "follow-up" in only:
-            print("follow-up latency...", file=sys.stderr)
-            no_reuse = await Engine.load(path, EngineOptions(**{**options.__dict__, "reuse": False}))
-            try:
-                rows += await follow_up_latency(engine, no_reuse, llm)
-            finally:
-                await no_reuse.close()
-        del llm
+        if {"overhead", "followup"} & set(only):
+            assert engine is not None
+            llm = plain_llama(path)
+            if "overhead" in only:
+                print("overhead...", file=sys.stderr)
+                rows.append(await overhead(engine, llm, 2 if quick else 21))  # a ratio near 1: more pairs against the noise
+            if "followup" in only:
+                print("follow-up latency...", file=sys.stderr)
+                no_reuse = await Engine.load(path, EngineOptions(**{**options.__dict__, "reuse": False}))
+                try:
+                    rows += await follow_up_latency(engine, no_reuse, llm)
+                finally:
+                    await no_reuse.close()
+            del llm
         if "throughput" in only:
+            assert engine is not None
             print("throughput and responsiveness...", file=sys.stderr)
             rows += await throughput_and_lag(engine, rounds)
-        if "box" in only:
+        if "channels" in only:
             rows.append(await channels_per_box(path))
         if "flash" in only:
             rows.append(await flash_attention(path, rounds))
@@ -576,8 +729,16 @@ async def run(quick: bool, only: Sequence[str] = GROUPS) -> tuple[list[Row], str
             print("memory...", file=sys.stderr)
             rows.append(memory())
         if "discord" in only:
+            assert engine is not None
             print("end to end through Discord...", file=sys.stderr)
             rows.append(await discord_end_to_end(engine))
+        if "final" in only:
+            assert engine is not None
+            print("final text after generation, through Discord...", file=sys.stderr)
+            rows.append(await final_text_latency(engine, short=4 if quick else 8, long=2 if quick else 3))
+        if "prompt" in only:
+            print("prompt reading...", file=sys.stderr)
+            rows += await prompt_reading(path, 3 if quick else 7)
         if "disk" in only:
             print("disk tier (32 channels, then a restart)...", file=sys.stderr)
             rows += await disk_tier(path, 1 if quick else 2)
@@ -614,19 +775,19 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
-    parser.add_argument("--out", help="where to write the results (default: bench/RESULTS.md; with --only, nowhere unless given)")
-    parser.add_argument("--only", metavar="GROUP[,GROUP]", help=f"run only these groups of rows: {', '.join(GROUPS)}")
+    parser.add_argument(
+        "--only", metavar="GROUP[,GROUP]", help=f"run only these groups of rows: {', '.join(GROUPS)} (results are then only printed, unless --out is given)"
+    )
+    parser.add_argument("--out", help="where to write the results (default: bench/RESULTS.md, after a full run)")
     parser.add_argument("--memory-child", nargs=2, type=int, metavar=("KV_CACHE_MB", "CHANNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(asyncio.run(memory_child(*args.memory_child))))
         return 0
-    only = GROUPS
-    if args.only:
-        only = tuple(g.strip() for g in args.only.split(",") if g.strip())
-        unknown = set(only) - set(GROUPS)
-        if unknown:
-            parser.error(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}")
+    only = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else list(GROUPS)
+    unknown = sorted(set(only) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     rows, header = asyncio.run(run(args.quick, only))
     report = f"# Benchmark results\n\n{header}\n\nMade with `python -m bench`. Each row compares two things measured side by side in this run.\n\n{table(rows)}\n"
     print(report)

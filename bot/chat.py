@@ -166,8 +166,8 @@ class Reply:
         failed = self.generation.finish_reason == "error" or not text
         status = UNDELIVERED if not delivered else STOPPED if self.generation.finish_reason == "cancelled" else OK
         if self.rewrites is not None:
-            if self.generation.finish_reason == "error":
-                return None  # the earlier answer stays as it was
+            if self.generation.finish_reason == "error" or not text:
+                return None  # failed, or stopped before it wrote anything: the earlier answer stays as it was
             earlier = (self.rewrites.token_count or 0) if self.prefix else 0
             self.saved_id = await self.chat.store.replace_answer(
                 self.rewrites.id,

@@ -335,7 +335,7 @@ class LlamaBot(discord.Client):
         """A note in reply to `message`, in the bot's message already there if there is one."""
         if first is not None:
             with contextlib.suppress(discord.HTTPException):
-                await first.edit(content=text, allowed_mentions=NO_PINGS, view=None)
+                await self.edit_budget.edit(first, content=text, allowed_mentions=NO_PINGS, view=None)
                 return
         await self._note(message, text)
 
@@ -528,7 +528,7 @@ class LlamaBot(discord.Client):
         text = IN_LINE.format(n=position)
         if turn.first is not None:
             with contextlib.suppress(discord.HTTPException):
-                await turn.first.edit(content=text, allowed_mentions=NO_PINGS, view=None)
+                await self.edit_budget.edit(turn.first, content=text, allowed_mentions=NO_PINGS, view=None)
                 return turn.first
         note = await self._note(turn.message, text, channel=turn.thread)
         if note is not None and turn.stored.done() and turn.stored.result() is not None:
@@ -688,7 +688,11 @@ class LlamaBot(discord.Client):
         answer = last[1] if last is not None else None
         message_id = answer and (answer.reply_message_id or answer.platform_message_id)
         if message_id and hasattr(channel, "get_partial_message"):
-            self._in_background(_remove_buttons(channel.get_partial_message(int(message_id))))
+            self._in_background(self._remove_buttons(channel.get_partial_message(int(message_id))))
+
+    async def _remove_buttons(self, message: discord.PartialMessage) -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await self.edit_budget.edit(message, view=None)
 
     def _finished_view(self, reply: Reply, answered: int, author: int) -> discord.ui.View | None:
         """Regenerate (and Continue after the length limit) under an answer that is stored."""
@@ -799,7 +803,7 @@ class LlamaBot(discord.Client):
         failed = False
         try:
             with contextlib.suppress(discord.HTTPException):
-                await pressed.edit(view=stop)  # at once: the press did something
+                await self.edit_budget.edit(pressed, view=stop)  # at once: the press did something
             pages = await self._pages_of(old, pressed)
             out = ReplyStreamer(pages[0], budget=self.edit_budget, pages=pages, view=stop)
             await typing.start()
@@ -814,15 +818,16 @@ class LlamaBot(discord.Client):
             self._answering.pop(redo.answered, None)
             if not reply.generation.done:
                 reply.stop()  # failed, or this job was cancelled (shutdown): free the slot
-        if out is None or failed or reply.discarded or reply.finish_reason == "error":
+        went_wrong = out is None or failed or reply.finish_reason == "error"
+        if went_wrong or reply.discarded or not reply.clean_text():  # (stopped before it wrote anything)
             # Put the earlier answer back as it was: it is still the one in the history.
-            if not reply.discarded:
+            if went_wrong and not reply.discarded:
                 log.error("%s failed in %s: %s", redo.action, redo.scope, reply.generation.error)
                 await _tell(redo.interaction, SORRY)
             earlier = old.content + (STOPPED if old.status == STOPPED_STATUS else "")
             view = None if reply.discarded else finished_view(redo.answered, redo.author, can_continue=could_continue)
             with contextlib.suppress(discord.HTTPException):
-                await (out.finish(earlier, view=view) if out is not None else pressed.edit(view=view))
+                await (out.finish(earlier, view=view) if out is not None else self.edit_budget.edit(pressed, view=view))
             return
         delivered = True
         try:
@@ -850,7 +855,7 @@ class LlamaBot(discord.Client):
             await _tell(redo.interaction, str(exc))
             only_regenerate = exc.args[0] in (TOO_LONG_TO_CONTINUE, NO_CONTINUE)
             with contextlib.suppress(discord.HTTPException):
-                await pressed.edit(view=finished_view(redo.answered, redo.author, can_continue=False) if only_regenerate else None)
+                await self.edit_budget.edit(pressed, view=finished_view(redo.answered, redo.author, can_continue=False) if only_regenerate else None)
         except Exception:
             log.exception("could not start a %s in %s", redo.action, redo.scope)
             await _tell(redo.interaction, SORRY)
@@ -952,11 +957,6 @@ async def _tell(interaction: discord.Interaction, text: str) -> None:
     """A short note only the presser sees, after the press was acknowledged."""
     with contextlib.suppress(discord.HTTPException):
         await interaction.followup.send(text, ephemeral=True)
-
-
-async def _remove_buttons(message: discord.PartialMessage) -> None:
-    with contextlib.suppress(discord.HTTPException):
-        await message.edit(view=None)
 
 
 def thread_name(text: str) -> str:

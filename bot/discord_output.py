@@ -2,19 +2,41 @@
 
 Part of the Discord adapter. Every message and edit goes out with
 `allowed_mentions` that ping nobody, whatever the model wrote.
+
+Discord allows about 5 message edits per 5 seconds in a channel (a budget, not
+an interval), so a streamed reply is paced to use at most 4 of them: the 5th is
+kept free, and the final text goes out the moment generation ends. A reply that
+is finished within `FIRST_SEND_AFTER_S` of its first text is posted once, whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import discord
 
+log = logging.getLogger(__name__)
+
 LIMIT = 2000
 NO_PINGS = discord.AllowedMentions.none()
+EDITS_PER_WINDOW = 5
+WINDOW_S = 5.0
+"""Discord's per-channel edit budget: at most this many edits in any window of this many seconds."""
+BOT_EDITS_PER_S = 20
+"""A bot-wide cap on edits per second, well under Discord's global 50 requests/s for everything."""
+STREAM_EVERY_S = WINDOW_S / (EDITS_PER_WINDOW - 1)
+"""Streaming edits of one reply come at most this often, which uses 4 of the 5 edits in any window."""
+FIRST_SEND_AFTER_S = 1.0
+"""How long the first text is held back (the typing indicator shows meanwhile): a reply done by
+then is posted once, complete, and a longer one starts where its first edit used to land."""
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,})(\S{0,20})")
 
 
@@ -73,29 +95,105 @@ def _closer(fence: str | None) -> str:
     return match.group(1) if match else "```"
 
 
+
+@dataclass
+class _Edit:
+    """One edit in a budget window. It counts from when it is sent until the window has
+    passed after Discord answered it, so network delays can never squeeze in one too many."""
+
+    answered_at: float = math.inf  # still in flight
+
+
+class _Window:
+    """At most `limit` edits in any `seconds`: a sliding window over recent edits."""
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.limit = limit
+        self.seconds = seconds
+        self._edits: list[_Edit] = []
+
+    def prune(self, now: float) -> None:
+        self._edits = [e for e in self._edits if e.answered_at + self.seconds > now]
+
+    def wait(self, reserve: int, now: float) -> float:
+        """Seconds until one more edit fits while leaving `reserve` of the limit unused."""
+        self.prune(now)
+        room = self.limit - reserve
+        over = len(self._edits) + 1 - room
+        if over <= 0:
+            return 0.0
+        ends = sorted(e.answered_at + self.seconds for e in self._edits)
+        return ends[over - 1] - now  # inf while the edits that must expire are still in flight
+
+    def take(self) -> _Edit:
+        edit = _Edit()
+        self._edits.append(edit)
+        return edit
+
+    def __len__(self) -> int:
+        return len(self._edits)
+
+
 class EditBudget:
-    """A bot-wide token bucket for message edits, on top of one edit per second per message."""
+    """The bot's message-edit budget: a sliding window per channel, and one for the whole bot.
 
-    def __init__(self, rate: float = 4.0, burst: int = 4) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._at = time.monotonic()
+    Streaming edits leave room (one edit per channel, a quarter of the bot-wide cap), so
+    that a final edit finds the budget open whenever possible."""
 
-    def try_take(self) -> bool:
+    def __init__(self, per_channel: int = EDITS_PER_WINDOW, window_s: float = WINDOW_S, bot_per_s: int = BOT_EDITS_PER_S) -> None:
+        self.per_channel = per_channel
+        self.window_s = window_s
+        self._channels: dict[int, _Window] = {}
+        self._bot = _Window(bot_per_s, 1.0)
+        self.final_waits = 0  # final edits that had to wait for room (read by tests and the benchmark)
+
+    def wait(self, channel_id: int, *, final: bool) -> float:
+        """Seconds until an edit in the channel fits the budget (0: now)."""
         now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
+        channel = self._channels.get(channel_id)
+        ours = channel.wait(0 if final else 1, now) if channel is not None else 0.0
+        return max(ours, self._bot.wait(0 if final else self._bot.limit // 4, now))
+
+    def take(self, channel_id: int) -> tuple[_Edit, _Edit]:
+        """Count an edit that is being sent now; call `answered` with the result when Discord replies."""
+        if len(self._channels) > 1000:  # forget channels with nothing left in their window
+            now = time.monotonic()
+            for window in self._channels.values():
+                window.prune(now)
+            self._channels = {c: w for c, w in self._channels.items() if len(w)}
+        channel = self._channels.setdefault(channel_id, _Window(self.per_channel, self.window_s))
+        return channel.take(), self._bot.take()
+
+    async def edit(self, message: discord.Message | discord.PartialMessage, **fields: Any) -> None:
+        """Edit a message outside a streamed reply (a note, buttons) within the budget: wait
+        for room, leaving the one a final text may need."""
+        channel_id = message.channel.id
+        wait = self.wait(channel_id, final=False)
+        while wait > 0:
+            await asyncio.sleep(min(wait, 1.0))
+            wait = self.wait(channel_id, final=False)
+        edits = self.take(channel_id)
+        try:
+            await message.edit(**fields)
+        finally:
+            self.answered(edits)
+
+    @staticmethod
+    def answered(edits: tuple[_Edit, _Edit]) -> None:
+        now = time.monotonic()
+        for edit in edits:
+            edit.answered_at = now
 
 
 class ReplyStreamer:
-    """Shows a reply as it grows: the first page replies to the user's message, edits
-    follow at most once per `interval` per message, new pages continue past 2,000
-    characters, and `finish` leaves exactly `split_message(final)` on screen.
+    """Shows a reply as it grows, within Discord's edit budget.
+
+    `update(text)` notes the newest partial text and returns at once; a background
+    task shows it when the budget allows: the first page (replying to the user's
+    message, or replacing `first`, a queue note) after `first_send_after` seconds,
+    edits at most every `stream_every` seconds, new pages past 2,000 characters.
+    `finish(final)` leaves exactly `split_message(final)` on screen, as soon as the
+    budget allows; a reply finished before its first page went out is posted once.
 
     `pages`: messages already showing this reply (rewritten in place); `channel`: where
     to post instead of beside `reply_to` (a thread started from it; then no reference);
@@ -107,7 +205,8 @@ class ReplyStreamer:
         *,
         budget: EditBudget,
         first: discord.Message | None = None,
-        interval: float = 1.0,
+        first_send_after: float = FIRST_SEND_AFTER_S,
+        stream_every: float = STREAM_EVERY_S,
         pages: Sequence[discord.Message] = (),
         channel: discord.abc.Messageable | None = None,
         view: discord.ui.View | None = None,
@@ -115,57 +214,118 @@ class ReplyStreamer:
         self.reply_to = reply_to
         self.channel = channel
         self.budget = budget
-        self.interval = interval
+        self.first_send_after = first_send_after
+        self.stream_every = stream_every
         self.view = view
         self.messages: list[discord.Message] = list(pages) or ([first] if first is not None else [])
         self._shown: list[str] = [m.content for m in self.messages]
-        self._edited_at: list[float] = [0.0] * len(self.messages)
         self._views: list[object] = [_OLD_VIEW if m.components else None for m in self.messages]
+        self._latest: list[str] = []  # pages of the newest partial text
+        self._first_text_at: float | None = None
+        self._shown_at: float | None = None  # when this reply last showed something
+        self._pump: asyncio.Task[None] | None = None
+        self._finishing = asyncio.Event()
+        self._failed: discord.HTTPException | None = None
+        self._live = True
+
+    @property
+    def channel_id(self) -> int:
+        return (self.channel or self.reply_to.channel).id  # type: ignore[union-attr]
 
     async def update(self, text: str) -> None:
-        """Show partial text, if the rate limits allow an edit now (otherwise skip)."""
+        """Note partial text to show when the budget allows. Raises (once) the error of an
+        earlier streaming edit Discord refused; streaming then stops, `finish` still works."""
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         pages = split_message(text.strip()) if text.strip() else []
-        if not pages:
+        if not pages or not self._live or self._finishing.is_set():
             return
-        i = len(pages) - 1
-        if i < len(self.messages):
-            if self._shown[i] == pages[i] or time.monotonic() - self._edited_at[i] < self.interval:
-                return
-            if not self.budget.try_take():
-                return
-        await self._show(pages, final=False)
+        self._latest = pages
+        if self._first_text_at is None:
+            self._first_text_at = time.monotonic()
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.ensure_future(self._stream())
 
     async def finish(self, text: str, *, view: discord.ui.View | None = None) -> list[discord.Message]:
         """Make the messages show exactly `text`, split into pages, with `view` under the
         last one (and no buttons on the others); returns them."""
+        self._finishing.set()
+        if self._pump is not None:
+            await self._pump  # an edit in flight completes, so no page is sent twice
         self.view = view
-        await self._show(split_message(text), final=True)
+        pages = split_message(text)
+        for i, page in enumerate(pages):
+            buttons = view if i == len(pages) - 1 else None
+            if i >= len(self.messages):
+                await self._send(page, buttons)
+            elif self._shown[i] != page or self._views[i] is not buttons:
+                wait = self.budget.wait(self.channel_id, final=True)
+                self.budget.final_waits += wait > 0
+                while wait > 0:
+                    await asyncio.sleep(min(wait, 1.0))  # inf: an edit is in flight; look again soon
+                    wait = self.budget.wait(self.channel_id, final=True)
+                await self._edit(i, page, buttons)
+        while len(self.messages) > len(pages):  # the final text can be shorter than a partial one (a stop string was cut)
+            extra = self.messages.pop()
+            self._shown.pop()
+            self._views.pop()
+            await extra.delete()
         return self.messages
 
-    async def _show(self, pages: list[str], *, final: bool) -> None:
+    # --- streaming ---------------------------------------------------------------------
+
+    async def _stream(self) -> None:
+        """Show the newest partial text whenever it is due, until all of it is shown."""
+        try:
+            while not self._finishing.is_set() and self._unshown(self._latest):
+                delay = self._due_in()
+                if delay > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._finishing.wait(), min(delay, 1.0))
+                    continue
+                await self._show_partial(self._latest)
+        except discord.HTTPException as exc:
+            self._failed, self._live = exc, False
+        except Exception:  # a bug here must not end the reply; finish() still shows it all
+            log.exception("streaming a reply in channel %s failed", self.channel_id)
+            self._live = False
+
+    def _due_in(self) -> float:
+        """Seconds until the partial text may be shown."""
+        now = time.monotonic()
+        if self._shown_at is None:
+            assert self._first_text_at is not None
+            due = self._first_text_at + self.first_send_after - now
+        else:
+            due = self._shown_at + self.stream_every - now
+        if any(i < len(self._shown) and self._shown[i] != page for i, page in enumerate(self._latest)):
+            due = max(due, self.budget.wait(self.channel_id, final=False))  # an edit, not only new pages
+        return due
+
+    def _unshown(self, pages: list[str]) -> bool:
+        return any(i >= len(self._shown) or self._shown[i] != page for i, page in enumerate(pages))
+
+    async def _show_partial(self, pages: list[str]) -> None:
+        self._shown_at = time.monotonic()
         for i, page in enumerate(pages):
-            view = self.view if i == len(pages) - 1 else None
-            if i < len(self.messages):
-                if self._shown[i] != page or self._views[i] is not view:
-                    wait = self.interval - (time.monotonic() - self._edited_at[i])
-                    if wait > 0:
-                        if not final:
-                            continue
-                        await asyncio.sleep(wait)
-                    buttons = {} if self._views[i] is view else {"view": view}
-                    await self.messages[i].edit(content=page, allowed_mentions=NO_PINGS, **buttons)
-                    self._shown[i] = page
-                    self._views[i] = view
-                    self._edited_at[i] = time.monotonic()
-            else:
-                await self._send(page, view)
-        if final:  # the final text can be shorter than a partial one (a stop string was cut)
-            while len(self.messages) > len(pages):
-                extra = self.messages.pop()
-                self._shown.pop()
-                self._views.pop()
-                self._edited_at.pop()
-                await extra.delete()
+            buttons = self.view if i == len(pages) - 1 else None
+            if i >= len(self.messages):
+                await self._send(page, buttons)
+            elif (self._shown[i] != page or self._views[i] is not buttons) and self.budget.wait(self.channel_id, final=False) <= 0:
+                await self._edit(i, page, buttons)
+
+    # --- Discord calls -------------------------------------------------------------------
+
+    async def _edit(self, i: int, page: str, view: discord.ui.View | None) -> None:
+        buttons = {} if self._views[i] is view else {"view": view}  # `view=` only when the buttons change
+        edits = self.budget.take(self.channel_id)
+        try:
+            await self.messages[i].edit(content=page, allowed_mentions=NO_PINGS, **buttons)
+        finally:
+            self.budget.answered(edits)
+        self._shown[i] = page
+        self._views[i] = view
 
     async def _send(self, page: str, view: discord.ui.View | None) -> None:
         buttons = {"view": view} if view is not None else {}
@@ -179,7 +339,6 @@ class ReplyStreamer:
         self.messages.append(message)
         self._shown.append(page)
         self._views.append(view)
-        self._edited_at.append(time.monotonic())
 
 
 _OLD_VIEW = object()  # buttons a message already had (from before): replaced or removed on its next edit

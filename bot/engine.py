@@ -69,7 +69,11 @@ class EngineOptions:
     n_threads: int = 1
     parallel: int = 4  # slots: conversations decoded together
     kv_cache_mb: int = 256  # RAM for KV state of conversations that lost their slot
-    n_batch: int = 512  # tokens per decode step
+    # llama-server's defaults. A prompt read alone goes to llama.cpp n_batch tokens at a time (it
+    # computes them n_ubatch at a time); while other slots generate, a step holds at most n_ubatch
+    # tokens, so their next token never waits for more than one micro-batch (see bench/: prompt).
+    n_batch: int = 2048
+    n_ubatch: int = 512
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
     flash_attn: str = "auto"  # "auto" (llama.cpp decides; on for CPUs), "on" or "off" (see bench/)
     llama_log: bool = False
@@ -174,6 +178,8 @@ class Engine:
         self.vocab: Vocab
         self.options: EngineOptions
         self.n_ctx: int  # tokens per conversation
+        self.n_batch: int  # most tokens in one decode step
+        self.n_ubatch: int  # most tokens in a step while other slots generate
         self.on_fatal: Callable[[str], None] | None = None  # called (from the engine thread) when it gives up
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._lock = threading.Condition()
@@ -237,7 +243,8 @@ class Engine:
         cparams.n_ctx = n_ctx * options.parallel
         cparams.n_seq_max = options.parallel
         cparams.kv_unified = False  # each conversation gets its own n_ctx cells
-        cparams.n_batch = cparams.n_ubatch = options.n_batch
+        cparams.n_batch = options.n_batch
+        cparams.n_ubatch = min(options.n_ubatch, options.n_batch)
         cparams.n_threads = cparams.n_threads_batch = options.n_threads
         cparams.no_perf = not options.llama_log
         cparams.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}.get(
@@ -251,12 +258,14 @@ class Engine:
         self._ctx = ctx
         self._mem = L.llama_get_memory(ctx)
         self.n_ctx = L.llama_n_ctx_seq(ctx)
+        self.n_batch, self.n_ubatch = L.llama_n_batch(ctx), L.llama_n_ubatch(ctx)  # as llama.cpp took them
         self.options = options
         self._batch = L.llama_batch_init(options.n_batch, 0, 1)
         self._slots = [_Slot(seq) for seq in range(options.parallel)]
         self._states = _StateCache(options.kv_cache_mb * 1024 * 1024)
-        self._abort_cb = L.ggml_abort_callback(self._should_abort)
-        self._no_abort = L.ggml_abort_callback()  # a NULL callback: no per-node Python call
+        self._abort_flag = ctypes.create_string_buffer(2)  # b"\0\0": go on; b"\1\0": abort the decode
+        self._abort_cb = _flag_reader()
+        L.llama_set_abort_callback(ctx, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p))
         self.vocab = Vocab(model, path)
         self._vocab = L.llama_model_get_vocab(model)
         self.info = self.vocab.info
@@ -340,7 +349,10 @@ class Engine:
         return True
 
     def wake(self) -> None:
-        """Make the engine thread look at cancellations now."""
+        """Make the engine thread look at cancellations now (aborting the decode under way
+        if it holds a cancelled reply)."""
+        if any(g._cancel for g in self._watched):
+            self._abort_flag[0] = b"\x01"
         with self._lock:
             self._lock.notify()
 
@@ -374,6 +386,7 @@ class Engine:
         with self._lock:
             self._stopping = True
             self._abort_now = True
+            self._abort_flag[0] = b"\x01"
             self._lock.notify()
         if self._serving is not None:
             with contextlib.suppress(Exception):  # a dead thread already said why
@@ -711,7 +724,8 @@ class Engine:
         entries: list[tuple[int, int, int, bool]] = []
         outputs: list[tuple[_Slot, int]] = []  # slots that sample from this batch, with batch index
         grown: list[tuple[_Slot, list[int], bool]] = []  # (slot, tokens added, are they prompt tokens)
-        budget = self.options.n_batch
+        generating = any(s.request is not None and s.request.next_token is not None for s in self._active())
+        budget = self.n_ubatch if generating else self.n_batch
         for slot in self._active():
             req = slot.request
             assert req is not None
@@ -720,7 +734,6 @@ class Engine:
                 entries.append((req.next_token, len(slot.tokens), slot.seq, True))
                 grown.append((slot, [req.next_token], False))
                 budget -= 1
-        prompt_tokens = 0
         for slot in self._active():
             req = slot.request
             assert req is not None
@@ -734,16 +747,14 @@ class Engine:
                     outputs.append((slot, len(entries) - 1))
                 grown.append((slot, chunk, True))
                 budget -= len(chunk)
-                prompt_tokens += len(chunk)
         if not entries:
             return
         if self._fault("decode"):
             entries[0] = (self.vocab.n_vocab + 1, *entries[0][1:])  # an id the vocabulary does not have
         self._fill_batch(entries)
-        # The abort callback runs once per graph node; only pay for it on long prompt chunks.
-        watch = prompt_tokens >= 32
-        self._watched = [s.request.gen for s, _, _ in grown if s.request is not None] if watch else []
-        L.llama_set_abort_callback(self._ctx, self._abort_cb if watch else self._no_abort, None)
+        # /stop and shutdown abort a decode midway: llama.cpp reads the flag between graph nodes.
+        self._watched = [s.request.gen for s, _, _ in grown if s.request is not None]
+        self._abort_flag[0] = b"\x01" if self._abort_now or any(g._cancel for g in self._watched) else b"\x00"
         rc = L.llama_decode(self._ctx, self._batch)
         self.steps += 1
         self.batched_steps += len(grown) > 1
@@ -761,10 +772,6 @@ class Engine:
             slot.tokens += toks
         for slot, index in outputs:
             self._sample(slot, index)
-
-    def _should_abort(self, _data: ctypes.c_void_p) -> bool:
-        """Called by llama.cpp between graph nodes: stop now if a /stop or shutdown came in."""
-        return self._abort_now or any(g._cancel for g in self._watched)
 
     def _after_failed_decode(self, rc: int, grown: list[tuple[_Slot, list[int], bool]]) -> None:
         """An aborted (/stop) or failed decode: resync each slot with what the KV really holds."""
@@ -910,4 +917,17 @@ class LocalBackend:
 
     async def close(self) -> None:
         await self.engine.close()
+
+
+def _flag_reader() -> L.ggml_abort_callback:
+    """The abort callback: true once the first byte of its data, a 2-byte flag, is set.
+
+    llama.cpp calls it between graph nodes, hundreds of times per decode (515 for the bundled
+    model). A Python callback takes the GIL each time, fighting the event loop for it: measured
+    up to 3% off reading a long prompt while the loop was busy. So this one is C, libc's strlen: 0 for b"\\0\\0" (go on),
+    1 for b"\\1\\0" (abort)."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).strlen, L.ggml_abort_callback)
+    except (OSError, AttributeError, TypeError):  # no C library to borrow it from: the same in Python
+        return L.ggml_abort_callback(lambda data: ctypes.cast(data, ctypes.POINTER(ctypes.c_char))[0] != b"\0")
 
