@@ -50,6 +50,7 @@ def make_settings(tmp_path: Path, **changes: object) -> Settings:
         sampling=GREEDY,
         system_prompt="You are a helpful assistant.",
         parallel=4,
+        user_cooldown_s=0.0,  # the per-user cooldown would turn away a test's quick second question
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -123,7 +124,6 @@ def start_bot(world: World, engine: Engine, tmp_path: Path) -> Callable[..., con
 
     @contextlib.asynccontextmanager
     async def start(db: Path | None = None, **changes: Any) -> AsyncIterator[LlamaBot]:
-        changes.setdefault("user_cooldown_s", 0.0)
         settings = make_settings(tmp_path, discord_token=world.fake.token, **changes)
         if db is not None:
             settings = make_settings(tmp_path, discord_token=world.fake.token, database_path=db, **changes)

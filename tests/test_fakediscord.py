@@ -683,7 +683,7 @@ async def test_threads_from_messages_and_without(fake: FakeDiscord, world: dict[
 
 
 async def test_thread_names_and_permissions(fake: FakeDiscord, world: dict[str, Any]) -> None:
-    guild, chan, alice = world["guild"], world["channel"], world["alice"]
+    guild, chan = world["guild"], world["channel"]
     bot = ThreadBot()
     async with fake.running(bot):
         channel = bot.get_channel(int(chan["id"]))

@@ -147,7 +147,7 @@ async def test_files_sent_while_the_bot_was_down_are_read_when_it_catches_up(wor
 async def test_a_waiting_message_keeps_its_file_across_a_restart(world: World, start_bot, tmp_path: Path) -> None:
     db = tmp_path / "kept.sqlite3"
     async with start_bot(db=db, stream=False, parallel=1, n_predict=300) as bot:
-        first = await world.fake.send_message(world.general, world.mod, f"{mention(world.fake)} Write a long story about a dragon.")
+        await world.fake.send_message(world.general, world.mod, f"{mention(world.fake)} Write a long story about a dragon.")
         second = await world.fake.send_message(
             world.general, world.ann, f"{mention(world.fake)} And this?", attachments=[{"filename": "poem.txt", "data": b"Roses are red.\n", "content_type": "text/plain"}]
         )

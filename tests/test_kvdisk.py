@@ -13,7 +13,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -276,8 +275,14 @@ CHILD = textwrap.dedent(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     if sys.argv[2] != "0":
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
-    if sys.argv[3] != "-1":
-        os.setgroups([]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[3]))
+    if sys.argv[3] == "1":  # root: give up the capabilities that bypass file permissions
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+        data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable, twice (64 bits)
+        assert libc.capget(header, data) == 0
+        data[0] &= ~((1 << 1) | (1 << 2) | (1 << 3))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        assert libc.capset(header, data) == 0, ctypes.get_errno()
     from bot.config import Sampling, bundled_model_path
     from bot.engine import Engine, EngineOptions
 
@@ -299,10 +304,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(folder: Path, *, fsize: int = 0, uid: int = -1) -> tuple[dict, str]:
+def run_child(folder: Path, *, fsize: int = 0, drop_caps: bool = False) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(fsize), str(uid)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+        [sys.executable, "-c", CHILD, str(folder), str(fsize), "1" if drop_caps else "0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
@@ -324,26 +329,29 @@ def test_a_full_disk_turns_the_tier_off_with_one_warning(tmp_path: Path) -> None
     assert not list((tmp_path / "kv").glob("*" + SUFFIX)) and not list((tmp_path / "kv").glob("*.tmp"))
 
 
-def test_a_read_only_folder_turns_the_tier_off_with_one_warning() -> None:
-    """chmod 0500 stops anyone but root; as root, the child runs as `nobody` on a root-owned folder."""
-    base = Path(tempfile.mkdtemp(prefix="kv-readonly-"))
+def test_a_read_only_folder_turns_the_tier_off_with_one_warning(tmp_path: Path) -> None:
+    """chmod 0500 stops anyone but root; as root (CI runs so), the child first gives up the
+    capabilities that let root write anywhere, so the folder is read-only for it too. Threads
+    the engine starts later inherit that."""
+    folder = tmp_path / "kv"
+    folder.mkdir(mode=0o500)
     try:
-        folder = base / "kv"
-        folder.mkdir(mode=0o700)
-        uid = -1
-        if os.geteuid() == 0:
-            os.chmod(base, 0o755)
-            os.chmod(folder, 0o755)  # root's folder: others may read it, not write it
-            uid = 65534
-        else:
-            os.chmod(folder, 0o500)
-        result, stderr = run_child(folder, uid=uid)
+        result, stderr = run_child(folder, drop_caps=os.geteuid() == 0)
         assert stderr.count("WARNING") == 1 and "cannot be used" in stderr, stderr
         check_replies_kept_coming(result)
         assert result["disk_on"] is False
+        assert list(folder.iterdir()) == []
     finally:
-        os.chmod(base / "kv", 0o700)
-        shutil.rmtree(base)
+        os.chmod(folder, 0o700)
+
+
+def test_a_folder_that_cannot_be_made_turns_the_tier_off_with_one_warning(tmp_path: Path) -> None:
+    """KV_DISK_DIR under a file (a typo in the path): mkdir fails even for root."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    result, stderr = run_child(tmp_path / "notes.txt" / "kv")
+    assert stderr.count("WARNING") == 1 and "cannot be used" in stderr and "Not a directory" in stderr, stderr
+    check_replies_kept_coming(result)
+    assert result["disk_on"] is False
 
 
 # --- KV_TYPE ----------------------------------------------------------------------------------
