@@ -664,22 +664,14 @@ class LlamaBot(discord.Client):
             await self._apologize(out)
             await self._settle(turn)
             return
-        delivered = True
+        sent: list[discord.Message] | None = None
         try:
             view = self._finished_view(reply, turn.message.id, turn.message.author.id)
             sent = await out.finish(self._final_text(reply, turn.notes), view=view)
         except discord.HTTPException as exc:
             log.error("could not deliver the reply to message %s in %s (%s); kept as undelivered", turn.message.id, turn.scope, exc)
-            delivered = False
             await self._note(turn.message, UNDELIVERED, channel=turn.thread)
-        try:
-            await reply.save(
-                delivered=delivered,
-                platform_message_id=str(sent[0].id) if delivered else None,
-                last_message_id=str(sent[-1].id) if delivered else None,
-            )
-        except Exception:
-            log.exception("could not store the reply to message %s in %s", turn.message.id, turn.scope)
+        await _save(reply, sent, f"the reply to message {turn.message.id} in {turn.scope}")
 
     async def _retire_buttons(self, reply: Reply, channel: discord.abc.Messageable) -> None:
         """A new turn starts: the answer before it can no longer be regenerated or continued,
@@ -829,21 +821,13 @@ class LlamaBot(discord.Client):
             with contextlib.suppress(discord.HTTPException):
                 await (out.finish(earlier, view=view) if out is not None else self.edit_budget.edit(pressed, view=view))
             return
-        delivered = True
+        sent: list[discord.Message] | None = None
         try:
             sent = await out.finish(self._final_text(reply, []), view=self._finished_view(reply, redo.answered, redo.author))
         except discord.HTTPException as exc:
             log.error("could not show the %s in %s (%s); kept as undelivered", redo.action, redo.scope, exc)
-            delivered = False
             await _tell(redo.interaction, UNDELIVERED)
-        try:
-            await reply.save(
-                delivered=delivered,
-                platform_message_id=str(sent[0].id) if delivered else None,
-                last_message_id=str(sent[-1].id) if delivered else None,
-            )
-        except Exception:
-            log.exception("could not store the %s in %s", redo.action, redo.scope)
+        await _save(reply, sent, f"the {redo.action} in {redo.scope}")
 
     async def _start_redo(self, redo: _Redo, pressed: discord.Message) -> Reply | None:
         """Start the new generation, or tell the presser why not (and take away buttons that
@@ -963,6 +947,19 @@ def thread_name(text: str) -> str:
     """A thread's name from the message that starts it: its first line, at most 100 characters."""
     line = " ".join(text.split("\n", 1)[0].split()) or "Conversation"
     return line if len(line) <= 100 else line[:99].rstrip() + "\u2026"
+
+
+async def _save(reply: Reply, sent: list[discord.Message] | None, what: str) -> None:
+    """Store a finished reply with the Discord messages that show it; `sent` None: Discord
+    did not take it, so it is kept as undelivered (never shown to the model as said)."""
+    try:
+        await reply.save(
+            delivered=sent is not None,
+            platform_message_id=str(sent[0].id) if sent else None,
+            last_message_id=str(sent[-1].id) if sent else None,
+        )
+    except Exception:
+        log.exception("could not store %s", what)
 
 
 async def _delete_all(messages: list[discord.Message]) -> None:
