@@ -12,14 +12,13 @@ import collections
 import contextlib
 import logging
 import threading
-import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot.backend import Backend, Generation, PreparedPrompt
-from bot.config import ConfigError, Sampling, Settings
+from bot.config import TEMPERATURE_RANGE, THINKING_MODES, TOP_P_RANGE, ConfigError, Sampling, Settings
 from bot.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
 from bot.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
 from bot.templates import AUTO, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
@@ -32,9 +31,6 @@ log = logging.getLogger(__name__)
 WINDOW_REFILL = 0.5  # after the history outgrows the context, the prompt restarts half full (as llama.cpp's context shift)
 CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
 CUT_FILES_NOTE = "(Your message with its attached files was too long for my context window, so I only read its beginning: about {kept:.0%} of it.)"
-THINKING_MODES = ("hide", "spoiler", "show")
-TEMPERATURE_RANGE = (0.0, 5.0)  # the same bounds as TEMPERATURE in .env
-TOP_P_RANGE = (0.0, 1.0)
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
 NOT_NEWEST = "Only the newest answer here can be regenerated or continued."
 NO_ANSWER = "That answer is no longer stored, so I cannot write it again."
@@ -117,16 +113,6 @@ class Reply:
     rewrites: StoredMessage | None = None  # Regenerate / Continue: the stored answer this reply replaces
     prefix: str = ""  # Continue: the answer so far, which the generation extends
 
-    async def stream(self) -> AsyncIterator[str]:
-        """The reply's text as it is generated, leading whitespace removed."""
-        started = False
-        async for chunk in self.generation.stream():
-            if not started:
-                chunk = chunk.lstrip()
-                started = bool(chunk)
-            if chunk:
-                yield chunk
-
     async def text(self) -> str:
         """The final text to show: the reply, or a short note when there is none."""
         await self.generation.wait()
@@ -166,12 +152,12 @@ class Reply:
         failed = self.generation.finish_reason == "error" or not text
         status = UNDELIVERED if not delivered else STOPPED if self.generation.finish_reason == "cancelled" else OK
         if self.rewrites is not None:
-            if self.generation.finish_reason == "error" or not text:
+            if failed:
                 return None  # failed, or stopped before it wrote anything: the earlier answer stays as it was
             earlier = (self.rewrites.token_count or 0) if self.prefix else 0
             self.saved_id = await self.chat.store.replace_answer(
                 self.rewrites.id,
-                text or None,
+                text,
                 reasoning=self.reasoning_text() or (self.rewrites.reasoning if self.prefix else None),
                 platform_message_id=platform_message_id,
                 last_message_id=last_message_id,
@@ -202,7 +188,6 @@ class ChatService:
         self._window_start: dict[str, int] = {}  # scope -> id of the oldest message in its last prompt
         self.last_replies: collections.OrderedDict[str, LastReply] = collections.OrderedDict()  # newest 1,000 scopes
         self.last_reply: LastReply | None = None  # bot-wide
-        self.started_at = time.time()
         if settings.n_predict >= backend.n_ctx:
             raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({backend.n_ctx})")
 
@@ -402,11 +387,17 @@ class ChatService:
         options = self.options(conversation)
         prompt = await self.build_prompt(conversation, include=message_id)
         log.debug("prompt for %s: %d tokens, %d history messages%s", scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
-        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=options.sampling)
+        return self._start(conversation, prompt, options, stored)
+
+    def _start(self, conversation: Conversation, prompt: Prompt, options: ChannelOptions, user: StoredMessage, sampling: Sampling | None = None, **rewrite: Any) -> Reply:
+        """Start generating from a built prompt (answer, Regenerate, Continue), remember it for
+        /status, and tell the user when their message had to be cut to fit."""
+        scope = conversation.scope
+        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=sampling or options.sampling)
         self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
-        reply = Reply(self, conversation, generation, prompt, message_id, thinking=options.thinking)
+        reply = Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, **rewrite)
         if prompt.cut:
-            reply.notes.append(CUT_FILES_NOTE.format(kept=prompt.kept) if stored.attachments else CUT_NOTE)
+            reply.notes.append(CUT_FILES_NOTE.format(kept=prompt.kept) if user.attachments else CUT_NOTE)
         return reply
 
     def _remember(self, scope: str, last: LastReply) -> None:
@@ -439,13 +430,7 @@ class ChatService:
         user, answer = await self._newest_answer(conversation, platform_message_id)
         options = self.options(conversation)
         prompt = await self.build_prompt(conversation, below=answer.id)
-        sampling = resampled(options.sampling, answer.content)
-        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=sampling)
-        self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
-        reply = Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, rewrites=answer)
-        if prompt.cut:
-            reply.notes.append(CUT_NOTE)
-        return reply
+        return self._start(conversation, prompt, options, user, resampled(options.sampling, answer.content), rewrites=answer)
 
     async def continue_answer(self, scope: str, platform_message_id: str) -> Reply:
         """Write more of the newest answer (it stopped at the length limit): the model
@@ -456,10 +441,8 @@ class ChatService:
         conversation = await self.store.conversation(scope)
         user, answer = await self._newest_answer(conversation, platform_message_id)
         options = self.options(conversation)
-        prompt = await self.build_prompt(conversation, open_answer=True)
-        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=options.sampling)
-        self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
-        return Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, rewrites=answer, prefix=answer.content)
+        prompt = await self.build_prompt(conversation, open_answer=True)  # never cut: it raises CannotRedo instead
+        return self._start(conversation, prompt, options, user, rewrites=answer, prefix=answer.content)
 
     async def _newest_answer(self, conversation: Conversation, platform_message_id: str) -> tuple[StoredMessage, StoredMessage]:
         turn = await self.store.last_turn(conversation.id)

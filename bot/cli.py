@@ -70,7 +70,8 @@ def setup_logging(settings: Settings, *, quiet: bool) -> None:
     discord.utils.setup_logging(level=level, root=True)
     logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))  # one DEBUG line per query is noise
     logging.getLogger("httpx2").setLevel(max(level, logging.WARNING))  # the remote backend's HTTP client: a line per request
-    logging.getLogger("discord.client").addFilter(_one_line_reconnects)
+    for name in ("discord.client", "discord.shard"):  # SHARD_COUNT: each shard logs its own reconnects
+        logging.getLogger(name).addFilter(_one_line_reconnects)
 
 
 def _one_line_reconnects(record: logging.LogRecord) -> bool:

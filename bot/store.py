@@ -218,10 +218,6 @@ class Store:
         await self.conversation(scope)
         await self._write("UPDATE conversations SET template = ? WHERE scope = ?", (template, scope))
 
-    async def set_chat_enabled(self, scope: str, enabled: bool) -> None:
-        await self.conversation(scope)
-        await self._write("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (int(enabled), scope))
-
     async def set_system_prompt(self, scope: str, system_prompt: str | None) -> None:
         """A conversation's own system prompt; None: the configured one."""
         await self.conversation(scope)
@@ -237,9 +233,6 @@ class Store:
             (temperature, top_p, n_predict, thinking, scope),
         )
         return await self.conversation(scope)
-
-    async def chat_enabled_scopes(self) -> set[str]:
-        return await self.chat_mode_scopes(CHAT_ON)
 
     async def set_chat_mode(self, scope: str, mode: int) -> None:
         """CHAT_OFF, CHAT_ON or CHAT_THREADS (stored in chat_enabled, an INTEGER column)."""
@@ -352,7 +345,7 @@ class Store:
     async def replace_answer(
         self,
         answer_id: int,
-        reply: str | None,
+        reply: str,
         *,
         reasoning: str | None = None,
         platform_message_id: str | None = None,
@@ -361,11 +354,7 @@ class Store:
         status: str = OK,
     ) -> int | None:
         """Rewrite a stored answer in place (Regenerate, Continue): it keeps its place in the
-        history. `reply` None deletes it (the new answer came out empty). Returns its id, or
-        None when it is gone (deleted meanwhile, or by this call)."""
-        if reply is None:
-            await self._write("DELETE FROM messages WHERE id = ? AND role = 'assistant'", (answer_id,))
-            return None
+        history. Returns its id, or None when it is gone (deleted meanwhile)."""
         cursor = await self._write(
             "UPDATE messages SET content = ?, reasoning = ?, platform_message_id = ?, reply_message_id = ?, token_count = ?, status = ?,"
             " created_at = ? WHERE id = ? AND role = 'assistant'",

@@ -58,7 +58,7 @@ class Template(Protocol):
 
 
 def prompt_text(segments: Sequence[Segment]) -> str:
-    """The plain text of a rendered prompt (for `render-prompt` and golden tests)."""
+    """The plain text of a rendered prompt (for `render-prompt` and the reference tests)."""
     return "".join(s.text for s in segments)
 
 

@@ -134,7 +134,7 @@ class TerminalChat:
         A reasoning model's thoughts follow THINKING, as on Discord: `hide` shows only
         "(thinking…)" and how long it took; `spoiler` and `show` print them, marked."""
         gen = reply.generation
-        mode = self.chat.settings.thinking
+        mode = reply.thinking  # the conversation's own, else THINKING
         reasoning_shown = answer_shown = 0
         said_thinking = False
         async for _ in gen.updates():
