@@ -7,7 +7,7 @@ import re
 import time
 
 from bot.chat import Reply
-from bot.discord_output import EDITS_PER_WINDOW, WINDOW_S, EditBudget, split_message
+from bot.discord_output import EDITS_PER_WINDOW, STREAM_EVERY_S, WINDOW_S, EditBudget, split_message
 from tests.conftest import World, mention, rows, scope
 
 STORY = "Write a long story about a dragon."
@@ -79,7 +79,7 @@ async def test_short_streamed_reply_is_posted_once_complete(world: World, start_
 
 
 async def test_long_streamed_reply_ends_with_a_final_edit_right_after_generation(world: World, start_bot) -> None:
-    async with start_bot(n_predict=300, stream=True) as bot:
+    async with start_bot(n_predict=400, stream=True) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {STORY}")
         reply: Reply = await world.fake.wait_for(lambda: bot.replies.get(scope(world, world.general)), timeout=600)
         await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=900)
@@ -88,10 +88,17 @@ async def test_long_streamed_reply_ends_with_a_final_edit_right_after_generation
     ended = reply.generation.finished_at  # perf_counter and the fake's monotonic() are the same clock
     assert ended is not None and reply.finish_reason == "length"
     assert [p["content"] for p in pages] == split_message(stored)
+    first = world.fake.requests_to("POST", rf"/channels/{world.general['id']}/messages$")[-1]
     edits = world.fake.requests_to("PATCH", EDIT)
     during = [e for e in edits if e["time"] < ended]
     after = [e for e in edits if e["time"] >= ended]
-    assert len(during) >= 2  # the reply grew on screen while it was generated
+    # The reply grew on screen while it was generated: posted before the end, then edited at the
+    # streaming pace for as long as generation lasted (less one edit that may still be on its way).
+    # A count, not a time: a fast machine generates in fewer intervals and owes fewer edits.
+    assert first["time"] < ended and pages[0]["content"].startswith(first["json"]["content"])
+    assert len(during) >= int((ended - first["time"]) / STREAM_EVERY_S) - 1
+    growing = [e["json"]["content"] for e in during if e["path"].endswith(f"/{pages[0]['id']}")]
+    assert all(pages[0]["content"].startswith(text) for text in growing if len(text) <= len(pages[0]["content"]))
     assert after and after[-1]["json"]["content"] == pages[-1]["content"]  # the last edit is the final text...
     assert len(after) <= 2  # ...at most one streaming edit was already on its way when generation ended
     assert bot.edit_budget.final_waits == 0  # ...and it went out without waiting for the budget
