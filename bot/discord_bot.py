@@ -254,7 +254,11 @@ class LlamaBot(discord.Client):
             text = self._text_of(message)
             if text != turn.message.content:  # edited while the bot was down
                 await self.chat.edit_message(turn.message.platform_message_id, text)
-            self._queue(_Turn(message, turn.scope, _done(turn.message.id), first=first, thread=thread))
+            notes: list[str] = []
+            if message.attachments and turn.message.attachments is None:  # stopped while they downloaded
+                if await self._add_files(message, turn.message.id, notes) is None:
+                    continue
+            self._queue(_Turn(message, turn.scope, _done(turn.message.id), notes, first=first, thread=thread))
             resumed += 1
         if resumed or expired:
             log.info("after the restart: answering %d waiting message(s); %d were too old (RESUME_MAX_AGE_S)", resumed, expired)
@@ -439,20 +443,16 @@ class LlamaBot(discord.Client):
             return False
         author = message.author
         try:
-            # Attached files are read after the place in line is taken (arrival order holds) and
-            # before the message is stored: they are part of it, in the history and after a restart.
-            files, file_notes = await self._read_files(message) if message.attachments else (None, [])
-            turn.notes.extend(file_notes)
-            if not text and not files:  # only images or binary files: nothing to answer
-                turn.stored.set_result(None)
-                await self._note(message, NO_TEXT)
-                return False
+            # Stored at once, before its files are downloaded: from here on a restart cannot lose
+            # it, and an edit or delete during the download finds it. The files are added once read.
             stored = await self.chat.receive(
                 UserMessage(
                     scope, text, author_id=str(author.id), author_name=author.display_name,
-                    platform_message_id=str(message.id), channel_id=str(channel.id), attachments=files,
+                    platform_message_id=str(message.id), channel_id=str(channel.id),
                 )
             )
+            if stored is not None and message.attachments:
+                stored = await self._add_files(message, stored, turn.notes)
         except Exception as exc:  # e.g. the disk is full: the turn apologises
             turn.stored.set_exception(exc)
             return False
@@ -461,6 +461,23 @@ class LlamaBot(discord.Client):
             return False  # stored already: seen twice (a catch-up racing a live event)
         self._note_position(turn, job)
         return True
+
+    async def _add_files(self, message: discord.Message, stored: int, notes: list[str]) -> int | None:
+        """Read a stored message's text files into its row; their notes go to `notes`. None when
+        nothing is left to answer (no text, only images or binary files): the row goes, with a note."""
+        files, file_notes = await self._read_files(message)
+        notes.extend(file_notes)
+        if files:
+            await self.chat.store.set_attachments(stored, files)
+            return stored
+        row = await self.chat.store.message(stored)  # its latest text (an edit may have come meanwhile)
+        if row is None or row.content:
+            return stored  # deleted meanwhile (its turn finds nothing to answer), or text to answer
+        if self.is_closed():  # a download cut short by shutdown: kept pending, read again on restart
+            return None
+        await self.chat.delete_message(str(message.id))
+        await self._note(message, NO_TEXT)
+        return None
 
     async def _read_files(self, message: discord.Message) -> tuple[str | None, list[str]]:
         """The message's text attachments rendered for the prompt (None: none readable), and

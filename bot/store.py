@@ -290,6 +290,10 @@ class Store:
         )
         return cursor.lastrowid if cursor.rowcount else None
 
+    async def set_attachments(self, message_id: int, attachments: str | None) -> None:
+        """Add a stored message's text files once they are read (it is stored before they are)."""
+        await self._write("UPDATE messages SET attachments = ? WHERE id = ?", (attachments, message_id))
+
     async def message(self, message_id: int) -> StoredMessage | None:
         row = await (await self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,))).fetchone()
         return _message(row) if row is not None else None

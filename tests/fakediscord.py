@@ -603,6 +603,8 @@ class FakeDiscord:
         # (edits, seconds): PATCHes of channel messages beyond this many per channel per
         # window get a 429 (None: no limit).  See max_edits_in_window.
         self.edit_rate_limit: tuple[int, float] | None = None
+        # While set, attachment downloads wait for it (a slow CDN); None: served at once.
+        self.hold_attachments: asyncio.Event | None = None
         # Observations.
         self.requests: list[JSON] = []
         self.unknown_routes: list[str] = []
@@ -615,6 +617,7 @@ class FakeDiscord:
         self.identify_count = 0
         self.resume_count = 0
         self.injected_failures = 0
+        self.attachment_downloads = 0  # GETs of attachment URLs begun
         self.interactions: list[Interaction] = []
         # Every message edit: {"time", "channel_id", "message_id", "editor_id", "via"}, via one of
         # "rest" (PATCH /channels/../messages/..), "webhook" (PATCH of an interaction message),
@@ -1634,6 +1637,9 @@ class FakeDiscord:
         if stored is None:
             return web.Response(status=404, text="not found")
         content_type, data = stored
+        self.attachment_downloads += 1
+        if self.hold_attachments is not None:
+            await self.hold_attachments.wait()
         return web.Response(body=data, content_type=content_type or "application/octet-stream")
 
     # ------------------------------------------------------------------ REST: users, app, gateway, guilds

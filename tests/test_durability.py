@@ -188,6 +188,85 @@ async def test_delete_during_generation_stops_it_and_stores_nothing(world: World
         assert [r[2] for r in rows(db) if r[1] == "user"] == ["Hi again"]
 
 
+# --- attached files: the message is stored before they are downloaded ------------------------
+
+NOTE = {"filename": "note.txt", "data": b"The meeting is on Tuesday.\n", "content_type": "text/plain"}
+
+
+def attachments_of(db: Path) -> list[tuple[str, str, str | None]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT status, content, attachments FROM messages WHERE role = 'user' ORDER BY id").fetchall()
+
+
+async def test_edit_while_its_file_downloads_is_answered_in_its_edited_form_with_the_file(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        db = bot.settings.database_path
+        world.fake.hold_attachments = asyncio.Event()  # a slow download
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} When is it?", attachments=[NOTE])
+        await world.fake.wait_for(lambda: world.fake.attachment_downloads == 1, 30)
+        assert attachments_of(db) == [("pending", "When is it?", None)]  # on disk before its file arrived
+        await world.fake.edit_message(sent, f"{mention(world.fake)} On which day is the meeting?")
+        await world.fake.wait_for(lambda: attachments_of(db)[0][1] == "On which day is the meeting?", 30)
+        world.fake.hold_attachments.set()
+        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, sent), 120)
+        await idle(world.fake, bot)
+    [(status, content, attached)] = attachments_of(db)
+    assert (status, content) == ("ok", "On which day is the meeting?") and "Tuesday" in attached
+    assert "When is it" not in everything_stored(db)
+
+
+async def test_delete_while_its_file_downloads_is_never_answered(world: World, start_bot) -> None:
+    async with start_bot(stream=False) as bot:
+        db = bot.settings.database_path
+        world.fake.hold_attachments = asyncio.Event()
+        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Read this.", attachments=[NOTE])
+        await world.fake.wait_for(lambda: world.fake.attachment_downloads == 1, 30)
+        await world.fake.delete_message(sent)
+        await world.fake.wait_for(lambda: attachments_of(db) == [], 30)
+        world.fake.hold_attachments.set()
+        await asyncio.sleep(1.0)
+        await idle(world.fake, bot)
+        assert rows(db) == [] and world.fake.bot_messages(world.general) == []
+
+
+async def test_killed_while_a_file_downloads_answers_it_with_the_file_after_the_restart(tmp_path: Path) -> None:
+    """SIGKILL while a message's file is downloading, after a later message was stored: the
+    restart answers both, the first with its file (read again), each once."""
+    async with FakeDiscord() as fake:
+        _, general, ann = one_channel(fake)
+        process = await start_process(fake, tmp_path, LLAMA_N_PREDICT="16", USER_COOLDOWN_S="0")
+        db = tmp_path / "bot.sqlite3"
+        try:
+            await fake.wait_ready(timeout=60)
+            fake.hold_attachments = asyncio.Event()
+            slow = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> When is the meeting?", attachments=[NOTE])
+            await fake.wait_for(lambda: fake.attachment_downloads == 1, 60)
+            later = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Hello!")
+            await fake.wait_for(lambda: db.exists() and len(attachments_of(db)) == 2, 60)
+            process.kill()
+            await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+        assert attachments_of(db) == [("pending", "When is the meeting?", None), ("pending", "Hello!", None)]
+        fake.hold_attachments.set()
+        await fake.drop_connections()
+        restarted = await start_process(fake, tmp_path, LLAMA_N_PREDICT="16")
+        try:
+            await fake.wait_for(lambda: all(s != "pending" for s, _, _ in attachments_of(db)), 120)
+            await fake.wait_for(lambda: replies_to(fake, general, slow) and replies_to(fake, general, later), 60)
+            restarted.send_signal(signal.SIGTERM)
+            code, log = await finish(restarted)
+        finally:
+            if restarted.returncode is None:
+                restarted.kill()
+        assert code == 0 and "Traceback" not in log
+        statuses = {content: (status, attached) for status, content, attached in attachments_of(db)}
+        assert statuses["Hello!"] == ("ok", None)
+        assert statuses["When is the meeting?"][0] == "ok" and "Tuesday" in statuses["When is the meeting?"][1]
+        assert len(replies_to(fake, general, slow)) == 1 and len(replies_to(fake, general, later)) == 1
+
+
 # --- faults in the engine --------------------------------------------------------------------
 
 
