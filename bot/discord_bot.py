@@ -244,7 +244,7 @@ class LlamaBot(discord.Client):
                 await self.chat.store.set_status(turn.message.id, EXPIRED)
                 continue
             first = await self._fetch_message(turn.channel_id, turn.message.reply_message_id) if turn.message.reply_message_id else None
-            first = first or await self._own_reply_to(message)  # posted just before the process died
+            first = first or await self._own_reply_to(message, thread)  # posted just before the process died
             age = (now - message.created_at).total_seconds()
             if age > self.settings.resume_max_age_s:
                 await self.chat.store.set_status(turn.message.id, EXPIRED)
@@ -324,12 +324,16 @@ class LlamaBot(discord.Client):
         except discord.HTTPException:
             return None
 
-    async def _own_reply_to(self, message: discord.Message) -> discord.Message | None:
+    async def _own_reply_to(self, message: discord.Message, thread: discord.Thread | None = None) -> discord.Message | None:
         """The bot's message in reply to `message`, if it posted one (its queue note or a
-        partial reply) that the database did not get to record before the process died."""
+        partial reply) that the database did not get to record before the process died.
+        In a thread started from `message`, that is the bot's first message there."""
+        where, after = (thread, None) if thread is not None else (message.channel, message)
         try:
-            async for later in message.channel.history(after=message, limit=50, oldest_first=True):
-                if self.user is not None and later.author.id == self.user.id and later.reference and later.reference.message_id == message.id:
+            async for later in where.history(after=after, limit=50, oldest_first=True):
+                if self.user is None or later.author.id != self.user.id:
+                    continue
+                if thread is not None or (later.reference and later.reference.message_id == message.id):
                     return later
         except discord.HTTPException:
             pass

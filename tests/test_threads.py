@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bot.discord_bot import NO_THREAD_PERMISSION, PERMISSIONS, LlamaBot, thread_name
 from bot.discord_commands import NEED_ADMIN, NO_THREADS_IN_THREADS
+from bot.store import Store
 from tests.conftest import JSON, World, mention, rows, scope
 from tests.fakediscord import Permissions
 from tests.test_discord import ask
@@ -112,6 +113,25 @@ async def test_a_waiting_thread_conversation_and_a_missed_mention_are_answered_a
         assert [r[1] for r in rows(db, scope(world, thread))] == ["user", "assistant"]
         assert [r[1:] for r in rows(db, scope(world, late))][0] == ("user", "Did I miss anything?")
         assert sent["id"] == thread["id"]
+
+
+async def test_after_a_crash_the_half_written_reply_in_a_thread_is_finished_in_place(world: World, start_bot, tmp_path: Path) -> None:
+    """What a run killed mid-reply leaves: the message pending in its thread's conversation, and
+    the bot's first message in the thread (posted, never recorded). It becomes the reply."""
+    db = tmp_path / "kept.sqlite3"
+    sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} What is the capital of France?")
+    thread = await world.fake.start_thread(world.general, world.fake.bot_user, "What is the capital of France?", message=sent)
+    half = await world.fake.send_message(thread, world.fake.bot_user, "The capital of")
+    async with await Store.open(db) as store:
+        conversation = await store.conversation(scope(world, thread), channel_id=thread["id"])
+        await store.receive(conversation.id, "What is the capital of France?", author_id=world.ann["id"], author_name="ann", platform_message_id=sent["id"])
+    async with start_bot(db=db, stream=False) as bot:
+        await world.fake.wait_for(lambda: [r[1] for r in rows(db, scope(world, thread))] == ["user", "assistant"], 60)
+        await idle(world, bot)
+    answer = rows(db, scope(world, thread))[1][2]
+    assert [m["id"] for m in world.fake.bot_messages(thread)] == [half["id"]]  # finished in place, not posted again
+    assert world.fake.bot_messages(thread)[0]["content"] == answer != "The capital of"
+    assert world.fake.bot_messages(world.general) == []
 
 
 async def test_without_the_thread_permission_the_answer_comes_in_the_channel(world: World, start_bot) -> None:
