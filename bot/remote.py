@@ -111,6 +111,7 @@ class RemoteBackend:
         self.client = openai.AsyncOpenAI(base_url=base, api_key=key or NO_KEY, http_client=self._http, timeout=timeout, max_retries=RETRIES)
         self._tasks: set[asyncio.Task[None]] = set()
         self._tokenizer: str | None = None  # which tokenize flavour the server speaks, if any
+        self._checked = False  # the health check got an answer (until then, each reply tries it first)
         self._counts: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
@@ -128,6 +129,7 @@ class RemoteBackend:
         except Exception as exc:  # anything at all: the bot starts regardless
             log.warning("model server %s is not reachable (%s); replies will fail until it is", self.shown_base, self._reason(exc))
             return False
+        self._checked = True
         self.model = self.model or (served[0] if served else None)
         log.info("model server %s is reachable and serves %s; using %s in %s mode", self.shown_base, ", ".join(served) or "no model", self.model, self.mode)
         await self._probe_tokenizer()
@@ -216,7 +218,7 @@ class RemoteBackend:
         """Stream one reply into `gen`. Whatever happens, `gen` ends; nothing escapes."""
         reader = _Reader(gen, prompt.fmt, max_chars=max_tokens * MAX_CHARS_PER_TOKEN)
         try:
-            if self.model is None:  # the server was down at start: learn its model now
+            if not self._checked:  # the server was down at start: learn its model and tokenizer now
                 await self.health_check()
             stream = await self._open(gen.key, prompt, max_tokens, sampling)
             gen.started_at = gen.started_at or time.perf_counter()

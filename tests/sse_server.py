@@ -92,11 +92,14 @@ class ScriptedServer:
     """Answers completion requests from `script`, one step per request (the last one repeats).
 
     `tokenizer` adds a tokenize endpoint in the style of "llama-server" or
-    "vllm" (it counts whitespace-separated words); `credentials` ("user:pass")
+    "vllm" (it counts whitespace-separated words); `models` is what /v1/models lists; `credentials` ("user:pass")
     makes every request need them as HTTP basic auth, as a reverse proxy would."""
 
-    def __init__(self, script: Sequence[Step], *, tokenizer: str | None = None, credentials: str | None = None) -> None:
+    def __init__(
+        self, script: Sequence[Step], *, tokenizer: str | None = None, credentials: str | None = None, models: Sequence[str] = ("scripted",)
+    ) -> None:
         self.script = list(script)
+        self.models = list(models)
         self.tokenizer = tokenizer
         self.credentials = credentials
         self.requests: list[Recorded] = []
@@ -138,7 +141,7 @@ class ScriptedServer:
         return await handler(request)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "scripted", "object": "model", "created": 0, "owned_by": "tests"}]})
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "tests"} for m in self.models]})
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         body = request[RECORDED].body

@@ -422,6 +422,21 @@ async def test_token_counts_from_the_servers_tokenize_endpoint(tmp_path: Path, c
         assert {r.headers.get("Authorization") for r in server.requests} == {"Bearer sk-test"}  # the key goes to every endpoint
 
 
+async def test_a_server_down_at_start_is_checked_once_it_answers_even_with_openai_model_set(tmp_path: Path) -> None:
+    """Its tokenize endpoint is found then (so counts are the server's, not estimates), and a
+    server that lists no models is not asked again before every reply."""
+    server = ScriptedServer([chat_reply("Hi")], tokenizer="llama-server", models=[])
+    async with remote_backend(tmp_path, server.base, openai_model="m") as backend:  # nothing listens yet
+        words = "one two three four five six seven eight nine ten"
+        assert await backend.count([words]) != [10]  # an estimate
+        async with server:
+            for _ in range(3):
+                assert (await reply(backend)).text == "Hi"
+            assert [r.path for r in server.requests].count("/v1/models") == 1
+            assert await backend.count([words + " eleven"]) == [11]  # the server's own count now
+            assert {r.body["model"] for r in server.completions} == {"m"}
+
+
 # --- secrets ------------------------------------------------------------------------------------
 
 
