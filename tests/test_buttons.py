@@ -257,7 +257,7 @@ def test_open_answer_with_real_chat_templates(path: Path) -> None:
 
 
 async def test_regenerate_waits_its_turn_and_refuses_once_a_newer_answer_exists(world: World, start_bot) -> None:
-    async with start_bot(parallel=1, n_predict=150) as bot:  # one reply at a time, in all channels
+    async with start_bot(parallel=1, n_predict=300) as bot:  # one reply at a time, in all channels
         db = bot.settings.database_path
         where = scope(world, world.general)
         [old] = await ask(world, bot, world.general, world.ann, "Say hello.")

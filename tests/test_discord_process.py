@@ -63,7 +63,7 @@ def one_channel(fake: FakeDiscord) -> tuple[dict, dict, dict]:
 
 async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord, tmp_path: Path) -> None:
     guild, general, ann = one_channel(fake)
-    process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_N_PREDICT="300", DEV_GUILD_ID=guild["id"])
+    process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_N_PREDICT="500", DEV_GUILD_ID=guild["id"])
     try:
         await fake.wait_ready(timeout=60)
         await fake.wait_for(lambda: fake.commands.get(guild["id"]), 30)  # DEV_GUILD_ID: synced to that guild

@@ -54,7 +54,7 @@ async def test_queued_message_survives_a_restart(tmp_path: Path, how: str) -> No
     when the process died is finished too, in the message it had started."""
     async with FakeDiscord() as fake:
         _, general, ann = one_channel(fake)
-        env = {"LLAMA_N_PREDICT": "300", "STREAM": "1", "USER_COOLDOWN_S": "0"}
+        env = {"LLAMA_N_PREDICT": "500", "STREAM": "1", "USER_COOLDOWN_S": "0"}
         process = await start_process(fake, tmp_path, **env)
         try:
             await fake.wait_ready(timeout=60)
@@ -172,13 +172,13 @@ async def test_delete_while_queued_is_never_answered(world: World, start_bot) ->
 
 
 async def test_delete_during_generation_stops_it_and_stores_nothing(world: World, start_bot) -> None:
-    async with start_bot(stream=True, n_predict=300) as bot:
+    async with start_bot(stream=True, n_predict=600) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {LONG}")
         await world.fake.wait_for(lambda: replies_to(world.fake, world.general, sent), 60)  # it is being written
         generation = bot.replies[scope(world, world.general)].generation
         await world.fake.delete_message(sent)
         await idle(world.fake, bot)
-        assert generation.finish_reason == "cancelled" and generation.n_generated < 300
+        assert generation.finish_reason == "cancelled" and generation.n_generated < 600
         db = bot.settings.database_path
         assert rows(db) == []
         assert world.fake.bot_messages(world.general) == []  # the half-written reply is gone too

@@ -59,7 +59,7 @@ async def test_edit_budget_with_four_channels_streaming(world: World, start_bot)
 
 
 async def test_fair_queue_serves_a_quiet_channel_before_a_busy_one(world: World, start_bot) -> None:
-    async with start_bot(stream=False, parallel=1, max_queue=16, n_predict=16) as bot:  # 4 may wait per channel
+    async with start_bot(stream=False, parallel=1, max_queue=16, n_predict=48) as bot:  # 4 may wait per channel
         flood = [await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Question {i}?") for i in range(4)]
         quiet = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} Hello from a quiet channel.")
         note = await world.fake.wait_for(lambda: replies_to(world, world.random, quiet))

@@ -93,7 +93,7 @@ async def test_threads_are_remembered_across_a_restart(world: World, start_bot, 
 
 async def test_a_waiting_thread_conversation_and_a_missed_mention_are_answered_after_a_restart(world: World, start_bot, tmp_path: Path) -> None:
     db = tmp_path / "kept.sqlite3"
-    async with start_bot(db=db, parallel=1, n_predict=200) as bot:  # one reply at a time: the second waits
+    async with start_bot(db=db, parallel=1, n_predict=500) as bot:  # one reply at a time: the second waits
         await threads_on(world, world.general)
         busy = await world.fake.send_message(world.random, world.ann, f"{mention(world.fake)} Write a long story about a dragon.")
         await world.fake.wait_for_bot_message(world.random, after=busy)
