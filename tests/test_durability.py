@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,21 @@ def everything_stored(db: Path) -> str:
 
 async def idle(fake: FakeDiscord, bot: LlamaBot) -> None:
     await fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+
+
+async def run_until(fake: FakeDiscord, tmp_path: Path, *conditions: Callable[[], object], **env: str) -> None:
+    """Start the bot in a process of its own, wait for each condition in turn, then stop it
+    with SIGTERM: it must stop cleanly."""
+    process = await start_process(fake, tmp_path, **env)
+    try:
+        for condition in conditions:
+            await fake.wait_for(condition, 120)
+        process.send_signal(signal.SIGTERM)
+        code, log = await finish(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0 and "Traceback" not in log
 
 
 # --- real restarts ---------------------------------------------------------------------------
@@ -81,16 +97,12 @@ async def test_queued_message_survives_a_restart(tmp_path: Path, how: str) -> No
         assert statuses[LONG] == ("ok" if how == "SIGTERM" else "pending")
         await fake.drop_connections()
 
-        restarted = await start_process(fake, tmp_path, LLAMA_N_PREDICT="24", STREAM="1")
-        try:
-            await fake.wait_for(lambda: not replies_to(fake, general, queued)[0]["content"].startswith("\u23f3"), 90)
-            await fake.wait_for(lambda: all(s != "pending" for _, s, _ in table(db)), 90)
-            restarted.send_signal(signal.SIGTERM)
-            code, log = await finish(restarted)
-        finally:
-            if restarted.returncode is None:
-                restarted.kill()
-        assert code == 0 and "Traceback" not in log
+        await run_until(
+            fake, tmp_path,
+            lambda: not replies_to(fake, general, queued)[0]["content"].startswith("\u23f3"),
+            lambda: all(s != "pending" for _, s, _ in table(db)),
+            LLAMA_N_PREDICT="24", STREAM="1",
+        )
         assert [m["id"] for m in replies_to(fake, general, queued)] == [note["id"]]  # answered once, in place
         assert len(replies_to(fake, general, story)) == 1  # never answered twice
         roles = [(role, status) for role, status, _ in table(db)]
@@ -251,16 +263,12 @@ async def test_killed_while_a_file_downloads_answers_it_with_the_file_after_the_
         assert attachments_of(db) == [("pending", "When is the meeting?", None), ("pending", "Hello!", None)]
         fake.hold_attachments.set()
         await fake.drop_connections()
-        restarted = await start_process(fake, tmp_path, LLAMA_N_PREDICT="16")
-        try:
-            await fake.wait_for(lambda: all(s != "pending" for s, _, _ in attachments_of(db)), 120)
-            await fake.wait_for(lambda: replies_to(fake, general, slow) and replies_to(fake, general, later), 60)
-            restarted.send_signal(signal.SIGTERM)
-            code, log = await finish(restarted)
-        finally:
-            if restarted.returncode is None:
-                restarted.kill()
-        assert code == 0 and "Traceback" not in log
+        await run_until(
+            fake, tmp_path,
+            lambda: all(s != "pending" for s, _, _ in attachments_of(db)),
+            lambda: replies_to(fake, general, slow) and replies_to(fake, general, later),
+            LLAMA_N_PREDICT="16",
+        )
         statuses = {content: (status, attached) for status, content, attached in attachments_of(db)}
         assert statuses["Hello!"] == ("ok", None)
         assert statuses["When is the meeting?"][0] == "ok" and "Tuesday" in statuses["When is the meeting?"][1]
