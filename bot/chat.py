@@ -48,7 +48,6 @@ class UserMessage:
     author_name: str | None = None
     platform_message_id: str | None = None
     channel_id: str | None = None  # where it was said (to catch up on a channel after a restart)
-    attachments: str | None = None  # attached text files, rendered (see bot.attachments.render_files)
 
 
 class TemplateChoiceError(ValueError):
@@ -373,7 +372,6 @@ class ChatService:
             author_id=message.author_id,
             author_name=message.author_name,
             platform_message_id=message.platform_message_id,
-            attachments=message.attachments,
         )
 
     async def answer(self, scope: str, message_id: int) -> Reply | None:

@@ -277,16 +277,16 @@ class Store:
         author_id: str | None,
         author_name: str | None,
         platform_message_id: str | None,
-        attachments: str | None = None,
     ) -> int | None:
-        """Store a message to be answered, as pending, the moment it arrives.
+        """Store a message to be answered, as pending, the moment it arrives (its attached
+        files, if any, are added once read: `set_attachments`).
 
         Returns its id, or None when that platform message is already stored (a
         message is answered once, however often it is seen)."""
         cursor = await self._write(
-            "INSERT OR IGNORE INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, status, attachments)"
-            " VALUES (?, 'user', ?, ?, ?, ?, ?, ?, ?)",
-            (conversation_id, content, author_id, author_name, platform_message_id, _now(), PENDING, attachments),
+            "INSERT OR IGNORE INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, status)"
+            " VALUES (?, 'user', ?, ?, ?, ?, ?, ?)",
+            (conversation_id, content, author_id, author_name, platform_message_id, _now(), PENDING),
         )
         return cursor.lastrowid if cursor.rowcount else None
 
