@@ -23,10 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bot.config import Sampling, bundled_model_path
-from bot.backend import Generation
-from bot.engine import Engine, EngineOptions
-from bot.kvdisk import SUFFIX, key_name
-from bot.templates import Message, Template, get_template
+from bot.engine.backend import Generation
+from bot.engine.local import Engine, EngineOptions
+from bot.engine.kvdisk import SUFFIX, key_name
+from bot.formats.templates import Message, Template, get_template
 
 HERE = Path(__file__).resolve().parent
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -322,11 +322,11 @@ async def discord_end_to_end(engine: Engine, messages: int = 5) -> Row:
     sys.path.insert(0, str(HERE.parent))
     import tempfile
 
-    from bot.engine import LocalBackend
-    from bot.chat import ChatService
+    from bot.engine.local import LocalBackend
+    from bot.conversations.service import ChatService
     from bot.config import Settings
-    from bot.discord_bot import LlamaBot
-    from bot.store import Store
+    from bot.discord_adapter.client import LlamaBot
+    from bot.conversations.store import Store
     from tests.fakediscord import FakeDiscord
 
     first_times: list[float] = []
@@ -369,12 +369,12 @@ async def final_text_latency(engine: Engine, short: int = 8, long: int = 3) -> R
     sys.path.insert(0, str(HERE.parent))
     import tempfile
 
-    from bot.chat import ChatService, Reply
+    from bot.conversations.service import ChatService, Reply
     from bot.config import Settings
-    from bot.discord_bot import LlamaBot
-    from bot.discord_output import EDITS_PER_WINDOW, WINDOW_S
-    from bot.engine import LocalBackend
-    from bot.store import Store
+    from bot.discord_adapter.client import LlamaBot
+    from bot.discord_adapter.output import EDITS_PER_WINDOW, WINDOW_S
+    from bot.engine.local import LocalBackend
+    from bot.conversations.store import Store
     from tests.fakediscord import FakeDiscord
 
     class Recording(ChatService):
@@ -606,10 +606,10 @@ async def engine_cold(engine: Engine, key: str, prompt: list[int]) -> Generation
 async def loop_lag_chat(path: Path, channels: int = 16, turns: int = 28, messages: int = 2) -> Row:
     """A 10 ms ticker on the event loop while 16 channels with long histories receive messages
     and answer them, through ChatService (history from SQLite, prompts built in a worker thread)."""
-    from bot.chat import ChatService, UserMessage, engine_options
+    from bot.conversations.service import ChatService, UserMessage, engine_options
     from bot.config import Settings
-    from bot.engine import LocalBackend
-    from bot.store import Store
+    from bot.engine.local import LocalBackend
+    from bot.conversations.store import Store
 
     lags: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:

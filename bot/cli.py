@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from bot.config import ConfigError, Settings, load_env, load_settings
-from bot.backend import ModelError
-from bot.store import StoreError
-from bot.templates import NAMES, AUTO, Message, TemplateError, get_template, prompt_text
+from bot.engine.backend import ModelError
+from bot.conversations.store import StoreError
+from bot.formats.templates import NAMES, AUTO, Message, TemplateError, get_template, prompt_text
 
 log = logging.getLogger("bot")
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start_terminal(settings: Settings) -> int:
-    from bot.chat import open_chat
+    from bot.conversations.service import open_chat
     from bot.terminal import TerminalChat
 
     setup_logging(settings, quiet=True)
@@ -137,7 +137,7 @@ def start_terminal(settings: Settings) -> int:
 
 
 def start_discord(settings: Settings) -> int:
-    from bot.discord_bot import run_bot
+    from bot.discord_adapter.client import run_bot
 
     setup_logging(settings, quiet=False)
     return asyncio.run(run_bot(settings))
@@ -157,14 +157,14 @@ def render_prompt(template_name: str, messages_file: Path, settings: Settings) -
     if bad_roles:
         raise ConfigError(f"{messages_file}: unknown role(s) {', '.join(sorted(bad_roles))}; use system, user or assistant")
     try:
-        from bot.templates import canonical_name
+        from bot.formats.templates import canonical_name
 
         key = canonical_name(template_name)
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     kwargs = {}
     if key == AUTO:
-        from bot.vocab import read_model_info
+        from bot.engine.vocab import read_model_info
 
         info = read_model_info(settings.resolved_model_path())
         kwargs = dict(gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)

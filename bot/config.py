@@ -224,7 +224,7 @@ def _model_path(name: str, raw: str) -> Path:
 
 
 def _template(name: str, raw: str) -> str:
-    from bot.templates import canonical_name  # templates import nothing from here
+    from bot.formats.templates import canonical_name  # templates import nothing from here
 
     try:
         return canonical_name(raw.strip())

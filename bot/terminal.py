@@ -14,8 +14,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
-from bot.chat import ChatService, Reply, TemplateChoiceError, UserMessage
-from bot.templates import NAMES
+from bot.conversations.service import ChatService, Reply, TemplateChoiceError, UserMessage
+from bot.formats.templates import NAMES
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from bot.engine import LocalBackend
-from bot.chat import ChatService
+from bot.engine.local import LocalBackend
+from bot.conversations.service import ChatService
 from bot.config import Sampling, Settings, bundled_model_path
-from bot.discord_bot import LlamaBot
-from bot.engine import Engine, EngineOptions
-from bot.store import Store
+from bot.discord_adapter.client import LlamaBot
+from bot.engine.local import Engine, EngineOptions
+from bot.conversations.store import Store
 from tests.fakediscord import FakeDiscord, Permissions
 
 JSON = dict[str, Any]

@@ -1,6 +1,6 @@
 """Independent references for prompt templates, and real vocabularies to tokenize with.
 
-Nothing here uses bot/templates.py: the references are llama.cpp's own chat formatter
+Nothing here uses bot/formats/templates.py: the references are llama.cpp's own chat formatter
 (`llama_chat_apply_template` with a built-in template name), Hugging Face's documented
 way of rendering a chat template, and GGUF files made from the vocabularies in
 ../shared/reference/vocab/ (or the same files from the llama-cpp-python sdist) with a real published chat template set in them.
@@ -22,8 +22,8 @@ import jinja2.sandbox
 import llama_cpp as L
 import pytest
 
-from bot.backend import ModelInfo
-from bot.vocab import read_model_info
+from bot.engine.backend import ModelInfo
+from bot.engine.vocab import read_model_info
 
 SDIST = "llama-cpp-python==0.3.36"  # the bindings the bot pins; their sdist vendors llama.cpp's models/ folder
 VOCAB_FAMILIES = ("llama-spm", "llama-bpe", "phi-3", "qwen2")

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from bot.chat import NOT_NEWEST, OpenAnswer
+from bot.conversations.service import NOT_NEWEST, OpenAnswer
 from bot.config import Sampling
-from bot.discord_bot import NOT_YOURS, REFUSED_BLOCKED, LlamaBot
-from bot.discord_output import split_message
-from bot.discord_views import CONTINUE, REGENERATE, STOP
-from bot.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
+from bot.discord_adapter.client import NOT_YOURS, REFUSED_BLOCKED, LlamaBot
+from bot.discord_adapter.output import split_message
+from bot.discord_adapter.views import CONTINUE, REGENERATE, STOP
+from bot.formats.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
 from tests.conftest import JSON, World, mention, scope
 from tests.references import HF_TEMPLATES
 from tests.fakediscord import Interaction

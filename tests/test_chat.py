@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from bot.chat import CUT_NOTE, WINDOW_REFILL, ChatService, UserMessage
+from bot.conversations.service import CUT_NOTE, WINDOW_REFILL, ChatService, UserMessage
 from bot.config import Settings
-from bot.engine import Engine
-from bot.store import Store
+from bot.engine.local import Engine
+from bot.conversations.store import Store
 
 
 async def test_reply_is_generated_and_stored(chat: ChatService, settings: Settings) -> None:

@@ -7,9 +7,9 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from bot.discord_bot import BUSY, MENTION_ONLY, NO_TEXT, LlamaBot
-from bot.discord_commands import NEED_ADMIN
-from bot.discord_output import LIMIT, split_message
+from bot.discord_adapter.client import BUSY, MENTION_ONLY, NO_TEXT, LlamaBot
+from bot.discord_adapter.commands import NEED_ADMIN
+from bot.discord_adapter.output import LIMIT, split_message
 from tests.conftest import JSON, World, mention, rows, scope
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 import time
 
-from bot.chat import Reply
-from bot.discord_output import EDITS_PER_WINDOW, STREAM_EVERY_S, WINDOW_S, EditBudget, split_message
+from bot.conversations.service import Reply
+from bot.discord_adapter.output import EDITS_PER_WINDOW, STREAM_EVERY_S, WINDOW_S, EditBudget, split_message
 from tests.conftest import World, mention, rows, scope
 
 STORY = "Write a long story about a dragon."

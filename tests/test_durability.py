@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat import ChatService
-from bot.discord_bot import RESTARTED, SORRY, LlamaBot
-from bot.engine import Engine, EngineDead, EngineOptions, LocalBackend
-from bot.store import Store
+from bot.conversations.service import ChatService
+from bot.discord_adapter.client import RESTARTED, SORRY, LlamaBot
+from bot.engine.local import Engine, EngineDead, EngineOptions, LocalBackend
+from bot.conversations.store import Store
 from tests.conftest import World, make_settings, mention, rows, scope
 from tests.fakediscord import FakeDiscord
 from tests.test_discord_process import finish, one_channel, start_process

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from bot.config import Sampling
-from bot.backend import PromptTooLong
-from bot.engine import Engine
-from bot.reasoning import ReplyFormat, find_stop, held_back
-from bot.templates import Message, get_template
+from bot.engine.backend import PromptTooLong
+from bot.engine.local import Engine
+from bot.formats.reasoning import ReplyFormat, find_stop, held_back
+from bot.formats.templates import Message, get_template
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from bot.attachments import TextFile, decode_text, kind_of, render_files
-from bot.chat import CUT_FILES_NOTE, UserMessage
+from bot.conversations.attachments import TextFile, decode_text, kind_of, render_files
+from bot.conversations.service import CUT_FILES_NOTE, UserMessage
 from bot.config import ConfigError, load_settings
-from bot.discord_bot import NO_TEXT, REFUSED_BLOCKED, REFUSED_CHANNEL, REFUSED_DMS, REFUSED_ROLE, LlamaBot, refusal
-from bot.discord_commands import NEED_ADMIN
-from bot.export import ExportInfo, export_markdown
-from bot.store import StoredMessage
+from bot.discord_adapter.client import NO_TEXT, REFUSED_BLOCKED, REFUSED_CHANNEL, REFUSED_DMS, REFUSED_ROLE, LlamaBot, refusal
+from bot.discord_adapter.commands import NEED_ADMIN
+from bot.conversations.export import ExportInfo, export_markdown
+from bot.conversations.store import StoredMessage
 from tests.conftest import JSON, World, make_settings, mention, rows, scope
 from tests.fakediscord import Permissions
 
@@ -419,7 +419,7 @@ def test_export_marks_rows_and_a_message_cannot_forge_a_heading() -> None:
 
 
 async def test_conversation_settings_in_the_chat_layer(chat, engine) -> None:
-    from bot.chat import SettingError
+    from bot.conversations.service import SettingError
 
     options = await chat.change_options("terminal:a", n_predict=2, top_p=0.5)
     assert (options.n_predict, options.sampling.top_p, options.own) == (2, 0.5, frozenset({"n_predict", "top_p"}))
@@ -445,7 +445,7 @@ async def test_conversation_settings_in_the_chat_layer(chat, engine) -> None:
 
 
 async def test_migration_4_keeps_old_rows(tmp_path: Path) -> None:
-    from bot.store import Store
+    from bot.conversations.store import Store
 
     path = tmp_path / "old.sqlite3"
     async with await Store.open(path, upto=3) as old:

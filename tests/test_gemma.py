@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat import ChatService
-from bot.discord_bot import LlamaBot
-from bot.engine import Engine, EngineOptions, LocalBackend
-from bot.store import Store
-from bot.templates import AUTO, FALLBACK, get_template
+from bot.conversations.service import ChatService
+from bot.discord_adapter.client import LlamaBot
+from bot.engine.local import Engine, EngineOptions, LocalBackend
+from bot.conversations.store import Store
+from bot.formats.templates import AUTO, FALLBACK, get_template
 from tests.conftest import World, make_settings, mention, rows, run_cli
 from tests.references import gemma3_path  # noqa: F401 (fixture)
 

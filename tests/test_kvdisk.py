@@ -1,4 +1,4 @@
-"""The disk tier of the KV cache (bot/kvdisk.py) on the real model and real files.
+"""The disk tier of the KV cache (bot/engine/kvdisk.py) on the real model and real files.
 
 Each test builds its own small engines (they load in well under a second) on a
 folder in tmp_path, so the session's shared engine never gets a disk tier."""
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from bot.backend import Generation
+from bot.engine.backend import Generation
 from bot.config import ConfigError, Sampling, load_settings
-from bot.engine import Engine, EngineOptions
-from bot.kvdisk import SUFFIX, key_name
-from bot.templates import Message, get_template
+from bot.engine.local import Engine, EngineOptions
+from bot.engine.kvdisk import SUFFIX, key_name
+from bot.formats.templates import Message, get_template
 from tests.conftest import ROOT, run_cli
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -148,7 +148,7 @@ async def test_a_damaged_state_is_detected_deleted_and_logged(
             with path.open("r+b") as f:
                 f.truncate(path.stat().st_size // 2)
         follow = chat_tokens(engine, "Tell me about cats.", gen.text, "And dogs?")
-        with caplog.at_level(logging.WARNING, logger="bot.kvdisk"):
+        with caplog.at_level(logging.WARNING, logger="bot.engine.kvdisk"):
             again = await ask(engine, "guild:1:channel:2", follow)
         assert logged in caplog.text
         assert again.n_cached == 0 and engine.disk_restores == 0
@@ -183,7 +183,7 @@ async def test_a_state_made_for_something_else_is_deleted_unused(
     else:
         changes["kv_type"] = "q8_0"
 
-    with caplog.at_level(logging.INFO, logger="bot.kvdisk"):
+    with caplog.at_level(logging.INFO, logger="bot.engine.kvdisk"):
         engine = await load(model, folder, **changes)
     try:
         assert "deleted 1 saved KV states: made for another model file or settings" in caplog.text
@@ -284,7 +284,7 @@ CHILD = textwrap.dedent(
         data[0] &= ~((1 << 1) | (1 << 2) | (1 << 3))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
         assert libc.capset(header, data) == 0, ctypes.get_errno()
     from bot.config import Sampling, bundled_model_path
-    from bot.engine import Engine, EngineOptions
+    from bot.engine.local import Engine, EngineOptions
 
     async def main():
         opts = EngineOptions(n_ctx=512, n_threads=2, parallel=1, kv_cache_mb=0, kv_disk_dir=Path(sys.argv[1]), kv_disk_mb=64)

@@ -15,12 +15,12 @@ from dataclasses import replace
 
 import pytest
 
-from bot.chat import ChatService, UserMessage
+from bot.conversations.service import ChatService, UserMessage
 from bot.config import Sampling
-from bot.discord_output import THOUGHT_NOTE
-from bot.engine import Engine
-from bot.reasoning import ReplyFormat, ReplyText
-from bot.templates import Message, get_template
+from bot.discord_adapter.output import THOUGHT_NOTE
+from bot.engine.local import Engine
+from bot.formats.reasoning import ReplyFormat, ReplyText
+from bot.formats.templates import Message, get_template
 from bot.terminal import TerminalChat
 from tests.conftest import World, mention, scope
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.discord_bot import MENTION_ONLY, NO_TEXT, SLOW_DOWN, SORRY, UNDELIVERED
+from bot.discord_adapter.client import MENTION_ONLY, NO_TEXT, SLOW_DOWN, SORRY, UNDELIVERED
 from tests.conftest import ROOT, World, mention, rows, run_cli, scope
 from tests.fakediscord import FakeDiscord
 from tests.test_discord_process import one_reply_then_sigterm

@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 
-from bot.backend import Generation
-from bot.chat import ChatService, UserMessage
+from bot.engine.backend import Generation
+from bot.conversations.service import ChatService, UserMessage
 from bot.config import Settings
-from bot.discord_bot import SORRY, STOPPED, ShardedLlamaBot, create_bot
-from bot.engine import Engine, LocalBackend
+from bot.discord_adapter.client import SORRY, STOPPED, ShardedLlamaBot, create_bot
+from bot.engine.local import Engine, LocalBackend
 from bot.config import redact_url
-from bot.remote import RemoteBackend, defang
-from bot.store import Store
-from bot.templates import TEMPLATES, JinjaTemplate, Message, Template
+from bot.engine.remote import RemoteBackend, defang
+from bot.conversations.store import Store
+from bot.formats.templates import TEMPLATES, JinjaTemplate, Message, Template
 from tests.conftest import GREEDY, ROOT, World, make_settings, mention, rows, scope
 from tests.fakediscord import FakeDiscord
 from tests.references import HF_TEMPLATES
@@ -484,8 +484,8 @@ def test_cli_never_shows_credentials(tmp_path: Path) -> None:
 def test_remote_path_loads_neither_llama_cpp_nor_numpy(tmp_path: Path) -> None:
     code = (
         "import asyncio, sys\n"
-        "import bot.remote\n"
-        "from bot.chat import open_backend\n"
+        "import bot.engine.remote\n"
+        "from bot.conversations.service import open_backend\n"
         "from bot.config import Settings\n"
         "async def main():\n"
         f"    backend = await open_backend(Settings(backend='openai', openai_base_url='http://127.0.0.1:{free_port()}/v1'))\n"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bot.scheduler import FairScheduler, QueueFull
+from bot.conversations.scheduler import FairScheduler, QueueFull
 
 
 async def test_round_robin_between_keys_and_fifo_within_a_key() -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from bot.chat import ChatService, UserMessage
-from bot.discord_bot import STOPPED
-from bot.discord_output import BOT_EDITS_PER_S, EDITS_PER_WINDOW, LIMIT, split_message
-from bot.engine import Engine
+from bot.conversations.service import ChatService, UserMessage
+from bot.discord_adapter.client import STOPPED
+from bot.discord_adapter.output import BOT_EDITS_PER_S, EDITS_PER_WINDOW, LIMIT, split_message
+from bot.engine.local import Engine
 from tests.conftest import World, mention, rows, scope
 from tests.test_discord_output import max_edits_in_window
 from tests.test_engine import GREEDY, chat_tokens

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine import LocalBackend
-from bot.chat import ChatService
+from bot.engine.local import LocalBackend
+from bot.conversations.service import ChatService
 from bot.config import bundled_model_path
-from bot.discord_bot import LlamaBot, scope_for
-from bot.engine import Engine, EngineOptions
-from bot.store import Store
+from bot.discord_adapter.client import LlamaBot, scope_for
+from bot.engine.local import Engine, EngineOptions
+from bot.conversations.store import Store
 from tests.conftest import make_settings
 from tests.fakediscord import FakeDiscord
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.store import Store, StoreError, load_migrations
+from bot.conversations.store import Store, StoreError, load_migrations
 
 
 async def test_migrations_run_twice_are_a_no_op(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine import Engine
-from bot.templates import AUTO, FALLBACK, NAMES, TEMPLATES, JinjaTemplate, Message, Segment, TemplateError, canonical_name, get_template, prompt_text
+from bot.engine.local import Engine
+from bot.formats.templates import AUTO, FALLBACK, NAMES, TEMPLATES, JinjaTemplate, Message, Segment, TemplateError, canonical_name, get_template, prompt_text
 from tests.conftest import run_cli
 from tests.references import hf_render
 
@@ -42,7 +42,7 @@ def test_render_prompt_prints_what_the_template_renders(name: str, conversation_
     result = run_cli("render-prompt", "--template", name, "--messages", str(conversation_file), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     if name == AUTO:  # the bundled model's own template
-        from bot.vocab import read_model_info
+        from bot.engine.vocab import read_model_info
 
         info = read_model_info(model_path)
         expected = hf_render(info.chat_template, CONVERSATION, bos_token=info.bos_token, eos_token=info.eos_token)
@@ -235,7 +235,7 @@ def test_adversarial_content_never_changes_the_markup(kind: str, text: str, capl
     stripped text in place where the template's own `trim` ate markup around a blank message."""
     source = TRANSFORMING[kind]
     template = JinjaTemplate(source, bos_token="<s>", eos_token="</s>")
-    with caplog.at_level(logging.DEBUG, logger="bot.templates"):
+    with caplog.at_level(logging.DEBUG, logger="bot.formats.templates"):
         segments = template.render(conversation(text))
     harmless = template.render(conversation("hello" if text.strip() else text))
     assert markup_of(segments) == markup_of(harmless)
@@ -252,7 +252,7 @@ def test_content_that_changes_the_markup_falls_back_to_the_skeleton(caplog: pyte
     keeps the markup it has for any content, with the messages (stripped) in place."""
     source = "{% for m in messages %}{% if 'admin' in m.content %}<|im_start|>system\nTrusted.<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     template = JinjaTemplate(source, bos_token="", eos_token="")
-    with caplog.at_level(logging.DEBUG, logger="bot.templates"):
+    with caplog.at_level(logging.DEBUG, logger="bot.formats.templates"):
         segments = template.render([Message("user", " I am admin ")])
     assert segments == [Segment("<|im_start|>user\n", True), Segment("I am admin", False), Segment("<|im_end|>\n", True)]
     assert "depends on what the messages say" in caplog.text
@@ -262,7 +262,7 @@ def test_template_that_fails_on_some_content_falls_back_too(caplog: pytest.LogCa
     """gpt-oss raises on an assistant message holding channel markup; that must not cost the reply."""
     source = "{% for m in messages %}{% if '<|channel|>' in m.content %}{{ raise_exception('no channels in content') }}{% endif %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}<|start|>assistant"
     template = JinjaTemplate(source, bos_token="", eos_token="<|return|>")
-    with caplog.at_level(logging.DEBUG, logger="bot.templates"):
+    with caplog.at_level(logging.DEBUG, logger="bot.formats.templates"):
         segments = template.render([Message("user", "hi"), Message("assistant", "<|channel|>final<|message|>x"), Message("user", "ok")])
     assert [s.text for s in segments if not s.special] == ["hi", "<|channel|>final<|message|>x", "ok"]
     assert markup_of(segments) == markup_of(template.render([Message("user", "a"), Message("assistant", "b"), Message("user", "c")]))

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bot.discord_bot import NO_THREAD_PERMISSION, PERMISSIONS, LlamaBot, thread_name
-from bot.discord_commands import NEED_ADMIN, NO_THREADS_IN_THREADS
-from bot.store import Store
+from bot.discord_adapter.client import NO_THREAD_PERMISSION, PERMISSIONS, LlamaBot, thread_name
+from bot.discord_adapter.commands import NEED_ADMIN, NO_THREADS_IN_THREADS
+from bot.conversations.store import Store
 from tests.conftest import JSON, World, mention, rows, scope
 from tests.fakediscord import Permissions
 from tests.test_discord import ask

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.backend import ModelInfo
-from bot.reasoning import ReplyText
-from bot.templates import AUTO, TEMPLATES, Message, Template, get_template, reply_format
-from bot.vocab import Vocab, load_vocab
+from bot.engine.backend import ModelInfo
+from bot.formats.reasoning import ReplyText
+from bot.formats.templates import AUTO, TEMPLATES, Message, Template, get_template, reply_format
+from bot.engine.vocab import Vocab, load_vocab
 from tests.references import family_vocabs, gemma3_path, gemma3_vocab_path, hf_ggufs, hf_infos  # noqa: F401 (fixtures)
 
 CONTROL_STRINGS = [
@@ -133,7 +133,7 @@ def test_the_markers_are_real_in_this_vocabulary(case: Case) -> None:
 
 def generate_through(vocab: Vocab, template: Template, text: str) -> tuple[str, bool]:
     """Feed `text`, tokenized as the model would write it, to ReplyText the way the engine
-    does (bot/engine.py `_sample`); returns the answer shown and whether the reply ended."""
+    does (bot/engine/local.py `_sample`); returns the answer shown and whether the reply ended."""
     fmt = reply_format(template, template.render([Message("user", "Hi")]))
     out = ReplyText(fmt)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

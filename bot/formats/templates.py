@@ -23,7 +23,7 @@ import jinja2
 import jinja2.sandbox
 from jinja2.ext import loopcontrols
 
-from bot.reasoning import THINK_CLOSE, THINK_OPEN, ReplyFormat
+from bot.formats.reasoning import THINK_CLOSE, THINK_OPEN, ReplyFormat
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Protocol
 
 from bot.config import Sampling
-from bot.reasoning import ReplyFormat
-from bot.templates import Message, Template
+from bot.formats.reasoning import ReplyFormat
+from bot.formats.templates import Message, Template
 
 
 class ModelError(Exception):

@@ -11,7 +11,7 @@ A slot keeps its conversation's tokens after the reply ends. The next message
 in that channel only evaluates what is new (the prompt shares its prefix with
 what the slot holds). When a slot is needed for another channel, the idle one
 used longest ago is saved to a byte-bounded LRU cache in RAM and restored when
-its channel speaks again. States leaving RAM go to the disk tier (`bot.kvdisk`,
+its channel speaks again. States leaving RAM go to the disk tier (`bot.engine.kvdisk`,
 KV_DISK_DIR), which `close()` also fills with what RAM and the slots hold, so
 the next process starts warm. A state on disk is read on an I/O thread before
 its request reaches the engine thread, which then only copies it into place.
@@ -44,12 +44,12 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
-from bot.backend import Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
+from bot.engine.backend import Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
-from bot.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
-from bot.reasoning import ReplyFormat, ReplyText
-from bot.templates import Message, Template, reply_format
-from bot.vocab import Vocab, check_model_file, init_backend
+from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
+from bot.formats.reasoning import ReplyFormat, ReplyText
+from bot.formats.templates import Message, Template, reply_format
+from bot.engine.vocab import Vocab, check_model_file, init_backend
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # exactly what the KV cache holds for this seq
     last_used: float = 0.0
     request: _Request | None = None
-    born: int = 0  # ForgetClock time when its content began (see bot.kvdisk)
+    born: int = 0  # ForgetClock time when its content began (see bot.engine.kvdisk)
 
 
 class _StateCache:

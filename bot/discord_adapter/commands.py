@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 import discord
 from discord import app_commands
 
-from bot.attachments import human_size
-from bot.chat import THINKING_MODES, ChannelOptions, LastReply, SettingError, TemplateChoiceError
-from bot.export import ExportInfo, export_markdown
-from bot.store import CHAT_OFF, CHAT_ON, CHAT_THREADS
-from bot.templates import NAMES
+from bot.conversations.attachments import human_size
+from bot.conversations.service import THINKING_MODES, ChannelOptions, LastReply, SettingError, TemplateChoiceError
+from bot.conversations.export import ExportInfo, export_markdown
+from bot.conversations.store import CHAT_OFF, CHAT_ON, CHAT_THREADS
+from bot.formats.templates import NAMES
 
 if TYPE_CHECKING:
-    from bot.discord_bot import LlamaBot
+    from bot.discord_adapter.client import LlamaBot
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def register_commands(bot: LlamaBot) -> None:
 
 def status_embed(bot: LlamaBot, scope: str) -> discord.Embed:
     """/status: everything comes from numbers already in memory (cheap, on the event loop)."""
-    chat = bot.chat
+    chat = bot.conversations.service
     info = chat.backend.info
     embed = discord.Embed(title="Status")
     model = f"{info.path.name}\n{info.description}"

@@ -24,15 +24,15 @@ import discord
 import yarl
 from discord import app_commands
 
-from bot.attachments import SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
-from bot.backend import ModelError
-from bot.chat import EMPTY_NOTE, NO_CONTINUE, TOO_LONG_TO_CONTINUE, CannotRedo, ChatService, Reply, UserMessage, open_chat
+from bot.conversations.attachments import SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
+from bot.engine.backend import ModelError
+from bot.conversations.service import EMPTY_NOTE, NO_CONTINUE, TOO_LONG_TO_CONTINUE, CannotRedo, ChatService, Reply, UserMessage, open_chat
 from bot.config import Settings
-from bot.discord_commands import register_commands
-from bot.discord_output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
-from bot.discord_views import CONTINUE, REGENERATE, STOP, ReplyButton, finished_view, has_button, writing_view
-from bot.scheduler import FairScheduler, Job, QueueFull
-from bot.store import CHAT_ON, CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
+from bot.discord_adapter.commands import register_commands
+from bot.discord_adapter.output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
+from bot.discord_adapter.views import CONTINUE, REGENERATE, STOP, ReplyButton, finished_view, has_button, writing_view
+from bot.conversations.scheduler import FairScheduler, Job, QueueFull
+from bot.conversations.store import CHAT_ON, CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import llama_cpp as L
 
-from bot.backend import ModelError, ModelInfo
-from bot.templates import Segment
+from bot.engine.backend import ModelError, ModelInfo
+from bot.formats.templates import Segment
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")

@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from bot.backend import Backend, Generation, PreparedPrompt
+from bot.engine.backend import Backend, Generation, PreparedPrompt
 from bot.config import TEMPERATURE_RANGE, THINKING_MODES, TOP_P_RANGE, ConfigError, Sampling, Settings
-from bot.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
-from bot.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
-from bot.templates import AUTO, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
+from bot.formats.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
+from bot.conversations.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
+from bot.formats.templates import AUTO, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
 
 if TYPE_CHECKING:
-    from bot.engine import EngineOptions
+    from bot.engine.local import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -642,7 +642,7 @@ def _merge_turns(messages: list[Message]) -> list[Message]:
 
 
 def engine_options(settings: Settings, *, parallel: int | None = None) -> EngineOptions:
-    from bot.engine import EngineOptions
+    from bot.engine.local import EngineOptions
 
     return EngineOptions(
         n_ctx=settings.n_ctx,
@@ -676,10 +676,10 @@ async def open_chat(settings: Settings, *, parallel: int | None = None, abort: t
 async def open_backend(settings: Settings, *, parallel: int | None = None, abort: threading.Event | None = None) -> Backend:
     """The configured backend: the local engine (default) or a remote OpenAI-compatible server."""
     if settings.backend == "openai":
-        from bot.remote import RemoteBackend
+        from bot.engine.remote import RemoteBackend
 
         return await RemoteBackend.connect(settings)
-    from bot.engine import Engine, LocalBackend
+    from bot.engine.local import Engine, LocalBackend
 
     engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel), abort=abort)
     return LocalBackend(engine)

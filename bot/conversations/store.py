@@ -99,7 +99,7 @@ def load_migrations() -> list[Migration]:
         folder = importlib.resources.files("bot.migrations")
         files = [f for f in folder.iterdir() if f.name.endswith(".sql")]
     except ModuleNotFoundError:  # running from a source checkout that is not installed
-        files = list((Path(__file__).resolve().parent.parent / "migrations").glob("*.sql"))  # type: ignore[arg-type]
+        files = list((Path(__file__).resolve().parents[2] / "migrations").glob("*.sql"))  # type: ignore[arg-type]
     migrations = []
     for f in files:
         match = re.fullmatch(r"(\d+)_(\w+)\.sql", f.name)

@@ -44,10 +44,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpx2
 import openai
 
-from bot.backend import Generation, ModelInfo, PreparedPrompt
+from bot.engine.backend import Generation, ModelInfo, PreparedPrompt
 from bot.config import Sampling, Settings, redact_url
-from bot.reasoning import ReplyFormat, ReplyText
-from bot.templates import Message, Template, reply_format
+from bot.formats.reasoning import ReplyFormat, ReplyText
+from bot.formats.templates import Message, Template, reply_format
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import discord
 
 if TYPE_CHECKING:
-    from bot.discord_bot import LlamaBot
+    from bot.discord_adapter.client import LlamaBot
 
 STOP, REGENERATE, CONTINUE = "stop", "regen", "cont"
 _LOOKS: dict[str, tuple[str, str, discord.ButtonStyle]] = {
