@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from bot.engine.backend import Backend, Generation, PreparedPrompt
+from bot.engine.backend import Backend, EngineStats, Generation, PreparedPrompt
 from bot.config import TEMPERATURE_RANGE, THINKING_MODES, TOP_P_RANGE, ConfigError, Sampling, Settings
 from bot.formats.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
 from bot.conversations.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
@@ -348,12 +348,11 @@ class ChatService:
 
     def backend_dead(self) -> bool:
         """True once the model engine gave up (the process is about to exit and restart)."""
-        return getattr(self.backend, "dead", None) is not None
+        return self.backend.dead is not None
 
     def on_backend_fatal(self, callback: Callable[[str], None]) -> None:
         """Call `callback(why)` (from any thread) if the model engine gives up for good."""
-        if hasattr(self.backend, "on_fatal"):
-            self.backend.on_fatal = callback  # type: ignore[attr-defined]
+        self.backend.on_fatal = callback
 
     def forget(self, scope: str) -> None:
         """The stored history changed under a conversation: drop its cached KV and window."""
@@ -407,16 +406,7 @@ class ChatService:
 
     def engine_stats(self) -> EngineStats | None:
         """Slots and KV state cache of the local engine (None for a remote server). Cheap: read on the event loop."""
-        engine = getattr(self.backend, "engine", None)
-        if engine is None:
-            return None
-        return EngineStats(
-            busy_slots=engine.busy_slots,
-            slots=engine.options.parallel,
-            cached_states=engine.cached_states,
-            cache_bytes=engine.cache_bytes,
-            cache_limit_bytes=engine.options.kv_cache_mb * 1024 * 1024,
-        )
+        return self.backend.stats()
 
     async def regenerate(self, scope: str, platform_message_id: str) -> Reply:
         """Write the newest answer again: the same prompt, a new seed. The new answer
@@ -619,15 +609,6 @@ def _content(message: StoredMessage, names: bool) -> str:
     if names and message.role == "user" and message.author_name:
         return f"{message.author_name}: {message.full_text}"
     return message.full_text
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    busy_slots: int
-    slots: int
-    cached_states: int  # conversations whose KV state waits in RAM for their next message
-    cache_bytes: int
-    cache_limit_bytes: int  # KV_CACHE_MB
 
 
 def _merge_turns(messages: list[Message]) -> list[Message]:

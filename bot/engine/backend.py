@@ -155,12 +155,33 @@ class Generation:
         self._changed.set()
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """How busy an in-process engine is, for /status (numbers kept in memory: cheap to read)."""
+
+    busy_slots: int
+    slots: int
+    cached_states: int  # conversations whose KV state waits in RAM for their next message
+    cache_bytes: int
+    cache_limit_bytes: int  # KV_CACHE_MB
+
+
 class Backend(Protocol):
     """What the chat layer needs from a model."""
 
     n_ctx: int  # tokens per conversation
     info: ModelInfo  # for `auto`: the chat template and special tokens, when known
     applies_template: bool  # True when the server renders the chat itself (/template has no effect)
+    on_fatal: Callable[[str], None] | None  # called (from any thread) if the backend gives up for good
+
+    @property
+    def dead(self) -> str | None:
+        """Why the backend gave up for good (the process should exit and restart); None while it serves."""
+        ...
+
+    def stats(self) -> EngineStats | None:
+        """Slots and KV cache of an in-process engine; None where a server keeps them."""
+        ...
 
     async def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens in each plain text (an estimate where the server cannot count)."""

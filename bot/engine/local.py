@@ -44,7 +44,7 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
-from bot.engine.backend import Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
+from bot.engine.backend import EngineStats, Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
 from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
 from bot.formats.reasoning import ReplyFormat, ReplyText
@@ -903,6 +903,16 @@ class LocalBackend:
     def dead(self) -> str | None:
         """Why the engine gave up, once it has (the process should exit and be restarted)."""
         return self.engine.dead
+
+    def stats(self) -> EngineStats:
+        engine = self.engine
+        return EngineStats(
+            busy_slots=engine.busy_slots,
+            slots=engine.options.parallel,
+            cached_states=engine.cached_states,
+            cache_bytes=engine.cache_bytes,
+            cache_limit_bytes=engine.options.kv_cache_mb * 1024 * 1024,
+        )
 
     @property
     def on_fatal(self) -> Callable[[str], None] | None:

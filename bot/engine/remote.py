@@ -36,7 +36,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -113,6 +113,8 @@ class RemoteBackend:
         self._tokenizer: str | None = None  # which tokenize flavour the server speaks, if any
         self._checked = False  # the health check got an answer (until then, each reply tries it first)
         self._counts: OrderedDict[str, int] = OrderedDict()
+        self.on_fatal: Callable[[str], None] | None = None  # a server never ends this process: it may come back
+        self.dead: str | None = None
 
     @classmethod
     async def connect(cls, settings: Settings, *, read_timeout: float = 120.0) -> RemoteBackend:
@@ -198,6 +200,10 @@ class RemoteBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return gen
+
+    def stats(self) -> None:
+        """The server keeps its own slots and cache."""
+        return None
 
     def forget(self, key: str) -> None:
         """Nothing is cached here (the server keeps its own prompt cache)."""
