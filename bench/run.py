@@ -346,7 +346,7 @@ async def discord_end_to_end(engine: Engine, messages: int = 5) -> Row:
                         sent = await fake.send_message(channel, user, f"<@{fake.bot_user['id']}> {STORIES[i % 4]}")
                         await fake.wait_for_bot_message(channel, after=sent, timeout=120)  # polls every 20 ms
                         first_times.append(time.monotonic() - start)
-                        await fake.wait_for(lambda: bot.scheduler.running == 0, 120)
+                        await fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 120)
                         last = max([e["time"] for m in fake.bot_messages(channel) if int(m["id"]) > int(sent["id"]) for e in m["_edits"]] or [time.monotonic()])
                         final_times.append(last - start)
                     await bot.shutdown()

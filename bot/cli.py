@@ -126,7 +126,7 @@ def start_terminal(settings: Settings) -> int:
 
     async def run() -> None:
         async with open_chat(settings, parallel=1) as chat:
-            conversation = await chat.store.conversation(TerminalChat.scope)
+            conversation = await chat.conversation(TerminalChat.scope)
             print(f"[INFO] Model: {chat.backend.describe()}", file=sys.stderr)
             print(f"[INFO] Prompt template: {chat.describe_template(conversation)}; history: {settings.database_path}", file=sys.stderr)
             print(f"[INFO] Context size: {chat.backend.n_ctx}; reply length: {settings.n_predict} tokens. Type /help for commands.", file=sys.stderr)
@@ -137,7 +137,7 @@ def start_terminal(settings: Settings) -> int:
 
 
 def start_discord(settings: Settings) -> int:
-    from bot.discord_adapter.client import run_bot
+    from bot.discord_adapter.runner import run_bot
 
     setup_logging(settings, quiet=False)
     return asyncio.run(run_bot(settings))

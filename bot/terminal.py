@@ -178,7 +178,7 @@ class TerminalChat:
                 else:
                     self._say(f"[INFO] Prompt template: {key}\n")
             else:
-                conversation = await self.chat.store.conversation(self.scope)
+                conversation = await self.chat.conversation(self.scope)
                 self._say(f"[INFO] Prompt template: {self.chat.describe_template(conversation)}; available: {', '.join(NAMES)}\n")
         else:
             self._say(f"[INFO] {HELP}\n")

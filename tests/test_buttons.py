@@ -15,9 +15,11 @@ import pytest
 
 from bot.conversations.service import NOT_NEWEST, OpenAnswer
 from bot.config import Sampling
-from bot.discord_adapter.client import NOT_YOURS, REFUSED_BLOCKED, LlamaBot
+from bot.discord_adapter.access import REFUSED_BLOCKED
+from bot.discord_adapter.buttons import NOT_YOURS
+from bot.discord_adapter.client import LlamaBot
 from bot.discord_adapter.output import split_message
-from bot.discord_adapter.views import CONTINUE, REGENERATE, STOP
+STOP, REGENERATE, CONTINUE = "stop", "regen", "cont"  # what a button's custom_id says it does
 from bot.formats.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
 from tests.conftest import JSON, World, mention, scope
 from tests.references import HF_TEMPLATES
@@ -53,7 +55,7 @@ async def press(world: World, bot: LlamaBot, message: JSON, action: str, user: J
     """Press one of our buttons; wait for the acknowledgement and for the work it started."""
     interaction = await world.fake.press_button(message, button(message, action), user)
     await world.fake.wait_for(lambda: interaction.acked_at is not None, 10)
-    await world.fake.wait_for(lambda: not bot._redoing and bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+    await world.fake.wait_for(lambda: not bot.ctx.replies.redoing and bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
     return interaction
 
 
@@ -72,7 +74,7 @@ def assert_refused(interaction: Interaction) -> None:
 async def test_stop_button_is_for_the_author_and_admins(world: World, start_bot) -> None:
     other = bob(world)
     async with start_bot(n_predict=400) as bot:
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         for user in (world.ann, world.mod):  # the author, then a moderator stopping Ann's reply
             sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a very long story about a dragon named Ember.")
             [reply] = await world.fake.wait_for_bot_message(world.general, after=sent)
@@ -80,11 +82,11 @@ async def test_stop_button_is_for_the_author_and_admins(world: World, start_bot)
             refused = await world.fake.press_button(reply, button(reply, STOP), other)
             await refused.wait_done()
             assert_refused(refused)
-            assert bot.replies.get(scope(world, world.general)) is not None  # still writing
+            assert bot.ctx.replies.reply_in(scope(world, world.general)) is not None  # still writing
             stop = await world.fake.press_button(reply, button(reply, STOP), user)
             await world.fake.wait_for(lambda: reply["content"].endswith("*(stopped)*"), 60)
             assert stop.response_types == [6] and stop.errors == []
-            await world.fake.wait_for(lambda: bot.scheduler.running == 0)
+            await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
             # Done: Stop is gone; what was written can be regenerated (it did not end at the length limit).
             assert custom_ids(reply) == [f"llamabot:regen:{sent['id']}:{world.ann['id']}"]
             content, status, first, last, tokens = answers(db, scope(world, world.general))[-1]
@@ -96,7 +98,7 @@ async def test_stop_button_is_for_the_author_and_admins(world: World, start_bot)
         regenerate = await world.fake.press_button(reply, button(reply, REGENERATE), world.ann)
         await world.fake.wait_for(lambda: custom_ids(reply) == [f"llamabot:stop:{sent['id']}:{world.ann['id']}"], 30)
         await world.fake.press_button(reply, button(reply, STOP), world.ann)
-        await world.fake.wait_for(lambda: not bot._redoing and bot.scheduler.running == 0, 60)
+        await world.fake.wait_for(lambda: not bot.ctx.replies.redoing and bot.ctx.scheduler.running == 0, 60)
         assert regenerate.response_types == [6] and regenerate.followups == []
         stored = answers(db, scope(world, world.general))
         assert len(stored) == count and stored[-1][1] == "stopped" and reply["content"] == stored[-1][0] + " *(stopped)*"
@@ -106,7 +108,7 @@ async def test_stop_button_is_for_the_author_and_admins(world: World, start_bot)
 async def test_regenerate_replaces_the_answer_in_place(world: World, start_bot) -> None:
     other = bob(world)
     async with start_bot(sampling=SAMPLED, stream=False) as bot:
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         where = scope(world, world.general)
         await ask(world, bot, world.general, world.ann, "My name is Ann and I like sailing.")
         [reply] = await ask(world, bot, world.general, world.ann, "Tell me a short fact about the sea.")
@@ -129,7 +131,7 @@ async def test_regenerate_replaces_the_answer_in_place(world: World, start_bot) 
         assert REGENERATE in button(reply, REGENERATE)
 
         # The next prompt holds the new answer where the old one was.
-        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(where))
+        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(where))
         contents = [m.content for m in prompt.messages]
         assert contents[-1] == new_text and old_text not in contents
 
@@ -137,7 +139,7 @@ async def test_regenerate_replaces_the_answer_in_place(world: World, start_bot) 
 async def test_continue_extends_the_answer_that_hit_the_length_limit(world: World, start_bot) -> None:
     other = bob(world)
     async with start_bot(n_predict=16) as bot:
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         where = scope(world, world.general)
         [reply] = await ask(world, bot, world.general, world.ann, "Write a long poem about the moon and the stars.")
         [(old_text, _, _, _, old_tokens)] = answers(db, where)
@@ -145,8 +147,8 @@ async def test_continue_extends_the_answer_that_hit_the_length_limit(world: Worl
         assert custom_ids(reply) == [f"llamabot:{a}:{reply['message_reference']['message_id']}:{world.ann['id']}" for a in ("regen", "cont")]
 
         # The continuation's prompt ends inside the answer's turn (SmolLM2 is ChatML): no <|im_end|> after it.
-        continued = await bot.chat.build_prompt(await bot.chat.store.conversation(where), open_answer=True)
-        vocab = bot.chat.backend.engine.vocab  # type: ignore[attr-defined]
+        continued = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(where), open_answer=True)
+        vocab = bot.ctx.chat.backend.engine.vocab  # type: ignore[attr-defined]
         [im_start], [im_end] = vocab.tokenize("<|im_start|>", special=True), vocab.tokenize("<|im_end|>", special=True)
         tokens = continued.prepared.tokens
         tail = tokens[len(tokens) - tokens[::-1].index(im_start) :]  # after the last <|im_start|>
@@ -208,7 +210,7 @@ async def test_continue_with_a_model_server_only_where_the_bot_renders_the_promp
     # OPENAI_MODE=chat: the server applies its template and may start a new turn, so no Continue.
     async with remote_bot(world, remote_settings(tmp_path, server.base, stream=False, n_predict=16)) as bot:
         [chatted] = await ask(world, bot, world.general, world.ann, "Write a long poem about the sea.")
-        assert [a[4] for a in answers(bot.settings.database_path, scope(world, world.general))] == [16]
+        assert [a[4] for a in answers(bot.ctx.settings.database_path, scope(world, world.general))] == [16]
         assert custom_ids(chatted) == [button(chatted, REGENERATE)]
     # OPENAI_MODE=completions: the bot's own template leaves the answer open; the server continues it.
     settings = remote_settings(tmp_path / "c", server.base, openai_mode="completions", prompt_template="chatml", stream=False, n_predict=16)
@@ -258,7 +260,7 @@ def test_open_answer_with_real_chat_templates(path: Path) -> None:
 
 async def test_regenerate_waits_its_turn_and_refuses_once_a_newer_answer_exists(world: World, start_bot) -> None:
     async with start_bot(parallel=1, n_predict=300) as bot:  # one reply at a time, in all channels
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         where = scope(world, world.general)
         [old] = await ask(world, bot, world.general, world.ann, "Say hello.")
         stored = answers(db, where)

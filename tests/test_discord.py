@@ -7,7 +7,9 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from bot.discord_adapter.client import BUSY, MENTION_ONLY, NO_TEXT, LlamaBot
+from bot.conversations.store import ChatMode
+from bot.discord_adapter.client import LlamaBot
+from bot.discord_adapter.intake import BUSY, MENTION_ONLY, NO_TEXT
 from bot.discord_adapter.commands import NEED_ADMIN
 from bot.discord_adapter.output import LIMIT, split_message
 from tests.conftest import JSON, World, mention, rows, scope
@@ -18,7 +20,7 @@ async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: st
     content = text if "guild_id" not in channel else f"{mention(world.fake)} {text}"
     sent = await world.fake.send_message(channel, author, content)
     await world.fake.wait_for_bot_message(channel, after=sent, timeout=timeout)
-    await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, timeout)
+    await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, timeout)
     return [m for m in world.fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
 
 
@@ -30,7 +32,7 @@ async def test_mention_gets_a_reply_in_the_right_channel_and_is_stored(world: Wo
         assert reply["message_reference"]["message_id"] == sent["id"]  # a reply to the triggering message
         assert world.fake.bot_messages(world.random) == []
         assert world.fake.typing and world.fake.typing[0][0] == world.general["id"]
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 2)
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 2)
     stored = rows(tmp_path / "bot.sqlite3")
     assert stored == [
         (scope(world, world.general), "user", "What is the capital of France?"),
@@ -51,7 +53,7 @@ async def test_messages_that_are_not_for_the_bot_are_ignored(world: World, start
         await asyncio.sleep(1.0)
         assert world.fake.bot_messages(world.general) == []
         assert len(world.fake.bot_messages(world.random)) == 1
-        assert [r[1] for r in rows(bot.settings.database_path)] == ["user", "assistant"]
+        assert [r[1] for r in rows(bot.ctx.settings.database_path)] == ["user", "assistant"]
 
 
 async def test_two_channels_keep_separate_histories(world: World, start_bot) -> None:
@@ -59,12 +61,12 @@ async def test_two_channels_keep_separate_histories(world: World, start_bot) -> 
         await ask(world, bot, world.general, world.ann, "My favourite fruit is mango.")
         await ask(world, bot, world.random, world.mod, "My favourite colour is teal.")
         await ask(world, bot, world.general, world.mod, "What is Ann's favourite fruit?")
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         general = rows(db, scope(world, world.general))
         random = rows(db, scope(world, world.random))
         assert [r[2] for r in general if r[1] == "user"] == ["My favourite fruit is mango.", "What is Ann's favourite fruit?"]
         assert [r[2] for r in random if r[1] == "user"] == ["My favourite colour is teal."]
-        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         assert not any("teal" in m.content for m in prompt.messages)
         assert any("Ann: My favourite fruit is mango." == m.content for m in prompt.messages)
 
@@ -77,7 +79,7 @@ async def test_reset_clears_only_its_channel(world: World, start_bot) -> None:
         await interaction.wait_done()
         assert interaction.ephemeral and interaction.content == "Conversation cleared (2 messages)."
         assert interaction.latency is not None and interaction.latency < 3
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         assert rows(db, scope(world, world.general)) == []
         assert len(rows(db, scope(world, world.random))) == 2
 
@@ -90,8 +92,8 @@ async def test_non_admin_is_refused_server_side(world: World, start_bot) -> None
             interaction = await world.fake.invoke_command(name, user=world.ann, channel=world.general, options=options)
             await interaction.wait_done()
             assert interaction.ephemeral and interaction.content == NEED_ADMIN.format(name=name)
-        conversation = await bot.chat.store.conversation(scope(world, world.general))
-        assert conversation.template is None and not conversation.chat_enabled
+        conversation = await bot.ctx.chat.store.conversation(scope(world, world.general))
+        assert conversation.template is None and conversation.chat_mode == ChatMode.OFF
         # showing the current template is fine for anyone
         shown = await (await world.fake.invoke_command("template", user=world.ann, channel=world.general)).wait_done()
         assert shown.content.startswith("Template here: **auto**")
@@ -121,7 +123,7 @@ async def test_template_switch_survives_a_restart(world: World, start_bot, tmp_p
         other = await (await world.fake.invoke_command("template", user=world.ann, channel=world.random)).wait_done()
         assert other.content.startswith("Template here: **auto**")
         await ask(world, bot, world.general, world.ann, "Hello")
-        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         assert prompt.template.name == "vicuna-chat"
 
 
@@ -130,7 +132,7 @@ async def test_dm_conversation(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         await ask(world, bot, dm, world.ann, "My name is Zanzibar.")
         await ask(world, bot, dm, world.ann, "What is my name?")
-        stored = rows(bot.settings.database_path, f"dm:{world.ann['id']}")
+        stored = rows(bot.ctx.settings.database_path, f"dm:{world.ann['id']}")
         assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
         reset = await (await world.fake.invoke_command("reset", user=world.ann, channel=dm)).wait_done()
         assert reset.content == "Conversation cleared (4 messages)."  # anyone may /reset their own DM
@@ -139,9 +141,9 @@ async def test_dm_conversation(world: World, start_bot) -> None:
 async def test_long_reply_is_split_with_code_fences_intact(world: World, start_bot) -> None:
     async with start_bot(n_predict=700, stream=False) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 2, timeout=120)
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 2, timeout=120)
         pages = [m["content"] for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
-        full = rows(bot.settings.database_path)[1][2]
+        full = rows(bot.ctx.settings.database_path)[1][2]
     assert len(full) > LIMIT and len(pages) >= 2
     assert all(len(p) <= LIMIT for p in pages)
     assert pages == split_message(full)
@@ -182,7 +184,7 @@ async def test_empty_and_attachment_only_messages_get_a_short_note(world: World,
         )
         [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
         assert note["content"] == NO_TEXT
-        assert rows(bot.settings.database_path) == []  # nothing stored as if answered
+        assert rows(bot.ctx.settings.database_path) == []  # nothing stored as if answered
 
 
 async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot) -> None:
@@ -191,13 +193,13 @@ async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot)
         await world.fake.request_reconnect()  # op 7 while the reply is being generated
         second = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} And one about the sun.")
         replies = await world.fake.wait_for_bot_message(world.general, after=sent, count=2, timeout=120)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
         await asyncio.sleep(1.0)
         replies = [m for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
         assert len(replies) == 2  # each message answered exactly once
         assert {r["message_reference"]["message_id"] for r in replies} == {sent["id"], second["id"]}
         assert world.fake.resume_count >= 1
-        stored = rows(bot.settings.database_path)
+        stored = rows(bot.ctx.settings.database_path)
         assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
 
 
@@ -220,8 +222,8 @@ async def test_busy_channel_messages_wait_their_turn_in_order(world: World, star
             lambda: [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == third["id"]]
         )
         assert busy[0]["content"] == BUSY
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 4, timeout=120)
-        users = [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"]
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 4, timeout=120)
+        users = [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"]
         assert users == ["Count to three.", "Name a fruit."]
         assert "Name a car." not in " ".join(users)  # turned away: nothing stored as if answered
         second_reply = [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == second["id"]]
@@ -233,7 +235,7 @@ async def test_threads_are_their_own_conversation(world: World, start_bot) -> No
     async with start_bot(stream=False) as bot:
         await ask(world, bot, world.general, world.ann, "Hello in the channel.")
         await ask(world, bot, thread, world.ann, "Hello in the thread.")
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         assert [r[2] for r in rows(db, f"guild:{world.guild['id']}:channel:{thread['id']}") if r[1] == "user"] == ["Hello in the thread."]
         assert [r[2] for r in rows(db, scope(world, world.general)) if r[1] == "user"] == ["Hello in the channel."]
 
@@ -242,13 +244,13 @@ async def test_edits_and_deletes_are_followed(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} My secret word is apple.")
         await world.fake.wait_for_bot_message(world.general, after=first)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
-        db = bot.settings.database_path
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
+        db = bot.ctx.settings.database_path
         await world.fake.edit_message(first, f"{mention(world.fake)} My secret word is banana.")
         await world.fake.wait_for(lambda: rows(db)[0][2] == "My secret word is banana.")
         await world.fake.delete_message(first)
         await world.fake.wait_for(lambda: [r[1] for r in rows(db)] == ["assistant"])
-        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         assert not any("apple" in m.content or "banana" in m.content for m in prompt.messages)
 
 
@@ -258,13 +260,13 @@ async def test_an_edit_is_stored_as_a_new_message_would_be(world: World, start_b
     async with start_bot(stream=False) as bot:
         first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Say hi.")
         await world.fake.wait_for_bot_message(world.general, after=first)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
         await world.fake.edit_message(first, text)
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         await world.fake.wait_for(lambda: rows(db)[0][2] != "Say hi.")
         second = await world.fake.send_message(world.general, world.ann, text)
         await world.fake.wait_for_bot_message(world.general, after=second)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
         edited, fresh = [r[2] for r in rows(db) if r[1] == "user"]
         assert edited == fresh and edited.startswith("Say hi to @") and "<@" not in edited
 
@@ -276,5 +278,5 @@ async def test_text_with_attachment_is_answered_with_a_note(world: World, start_
         )
         [reply] = await world.fake.wait_for_bot_message(world.general, after=sent)
         assert reply["content"].endswith("-# I did not read a.bin (not a text file).")
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
-        assert [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"] == ["What is 2+2?"]
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
+        assert [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"] == ["What is 2+2?"]

@@ -69,8 +69,8 @@ def test_bot_wide_cap() -> None:
 async def test_short_streamed_reply_is_posted_once_complete(world: World, start_bot) -> None:
     async with start_bot(n_predict=2, stream=True) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Say hi.")
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 2, timeout=600)
-        stored = rows(bot.settings.database_path)[1][2]
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 2, timeout=600)
+        stored = rows(bot.ctx.settings.database_path)[1][2]
         [reply] = bot_pages(world, world.general, sent)
     posts = world.fake.requests_to("POST", rf"/channels/{world.general['id']}/messages$")
     assert len(posts) == 1 and posts[0]["json"]["content"] == stored  # one message, already complete
@@ -81,9 +81,9 @@ async def test_short_streamed_reply_is_posted_once_complete(world: World, start_
 async def test_long_streamed_reply_ends_with_a_final_edit_right_after_generation(world: World, start_bot) -> None:
     async with start_bot(n_predict=400, stream=True) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {STORY}")
-        reply: Reply = await world.fake.wait_for(lambda: bot.replies.get(scope(world, world.general)), timeout=600)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=900)
-        stored = rows(bot.settings.database_path)[1][2]
+        reply: Reply = await world.fake.wait_for(lambda: bot.ctx.replies.reply_in(scope(world, world.general)), timeout=600)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout=900)
+        stored = rows(bot.ctx.settings.database_path)[1][2]
         pages = bot_pages(world, world.general, sent)
     ended = reply.generation.finished_at  # perf_counter and the fake's monotonic() are the same clock
     assert ended is not None and reply.finish_reason == "length"
@@ -101,7 +101,7 @@ async def test_long_streamed_reply_ends_with_a_final_edit_right_after_generation
     assert all(pages[0]["content"].startswith(text) for text in growing if len(text) <= len(pages[0]["content"]))
     assert after and after[-1]["json"]["content"] == pages[-1]["content"]  # the last edit is the final text...
     assert len(after) <= 2  # ...at most one streaming edit was already on its way when generation ended
-    assert bot.edit_budget.final_waits == 0  # ...and it went out without waiting for the budget
+    assert bot.ctx.edit_budget.final_waits == 0  # ...and it went out without waiting for the budget
     assert max_edits_in_window(world, world.general) <= EDITS_PER_WINDOW
 
 
@@ -114,13 +114,13 @@ async def test_no_channel_exceeds_five_edits_in_five_seconds(world: World, start
         for channel in channels:
             asked.append(await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {STORY}"))
             asked.append(await world.fake.send_message(channel, world.mod, f"{mention(world.fake)} Write a long story about a castle."))
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 4 * len(channels), timeout=900)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=600)
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 4 * len(channels), timeout=900)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout=600)
     edits = world.fake.requests_to("PATCH", EDIT)
     assert len(edits) >= 4 * len(channels)  # they really streamed
     for channel in channels:
         assert max_edits_in_window(world, channel) <= EDITS_PER_WINDOW
-        answers = [r[2] for r in rows(bot.settings.database_path, scope(world, channel)) if r[1] == "assistant"]
+        answers = [r[2] for r in rows(bot.ctx.settings.database_path, scope(world, channel)) if r[1] == "assistant"]
         mine = [m for m in asked if m["channel_id"] == channel["id"]]
         for message, answer in zip(mine, answers, strict=True):  # the second one's queue note became its reply
             assert [m["content"] for m in replies_to(world, channel, message)] == split_message(answer)[:1]
@@ -133,9 +133,9 @@ async def test_streamer_survives_a_refused_edit(world: World, start_bot) -> None
     async with start_bot(n_predict=400, stream=True) as bot:
         world.fake.fail_next("PATCH", EDIT, 403, times=1)
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {STORY}")
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 2, timeout=900)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=600)
-        stored = rows(bot.settings.database_path)[1][2]
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 2, timeout=900)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout=600)
+        stored = rows(bot.ctx.settings.database_path)[1][2]
     assert [p["content"] for p in bot_pages(world, world.general, sent)] == split_message(stored)
     statuses = [r["status"] for r in world.fake.requests_to("PATCH", EDIT)]
     assert statuses[0] == 403 and statuses[-1] == 200 and len(statuses) == 2  # no streaming after the refusal

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from bot.conversations.service import ChatService
-from bot.discord_adapter.client import RESTARTED, SORRY, LlamaBot
+from bot.discord_adapter.client import LlamaBot
+from bot.discord_adapter.recovery import RESTARTED
+from bot.discord_adapter.replies import SORRY
 from bot.engine.local import Engine, EngineDead, EngineOptions, LocalBackend
 from bot.conversations.store import Store
 from tests.conftest import World, make_settings, mention, rows, scope
@@ -42,7 +44,7 @@ def everything_stored(db: Path) -> str:
 
 
 async def idle(fake: FakeDiscord, bot: LlamaBot) -> None:
-    await fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+    await fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
 
 
 async def run_until(fake: FakeDiscord, tmp_path: Path, *conditions: Callable[[], object], **env: str) -> None:
@@ -154,15 +156,15 @@ async def test_too_old_to_resume_gets_a_note_and_is_never_answered(world: World,
 async def test_edit_while_queued_is_answered_in_its_edited_form(world: World, start_bot) -> None:
     async with start_bot(stream=False, n_predict=200, parallel=1) as bot:
         await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} {LONG}")  # holds the only slot
-        await world.fake.wait_for(lambda: bot.replies, 60)
+        await world.fake.wait_for(lambda: len(bot.ctx.replies), 60)
         queued = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} What is the capital of Spain?")
         await world.fake.wait_for(lambda: replies_to(world.fake, world.general, queued), 60)  # "#1 in line"
-        assert bot.scheduler.waiting == 1
+        assert bot.ctx.scheduler.waiting == 1
         await world.fake.edit_message(queued, f"{mention(world.fake)} What is the capital of France?")
-        await world.fake.wait_for(lambda: bot.chat.store is not None and "France" in everything_stored(bot.settings.database_path), 30)
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path, scope(world, world.general))) == 2, 120)
+        await world.fake.wait_for(lambda: bot.ctx.chat.store is not None and "France" in everything_stored(bot.ctx.settings.database_path), 30)
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path, scope(world, world.general))) == 2, 120)
         await idle(world.fake, bot)
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
     assert [r[2] for r in rows(db, scope(world, world.general))][0] == "What is the capital of France?"
     assert "Spain" not in everything_stored(db)
     [reply] = replies_to(world.fake, world.general, queued)
@@ -172,12 +174,12 @@ async def test_edit_while_queued_is_answered_in_its_edited_form(world: World, st
 async def test_delete_while_queued_is_never_answered(world: World, start_bot) -> None:
     async with start_bot(stream=False, n_predict=200, parallel=1) as bot:
         await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} {LONG}")
-        await world.fake.wait_for(lambda: bot.replies, 60)
+        await world.fake.wait_for(lambda: len(bot.ctx.replies), 60)
         queued = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Tell me a secret.")
         await world.fake.wait_for(lambda: replies_to(world.fake, world.general, queued), 60)
         await world.fake.delete_message(queued)
         await idle(world.fake, bot)
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
     assert rows(db, scope(world, world.general)) == []
     assert "secret" not in everything_stored(db)
     assert world.fake.bot_messages(world.general) == []  # the waiting note went with it
@@ -187,11 +189,11 @@ async def test_delete_during_generation_stops_it_and_stores_nothing(world: World
     async with start_bot(stream=True, n_predict=600) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {LONG}")
         await world.fake.wait_for(lambda: replies_to(world.fake, world.general, sent), 60)  # it is being written
-        generation = bot.replies[scope(world, world.general)].generation
+        generation = bot.ctx.replies.reply_in(scope(world, world.general)).generation
         await world.fake.delete_message(sent)
         await idle(world.fake, bot)
         assert generation.finish_reason == "cancelled" and generation.n_generated < 600
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         assert rows(db) == []
         assert world.fake.bot_messages(world.general) == []  # the half-written reply is gone too
         [after] = await asyncio.gather(world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Hi again"))
@@ -212,7 +214,7 @@ def attachments_of(db: Path) -> list[tuple[str, str, str | None]]:
 
 async def test_edit_while_its_file_downloads_is_answered_in_its_edited_form_with_the_file(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         world.fake.hold_attachments = asyncio.Event()  # a slow download
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} When is it?", attachments=[NOTE])
         await world.fake.wait_for(lambda: world.fake.attachment_downloads == 1, 30)
@@ -229,7 +231,7 @@ async def test_edit_while_its_file_downloads_is_answered_in_its_edited_form_with
 
 async def test_delete_while_its_file_downloads_is_never_answered(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         world.fake.hold_attachments = asyncio.Event()
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Read this.", attachments=[NOTE])
         await world.fake.wait_for(lambda: world.fake.attachment_downloads == 1, 30)

@@ -185,7 +185,7 @@ def shown_in(world: World, channel: dict) -> list[str]:
 
 
 async def ask_reasoning(world: World, bot, text: str) -> dict:
-    bot.chat.backend.grammar = THINK
+    bot.ctx.chat.backend.grammar = THINK
     try:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {text}")
 
@@ -193,9 +193,9 @@ async def ask_reasoning(world: World, bot, text: str) -> dict:
             return [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == sent["id"]]
 
         await world.fake.wait_for(replies, 120)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
     finally:
-        bot.chat.backend.grammar = None
+        bot.ctx.chat.backend.grammar = None
     [reply] = replies()
     return reply
 
@@ -207,10 +207,10 @@ async def test_discord_hide_never_shows_a_thought(world: World, start_bot) -> No
         assert re.fullmatch(r"[A-Z][a-z ,]{8,40}\.", lines[0]) and re.fullmatch(THOUGHT_NOTE.replace("{s:.0f}", r"\d+"), lines[1])
         shown = shown_in(world, world.general)
         assert not any(MARK in s or "think>" in s for s in shown), shown
-        with sqlite3.connect(bot.settings.database_path) as db:
+        with sqlite3.connect(bot.ctx.settings.database_path) as db:
             stored = db.execute("SELECT content, reasoning FROM messages WHERE role = 'assistant'").fetchone()
         assert stored[0] == lines[0] and stored[1].startswith(MARK)
-        follow = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        follow = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         assert not any(MARK in m.content for m in follow.messages)
 
 

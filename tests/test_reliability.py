@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.discord_adapter.client import MENTION_ONLY, NO_TEXT, SLOW_DOWN, SORRY, UNDELIVERED
+from bot.discord_adapter.access import SLOW_DOWN
+from bot.discord_adapter.intake import MENTION_ONLY, NO_TEXT
+from bot.discord_adapter.replies import SORRY, UNDELIVERED
 from tests.conftest import ROOT, World, mention, rows, run_cli, scope
 from tests.fakediscord import FakeDiscord
 from tests.test_discord_process import one_reply_then_sigterm
@@ -30,7 +32,7 @@ def replies_to(world: World, channel: dict, message: dict) -> list[dict]:
 async def send_and_wait(world: World, bot, channel: dict, content: str, **kw) -> list[dict]:
     sent = await world.fake.send_message(channel, world.ann, content, **kw)
     await world.fake.wait_for(lambda: replies_to(world, channel, sent), 120)
-    await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+    await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
     return replies_to(world, channel, sent)
 
 
@@ -55,7 +57,7 @@ async def test_odd_but_real_text_is_answered_and_stored(world: World, start_bot,
     async with start_bot(stream=False) as bot:
         [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} {content}")
         assert reply["content"].strip() and reply["content"] != SORRY
-        stored = statuses(bot.settings.database_path)
+        stored = statuses(bot.ctx.settings.database_path)
         assert [(r[0], r[1]) for r in stored] == [("user", "ok"), ("assistant", "ok")]
         assert stored[0][2] == content.strip()  # stored whole, even when the prompt had to cut it
 
@@ -73,17 +75,17 @@ async def test_messages_without_text_get_a_short_note_and_nothing_is_stored(worl
     async with start_bot() as bot:
         [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)}{content}", **extra)
         assert reply["content"] == note
-        assert statuses(bot.settings.database_path) == []
+        assert statuses(bot.ctx.settings.database_path) == []
 
 
 async def test_typed_template_markup_stays_text(world: World, start_bot, engine) -> None:
     async with start_bot(stream=False) as bot:
         await send_and_wait(world, bot, world.general, f"{mention(world.fake)} {EVIL}")
-        assert statuses(bot.settings.database_path)[0][2] == EVIL.strip()
-        evil = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
-        await bot.chat.reset(scope(world, world.general))
+        assert statuses(bot.ctx.settings.database_path)[0][2] == EVIL.strip()
+        evil = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
+        await bot.ctx.chat.reset(scope(world, world.general))
         await send_and_wait(world, bot, world.general, f"{mention(world.fake)} hello")
-        plain = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        plain = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         control = [[t for t in p.prepared.tokens if engine.vocab.is_control(t)] for p in (evil, plain)]
         assert control[0] == control[1]  # the same turns, so the same control tokens: none came from the user
 
@@ -95,14 +97,14 @@ async def test_a_flood_from_one_user_neither_starves_others_nor_grows_memory(wor
         quiet = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} What is 2+2?")
         answer = await world.fake.wait_for(lambda: replies_to(world, world.random, quiet), timeout=30)
         assert answer[0]["content"] != SORRY
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 60)
-        users = [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"]
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 60)
+        users = [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"]
         assert users.count("spam 0") == 1 and len([u for u in users if u.startswith("spam")]) <= 2
         slow_notes = [m for m in world.fake.bot_messages(world.general) if m["content"] == SLOW_DOWN.format(s=2.0)]
         assert len(slow_notes) == 1  # said once, not 199 times
         answered = sum(1 for m in flood if replies_to(world, world.general, m))
         assert answered <= 3
-        assert len(bot._accepted_at) <= 2 and bot.scheduler.waiting == 0
+        assert len(bot.access._accepted_at) <= 2 and bot.ctx.scheduler.waiting == 0
         grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         assert grown_mb < 64
 
@@ -117,7 +119,7 @@ async def test_429_and_500_on_the_reply_are_retried_and_delivered_once(world: Wo
         world.fake.fail_next("POST", r"/channels/\d+/messages$", 500)
         [reply2] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello again!")
         assert world.fake.injected_failures == 2
-        assert [r[1] for r in statuses(bot.settings.database_path)] == ["ok"] * 4
+        assert [r[1] for r in statuses(bot.ctx.settings.database_path)] == ["ok"] * 4
         assert len(world.fake.bot_messages(world.general)) == 2  # each delivered exactly once
 
 
@@ -126,15 +128,15 @@ async def test_reply_that_finally_fails_is_kept_undelivered_and_hidden_from_the_
         world.fake.fail_next("POST", r"/channels/\d+/messages$", 503)  # discord.py does not retry a 503
         [note] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Tell me a secret number.")
         assert note["content"] == UNDELIVERED
-        await world.fake.wait_for(lambda: len(statuses(bot.settings.database_path)) == 2)
-        assert [(r[0], r[1]) for r in statuses(bot.settings.database_path)] == [("user", "ok"), ("assistant", "undelivered")]
-        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        await world.fake.wait_for(lambda: len(statuses(bot.ctx.settings.database_path)) == 2)
+        assert [(r[0], r[1]) for r in statuses(bot.ctx.settings.database_path)] == [("user", "ok"), ("assistant", "undelivered")]
+        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         assert [m.role for m in prompt.messages] == ["system", "user"]  # the model never sees it as said
 
 
 async def test_decode_error_apologises_and_keeps_serving(world: World, start_bot, caplog: pytest.LogCaptureFixture) -> None:
     async with start_bot(stream=False) as bot:
-        bot.chat.backend.engine.inject_fault("decode")
+        bot.ctx.chat.backend.engine.inject_fault("decode")
         with caplog.at_level(logging.ERROR):
             [apology] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello!")
         assert apology["content"] == SORRY
@@ -142,25 +144,25 @@ async def test_decode_error_apologises_and_keeps_serving(world: World, start_bot
         [other] = await send_and_wait(world, bot, world.random, f"{mention(world.fake)} Hi from another channel")
         [again] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello?")
         assert other["content"] != SORRY and again["content"] != SORRY
-        assert bot.chat.backend.engine.busy_slots == 0
+        assert bot.ctx.chat.backend.engine.busy_slots == 0
 
 
 async def test_gateway_drop_while_generating_delivers_once(world: World, start_bot) -> None:
     async with start_bot(stream=True, n_predict=200) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a story about a cat.")
-        await world.fake.wait_for(lambda: bot.replies)
+        await world.fake.wait_for(lambda: len(bot.ctx.replies))
         await world.fake.drop_connections(abrupt=True)
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0, 120)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 120)
         await world.fake.wait_for(lambda: world.fake.connections == 1, 30)
         assert len(replies_to(world, world.general, sent)) == 1
         after = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Are you back?")
         assert len(after) == 1
-        assert [r[1] for r in statuses(bot.settings.database_path)] == ["ok"] * 4
+        assert [r[1] for r in statuses(bot.ctx.settings.database_path)] == ["ok"] * 4
 
 
 async def test_disk_full_at_write_time_apologises_then_recovers(world: World, start_bot, caplog: pytest.LogCaptureFixture) -> None:
     async with start_bot(stream=False) as bot:
-        db = bot.chat.store._db
+        db = bot.ctx.chat.store._db
         pages = (await (await db.execute("PRAGMA page_count")).fetchone())[0]
         await db.execute(f"PRAGMA max_page_count = {int(pages)}")  # SQLite answers SQLITE_FULL, as on a full disk
         filler = "x" * 3000
@@ -168,7 +170,7 @@ async def test_disk_full_at_write_time_apologises_then_recovers(world: World, st
             for i in range(40):  # fill the last free pages
                 sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {filler} {i}")
                 await world.fake.wait_for(lambda: replies_to(world, world.general, sent), 60)
-                await world.fake.wait_for(lambda: bot.scheduler.running == 0, 60)
+                await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 60)
                 if replies_to(world, world.general, sent)[0]["content"] == SORRY:
                     break
             else:
@@ -240,7 +242,7 @@ async def test_two_guilds_and_two_dms_are_isolated(world: World, start_bot) -> N
         for name, channel in places.items():
             content = f"The secret word is {name.upper()}-WORD."
             sent = await world.fake.send_message(channel, authors[name], content if "guild_id" not in channel else f"{mention(world.fake)} {content}")
-            await world.fake.wait_for(lambda: world.fake.bot_messages(channel) and bot.scheduler.running == 0, 60)
+            await world.fake.wait_for(lambda: world.fake.bot_messages(channel) and bot.ctx.scheduler.running == 0, 60)
             assert sent
         set_template = await world.fake.invoke_command("template", user=world.fake.guild_members(other_guild)[other_guild["owner_id"]]["user"], channel=lobby, options={"name": "zephyr"})
         await set_template.wait_done()
@@ -251,7 +253,7 @@ async def test_two_guilds_and_two_dms_are_isolated(world: World, start_bot) -> N
             "dm-bob": f"dm:{bob['id']}",
         }
         for name, key in scopes.items():
-            prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(key))
+            prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(key))
             text = " ".join(m.content for m in prompt.messages)
             assert f"{name.upper()}-WORD" in text
             assert not any(f"{other.upper()}-WORD" in text for other in scopes if other != name)
@@ -261,7 +263,7 @@ async def test_two_guilds_and_two_dms_are_isolated(world: World, start_bot) -> N
             assert all(m["channel_id"] == channel["id"] for m in world.fake.bot_messages(channel))
         reset = await (await world.fake.invoke_command("reset", user=bob, channel=places["dm-bob"])).wait_done()
         assert reset.content == "Conversation cleared (2 messages)."
-        assert len(rows(bot.settings.database_path, scopes["dm-ann"])) == 2
+        assert len(rows(bot.ctx.settings.database_path, scopes["dm-ann"])) == 2
 
 
 def test_every_sql_statement_uses_parameters() -> None:

@@ -22,7 +22,8 @@ import pytest
 from bot.engine.backend import Generation
 from bot.conversations.service import ChatService, UserMessage
 from bot.config import Settings
-from bot.discord_adapter.client import SORRY, STOPPED, ShardedLlamaBot, create_bot
+from bot.discord_adapter.client import ShardedLlamaBot, create_bot
+from bot.discord_adapter.replies import SORRY, STOPPED
 from bot.engine.local import Engine, LocalBackend
 from bot.config import redact_url
 from bot.engine.remote import RemoteBackend, defang
@@ -102,7 +103,7 @@ def replies_to(world: World, channel: dict, message: dict) -> list[dict]:
 async def ask(world: World, bot: Any, channel: dict, text: str, timeout: float = 120) -> dict:
     sent = await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {text}")
     await world.fake.wait_for(lambda: replies_to(world, channel, sent), timeout)
-    await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout)
+    await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout)
     [reply] = replies_to(world, channel, sent)
     return reply
 
@@ -113,7 +114,7 @@ async def ask_and_stop(world: World, bot: Any, channel: dict, text: str, timeout
     sent = await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {text}")
     await world.fake.wait_for(lambda: replies_to(world, channel, sent), timeout)
     await (await world.fake.invoke_command("stop", user=world.ann, channel=channel)).wait_done()
-    await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout)
+    await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout)
     [reply] = replies_to(world, channel, sent)
     return reply
 
@@ -134,7 +135,7 @@ async def test_chat_mode_through_discord(world: World, server: LlamaServer, tmp_
             db = settings.database_path
             assert [r[1] for r in rows(db, scope(world, world.general))] == ["user", "assistant"]
             assert [r[1] for r in rows(db, scope(world, world.random))] == ["user", "assistant"]
-            prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+            prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
             assert not any("Name a colour" in m.content for m in prompt.messages)  # histories kept apart
             shown = await (await world.fake.invoke_command("template", user=world.mod, channel=world.general)).wait_done()
             assert "the server's own" in shown.content
@@ -147,7 +148,7 @@ async def test_completions_mode_uses_this_bots_template(world: World, server: Ll
     async with remote_bot(world, settings) as bot:
         reply = await ask(world, bot, world.general, "What is the capital of France?")
         assert "Paris" in reply["content"]
-        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, world.general)))
+        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         assert prompt.prepared.text is not None and prompt.prepared.text.startswith("<|im_start|>system\n")
         assert prompt.prepared.text.endswith("<|im_start|>assistant\n")
 
@@ -159,7 +160,7 @@ async def test_stop_closes_the_stream(world: World, server: LlamaServer, tmp_pat
         await world.fake.wait_for(lambda: replies_to(world, world.general, sent), 60)
         started = time.monotonic()
         await (await world.fake.invoke_command("stop", user=world.ann, channel=world.general)).wait_done()
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0, 30)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 30)
         assert time.monotonic() - started < 5  # at once, not after 600 tokens
         [reply] = replies_to(world, world.general, sent)
         assert reply["content"].endswith(STOPPED)
@@ -176,7 +177,7 @@ async def test_server_killed_mid_stream_then_back(world: World, model_path: Path
             await world.fake.wait_for(lambda: replies_to(world, world.general, sent), 60)
             with caplog.at_level(logging.WARNING):
                 srv.stop()  # the server dies while it streams
-                await world.fake.wait_for(lambda: bot.scheduler.running == 0, 60)
+                await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 60)
             [reply] = replies_to(world, world.general, sent)
             assert reply["content"] == SORRY
             assert f"model server request for {scope(world, world.general)} failed" in caplog.text
@@ -523,7 +524,7 @@ async def test_two_shards_each_answer_their_guild(engine: Engine, tmp_path: Path
                 for i, channel in enumerate(channels):
                     sent = await fake.send_message(channel, ann, f"<@{fake.bot_user['id']}> My number is {i + 41}.")
                     await fake.wait_for_bot_message(channel, after=sent, timeout=60)
-                    await fake.wait_for(lambda: bot.scheduler.running == 0, 60)
+                    await fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 60)
                 assert sorted(p["shard"] for p in fake.identify_payloads) == [[0, 2], [1, 2]]
                 assert {bot.get_guild(int(g["id"])).shard_id for g in guilds} == {0, 1}
                 for i, (g, channel) in enumerate(zip(guilds, channels)):

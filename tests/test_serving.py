@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 from bot.conversations.service import ChatService, UserMessage
-from bot.discord_adapter.client import STOPPED
+from bot.discord_adapter.replies import STOPPED
 from bot.discord_adapter.output import BOT_EDITS_PER_S, EDITS_PER_WINDOW, LIMIT, split_message
 from bot.engine.local import Engine
 from tests.conftest import World, mention, rows, scope
@@ -30,9 +30,9 @@ async def test_streamed_reply_appears_early_respects_edit_rate_and_ends_exact(wo
     async with start_bot(n_predict=700, stream=True) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")
         [first] = await world.fake.wait_for_bot_message(world.general, after=sent, timeout=60)
-        assert bot.scheduler.running == 1  # visible while still being generated
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=180)
-        final = rows(bot.settings.database_path)[1][2]
+        assert bot.ctx.scheduler.running == 1  # visible while still being generated
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout=180)
+        final = rows(bot.ctx.settings.database_path)[1][2]
         pages = [m for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
     assert len(final) > LIMIT
     assert [p["content"] for p in pages] == split_message(final)  # the final text is exact, page by page
@@ -47,14 +47,14 @@ async def test_edit_budget_with_four_channels_streaming(world: World, start_bot)
     async with start_bot(n_predict=250, stream=True, parallel=4) as bot:
         for channel in channels:
             await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {STORY}")
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 8, timeout=180)
-        assert bot.chat.backend.engine.batched_steps > 0  # the four were decoded together
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 8, timeout=180)
+        assert bot.ctx.chat.backend.engine.batched_steps > 0  # the four were decoded together
     edits = world.fake.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
     times = sorted(e["time"] for e in edits)
     assert max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times)) <= BOT_EDITS_PER_S  # bot-wide
     for channel in channels:  # each channel within its own budget, and every reply still ends exact
         assert max_edits_in_window(world, channel) <= EDITS_PER_WINDOW
-        stored = [r[2] for r in rows(bot.settings.database_path, scope(world, channel)) if r[1] == "assistant"]
+        stored = [r[2] for r in rows(bot.ctx.settings.database_path, scope(world, channel)) if r[1] == "assistant"]
         assert [m["content"] for m in world.fake.bot_messages(channel)] == split_message(stored[0])
 
 
@@ -64,8 +64,8 @@ async def test_fair_queue_serves_a_quiet_channel_before_a_busy_one(world: World,
         quiet = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} Hello from a quiet channel.")
         note = await world.fake.wait_for(lambda: replies_to(world, world.random, quiet))
         assert note[0]["content"] == "\u23f3 Busy: you're #2 in line."  # a waiting user sees their position
-        await world.fake.wait_for(lambda: len(rows(bot.settings.database_path)) == 10, timeout=180)
-        order = [r[2] for r in rows(bot.settings.database_path) if r[1] == "user"]
+        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 10, timeout=180)
+        order = [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"]
         # round-robin: the quiet channel waited for one busy-channel message, not for all of them
         assert order == ["Question 0?", "Question 1?", "Hello from a quiet channel.", "Question 2?", "Question 3?"]
         [answer] = replies_to(world, world.random, quiet)
@@ -80,13 +80,13 @@ async def test_stop_mid_reply_keeps_what_was_written(world: World, start_bot) ->
         stop = await world.fake.invoke_command("stop", user=world.ann, channel=world.general)
         await stop.wait_done()
         assert stop.ephemeral and stop.content == "Stopped."
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
         [reply] = replies_to(world, world.general, sent)
         assert reply["content"].endswith(STOPPED)
-        assert statuses(bot.settings.database_path) == [("user", "ok"), ("assistant", "stopped")]
-        stored = rows(bot.settings.database_path)[1][2]
+        assert statuses(bot.ctx.settings.database_path) == [("user", "ok"), ("assistant", "stopped")]
+        stored = rows(bot.ctx.settings.database_path)[1][2]
         assert reply["content"] == stored + STOPPED and len(stored) > 0
-        assert bot.chat.backend.engine.busy_slots == 0  # the slot is free
+        assert bot.ctx.chat.backend.engine.busy_slots == 0  # the slot is free
         again = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Thanks!")
         await world.fake.wait_for_bot_message(world.general, after=again)
 
@@ -95,15 +95,15 @@ async def test_stop_during_prompt_evaluation(world: World, start_bot) -> None:
     async with start_bot(stream=True) as bot:
         long_message = "Please summarise: " + "the history of the world in many words " * 100  # ~800 tokens to read
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {long_message}")
-        await world.fake.wait_for(lambda: bot.replies)  # generation started: the prompt is being read
+        await world.fake.wait_for(lambda: len(bot.ctx.replies))  # generation started: the prompt is being read
         stop = await world.fake.invoke_command("stop", user=world.ann, channel=world.general)
         await stop.wait_done()
-        await world.fake.wait_for(lambda: bot.scheduler.running == 0, timeout=30)
+        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout=30)
         [reply] = replies_to(world, world.general, sent)
         assert reply["content"] == STOPPED.strip()
-        assert statuses(bot.settings.database_path) == [("user", "ok")]  # nothing written, nothing stored as said
+        assert statuses(bot.ctx.settings.database_path) == [("user", "ok")]  # nothing written, nothing stored as said
         reply_obj_gone = not bot.replies
-        assert reply_obj_gone and bot.chat.backend.engine.busy_slots == 0
+        assert reply_obj_gone and bot.ctx.chat.backend.engine.busy_slots == 0
 
 
 async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> None:

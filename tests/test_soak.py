@@ -17,7 +17,8 @@ import pytest
 from bot.engine.local import LocalBackend
 from bot.conversations.service import ChatService
 from bot.config import bundled_model_path
-from bot.discord_adapter.client import LlamaBot, scope_for
+from bot.discord_adapter.client import LlamaBot
+from bot.discord_adapter.scopes import DiscordScope
 from bot.engine.local import Engine, EngineOptions
 from bot.conversations.store import Store
 from tests.conftest import make_settings
@@ -76,7 +77,7 @@ async def test_soak(soak_engine: Engine, tmp_path: Path, capsys: pytest.CaptureF
         settings = make_settings(tmp_path, discord_token=fake.token, n_predict=4, user_cooldown_s=0.0, max_queue=64, stream=True)
         async with await Store.open(settings.database_path) as store:
             for channel, user in places:  # each conversation starts with a history that fills its window
-                conversation = await store.conversation(scope_for(int(channel["guild_id"]) if "guild_id" in channel else None, int(channel["id"]), int(user["id"])))
+                conversation = await store.conversation(DiscordScope.of(int(channel["guild_id"]) if "guild_id" in channel else None, int(channel["id"]), int(user["id"])).key)
                 for i in range(30):
                     await store.add_message(conversation.id, "user" if i % 2 == 0 else "assistant", f"Earlier message {i} about numbers.")
             bot = LlamaBot(settings, ChatService(LocalBackend(engine), store, settings), guild_ready_timeout=0.1)
@@ -126,7 +127,7 @@ async def test_soak(soak_engine: Engine, tmp_path: Path, capsys: pytest.CaptureF
                     await asyncio.gather(*(speaker(ch, user, n) for (ch, user), n in zip(places, counts)))
                 finally:
                     chaos_task.cancel()
-                await fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 120)
+                await fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
                 await asyncio.sleep(1.0)  # anything late (a duplicate) would show up now
                 await bot.shutdown(grace=30)
 

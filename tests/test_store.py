@@ -47,7 +47,7 @@ async def test_old_schema_upgrades_without_losing_rows(tmp_path: Path) -> None:
         messages = await store.messages(conv.id)
         assert [m.content for m in messages] == [f"message {i}" for i in range(5)]
         assert all(m.status == "ok" and m.author_name == "ann" for m in messages)
-        assert conv.id == 7 and conv.template == "chatml" and conv.chat_enabled is False
+        assert conv.id == 7 and conv.template == "chatml" and conv.chat_mode == 0
     finally:
         await store.close()
 

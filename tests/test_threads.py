@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bot.discord_adapter.client import NO_THREAD_PERMISSION, PERMISSIONS, LlamaBot, thread_name
+from bot.discord_adapter.client import LlamaBot, PERMISSIONS
+from bot.discord_adapter.intake import NO_THREAD_PERMISSION
+from bot.discord_adapter.text import thread_name
 from bot.discord_adapter.commands import NEED_ADMIN, NO_THREADS_IN_THREADS
-from bot.conversations.store import Store
+from bot.conversations.store import ChatMode, Store
 from tests.conftest import JSON, World, mention, rows, scope
 from tests.fakediscord import Permissions
 from tests.test_discord import ask
@@ -24,7 +26,7 @@ async def threads_on(world: World, channel: JSON) -> str:
 
 
 async def idle(world: World, bot: LlamaBot) -> None:
-    await world.fake.wait_for(lambda: bot.scheduler.running == 0 and bot.scheduler.waiting == 0, 60)
+    await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 60)
 
 
 async def start_conversation(world: World, bot: LlamaBot, text: str) -> tuple[JSON, JSON, list[JSON]]:
@@ -38,7 +40,7 @@ async def start_conversation(world: World, bot: LlamaBot, text: str) -> tuple[JS
 
 async def test_a_mention_starts_a_thread_that_is_its_own_conversation(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
-        db = bot.settings.database_path
+        db = bot.ctx.settings.database_path
         await ask(world, bot, world.general, world.ann, "My favourite fruit is mango.")  # before: answered in the channel
         assert (await threads_on(world, world.general)).startswith("OK: I now answer mentions here by starting a thread")
         in_channel = len(world.fake.bot_messages(world.general))
@@ -63,7 +65,7 @@ async def test_a_mention_starts_a_thread_that_is_its_own_conversation(world: Wor
         assert [r[2] for r in channel_rows if r[1] == "user"] == ["My favourite fruit is mango."]
         assert [r[2] for r in thread_rows if r[1] == "user"] == ["What is my favourite fruit?\nPlease answer briefly.", "And what colour is it?"]
         assert [r[1] for r in thread_rows] == ["user", "assistant", "user", "assistant"]
-        prompt = await bot.chat.build_prompt(await bot.chat.store.conversation(scope(world, thread)))
+        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, thread)))
         assert not any("mango" in m.content for m in prompt.messages)  # the channel's history stays there
         # The thread's reply carries the same buttons as any other.
         assert any(c["custom_id"].startswith(f"llamabot:regen:{follow['id']}:") for row in world.fake.bot_messages(thread)[-1]["components"] for c in row["components"])
@@ -143,7 +145,7 @@ async def test_without_the_thread_permission_the_answer_comes_in_the_channel(wor
         [reply] = await ask(world, bot, world.general, world.ann, "Hello!")
         assert world.fake.threads_of(world.general) == []
         assert reply["content"].endswith(f"-# {NO_THREAD_PERMISSION}")
-        assert [r[1] for r in rows(bot.settings.database_path, scope(world, world.general))] == ["user", "assistant"]
+        assert [r[1] for r in rows(bot.ctx.settings.database_path, scope(world, world.general))] == ["user", "assistant"]
 
 
 async def test_chat_threads_needs_an_admin_and_a_text_channel(world: World, start_bot) -> None:
@@ -151,11 +153,11 @@ async def test_chat_threads_needs_an_admin_and_a_text_channel(world: World, star
         world.fake.set_command_permissions(world.guild, "chat", {world.guild["id"]: True})  # shown to @everyone by a server admin
         refused = await world.fake.invoke_command("chat", user=world.ann, channel=world.general, options={"mode": "threads"})
         await refused.wait_done()
-        assert refused.content == NEED_ADMIN.format(name="chat") and bot.thread_scopes == set()
+        assert refused.content == NEED_ADMIN.format(name="chat") and bot.ctx.chat.chat_mode(scope(world, world.general)) == ChatMode.OFF
         thread = await world.fake.start_thread(world.general, world.mod, "a thread")
         inside = await world.fake.invoke_command("chat", user=world.mod, channel=thread, options={"mode": "threads"})
         await inside.wait_done()
-        assert inside.ephemeral and inside.content == NO_THREADS_IN_THREADS and bot.thread_scopes == set()
+        assert inside.ephemeral and inside.content == NO_THREADS_IN_THREADS and bot.ctx.chat.chat_mode(scope(world, world.general)) == ChatMode.OFF
 
 
 async def test_a_long_message_names_its_thread_within_discords_limit(world: World, start_bot) -> None:

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from bot.conversations.store import EXPIRED, PENDING, STOPPED, UNDELIVERED, StoredMessage
+from bot.conversations.store import MessageStatus, StoredMessage
 
 # How rows that are not plain parts of the conversation are shown. Pending ones (still waiting
 # for their answer) are left out: they are not part of the conversation yet.
 MARKS = {
-    STOPPED: "*(stopped before the end)*",
-    UNDELIVERED: "*(not delivered: Discord refused it, so it is not part of what the model remembers)*",
-    EXPIRED: "*(never answered: it waited across a restart for too long)*",
+    MessageStatus.STOPPED: "*(stopped before the end)*",
+    MessageStatus.UNDELIVERED: "*(not delivered: Discord refused it, so it is not part of what the model remembers)*",
+    MessageStatus.EXPIRED: "*(never answered: it waited across a restart for too long)*",
 }
 
 
@@ -34,8 +34,8 @@ def export_markdown(info: ExportInfo, messages: Sequence[StoredMessage], left_ou
     """The conversation, oldest first. Reasoning is private and never exported.
 
     `left_out`: how many older messages came before `messages` but do not fit in the file."""
-    pending = [m for m in messages if m.status == PENDING]
-    shown = [m for m in messages if m.status != PENDING]
+    pending = [m for m in messages if m.status == MessageStatus.PENDING]
+    shown = [m for m in messages if m.status != MessageStatus.PENDING]
     lines = [
         f"# Conversation: {_one_line(info.title)}",
         "",

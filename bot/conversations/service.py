@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from bot.engine.backend import Backend, EngineStats, Generation, PreparedPrompt
 from bot.config import TEMPERATURE_RANGE, THINKING_MODES, TOP_P_RANGE, ConfigError, Sampling, Settings
 from bot.formats.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
-from bot.conversations.store import OK, PENDING, STOPPED, UNDELIVERED, Conversation, Store, StoredMessage
+from bot.conversations.store import ChatMode, Conversation, MessageStatus, PendingTurn, Store, StoredMessage
 from bot.formats.templates import AUTO, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
 
 if TYPE_CHECKING:
@@ -69,6 +69,15 @@ class ChannelOptions:
 
 
 @dataclass(frozen=True)
+class Place:
+    """A conversation, where it happens on its platform, and the newest platform message stored for it."""
+
+    scope: str
+    channel_id: str | None
+    newest_message_id: int | None
+
+
+@dataclass(frozen=True)
 class LastReply:
     """The newest reply started in a conversation, for /status: no tokenizing needed to show it."""
 
@@ -91,9 +100,9 @@ class Prompt:
     kept: float = 1.0  # the share of its characters that was kept, when cut
 
 
-def shows_names(scope: str, authors: set[str | None]) -> bool:
-    """When several people talk in a guild channel, the prompt says who said what."""
-    return scope.startswith("guild:") and len(authors) > 1
+def shows_names(authors: set[str | None]) -> bool:
+    """When several people talk in a conversation, the prompt says who said what."""
+    return len(authors) > 1
 
 
 @dataclass
@@ -149,7 +158,7 @@ class Reply:
             return None
         text = self.clean_text()
         failed = self.generation.finish_reason == "error" or not text
-        status = UNDELIVERED if not delivered else STOPPED if self.generation.finish_reason == "cancelled" else OK
+        status = MessageStatus.UNDELIVERED if not delivered else MessageStatus.STOPPED if self.generation.finish_reason == "cancelled" else MessageStatus.OK
         if self.rewrites is not None:
             if failed:
                 return None  # failed, or stopped before it wrote anything: the earlier answer stays as it was
@@ -187,6 +196,7 @@ class ChatService:
         self._window_start: dict[str, int] = {}  # scope -> id of the oldest message in its last prompt
         self.last_replies: collections.OrderedDict[str, LastReply] = collections.OrderedDict()  # newest 1,000 scopes
         self.last_reply: LastReply | None = None  # bot-wide
+        self._chat_modes: dict[str, ChatMode] = {}  # conversations not in ChatMode.OFF (see load_chat_modes)
         if settings.n_predict >= backend.n_ctx:
             raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({backend.n_ctx})")
 
@@ -311,6 +321,72 @@ class ChatService:
         if thinking is not None and thinking not in THINKING_MODES:
             raise SettingError(f"thinking must be one of {', '.join(THINKING_MODES)}, not {thinking!r}.")
 
+    # --- what the front ends read and record ----------------------------------------------
+
+    async def conversation(self, scope: str) -> Conversation:
+        """A conversation's record (its template, system prompt and settings), created on first use."""
+        return await self.store.conversation(scope)
+
+    async def load_chat_modes(self) -> None:
+        """Read every conversation's chat mode once, at start: `chat_mode` is asked for every message."""
+        self._chat_modes = await self.store.chat_modes()
+
+    def chat_mode(self, scope: str) -> ChatMode:
+        """Which messages of a conversation are answered (no database read: see `load_chat_modes`)."""
+        return self._chat_modes.get(scope, ChatMode.OFF)
+
+    async def set_chat_mode(self, scope: str, mode: ChatMode) -> None:
+        await self.store.set_chat_mode(scope, mode)
+        if mode == ChatMode.OFF:
+            self._chat_modes.pop(scope, None)
+        else:
+            self._chat_modes[scope] = mode
+
+    async def waiting(self) -> list[PendingTurn]:
+        """Messages still waiting for an answer (left by an earlier run), oldest first."""
+        return await self.store.pending()
+
+    async def expire(self, message_id: int) -> None:
+        """A waiting message that will never be answered (too old, or its author may no longer ask)."""
+        await self.store.set_status(message_id, MessageStatus.EXPIRED)
+
+    async def places(self) -> list[Place]:
+        """Every conversation with where it happens and the newest platform message stored for it,
+        to read what was said there while the bot was away."""
+        return [
+            Place(c.scope, c.channel_id, await self.store.newest_platform_id(c.id)) for c in await self.store.conversations()
+        ]
+
+    async def has_seen(self, platform_message_id: str) -> bool:
+        """Whether a platform message is stored (it is answered once, however often it is seen)."""
+        return await self.store.has_platform_id(platform_message_id)
+
+    async def message(self, message_id: int) -> StoredMessage | None:
+        """A stored message as it stands now (an edit may have changed it since it arrived)."""
+        return await self.store.message(message_id)
+
+    async def add_files(self, message_id: int, files: str | None) -> None:
+        """Add a stored message's attached files, rendered for the prompt, once they are read
+        (the message is stored before they are, so a restart during the download cannot lose it)."""
+        await self.store.set_attachments(message_id, files)
+
+    async def note_reply_message(self, message_id: int, platform_message_id: str | None) -> None:
+        """Remember the platform message that shows (or will show) a waiting message's reply, so
+        a restart finishes that message instead of posting another."""
+        await self.store.set_reply_message(message_id, platform_message_id)
+
+    async def newest_answer_message(self, scope: str) -> str | None:
+        """The last platform message of the conversation's newest stored answer (where its buttons are)."""
+        conversation = await self.store.conversation(scope)
+        turn = await self.store.last_turn(conversation.id)
+        answer = turn[1] if turn is not None else None
+        return (answer.reply_message_id or answer.platform_message_id) if answer is not None else None
+
+    async def history(self, scope: str) -> tuple[Conversation, list[StoredMessage]]:
+        """A conversation and all its messages, oldest first (/export)."""
+        conversation = await self.store.conversation(scope)
+        return conversation, await self.store.messages(conversation.id)
+
     async def reset(self, scope: str) -> int:
         """Forget a conversation's history (settings stay). Returns how many messages went."""
         removed = await self.store.clear(scope)
@@ -378,7 +454,7 @@ class ChatService:
 
         None when it is no longer waiting (deleted, or answered already)."""
         stored = await self.store.message(message_id)
-        if stored is None or stored.status != PENDING:
+        if stored is None or stored.status != MessageStatus.PENDING:
             return None
         conversation = await self.store.conversation(scope)
         options = self.options(conversation)
@@ -507,7 +583,7 @@ class ChatService:
         kept = 1.0
         renderer: Template = OpenAnswer(template) if open_answer else template
         while True:
-            names = shows_names(conversation.scope, {m.author_id or m.author_name for m in picked if m.role == "user"})
+            names = shows_names({m.author_id or m.author_name for m in picked if m.role == "user"})
             messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
             prepared = await self.backend.prepare(renderer, messages)
             if prepared.n_tokens <= budget:
@@ -668,5 +744,5 @@ async def open_backend(settings: Settings, *, parallel: int | None = None, abort
 
 __all__ = [
     "ChatService", "Reply", "UserMessage", "Prompt", "TemplateChoiceError", "SettingError", "ChannelOptions", "LastReply",
-    "EngineStats", "CannotRedo", "OpenAnswer", "OK", "STOPPED", "UNDELIVERED",
+    "EngineStats", "CannotRedo", "OpenAnswer",
 ]

@@ -18,18 +18,36 @@ import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import Enum, IntEnum
 from pathlib import Path
 
 import aiosqlite
 
 log = logging.getLogger(__name__)
 
-# Message states (see migrations/0002_discord.sql and 0003_durable.sql). Only VISIBLE ones reach prompts.
-OK, STOPPED, UNDELIVERED, PENDING, EXPIRED = "ok", "stopped", "undelivered", "pending", "expired"
-VISIBLE = (OK, STOPPED)
 
-# conversations.chat_enabled: which messages of a channel the bot answers (/chat off|on|threads).
-CHAT_OFF, CHAT_ON, CHAT_THREADS = 0, 1, 2  # threads: a new thread for each mention, every message answered in it
+class MessageStatus(str, Enum):
+    """Where a stored message stands (see migrations/0002_discord.sql and 0003_durable.sql)."""
+
+    OK = "ok"  # part of the conversation
+    STOPPED = "stopped"  # an answer cut short by /stop: still part of it
+    UNDELIVERED = "undelivered"  # an answer the platform refused: never shown to the model as said
+    PENDING = "pending"  # a message waiting for its answer: not part of the conversation yet
+    EXPIRED = "expired"  # a message that waited across a restart for too long: never answered
+
+    __str__ = str.__str__
+
+
+VISIBLE = (MessageStatus.OK, MessageStatus.STOPPED)
+"""The statuses that reach prompts."""
+
+
+class ChatMode(IntEnum):
+    """Which messages of a channel the bot answers (/chat; stored in conversations.chat_enabled)."""
+
+    OFF = 0  # mentions and replies to the bot only
+    ON = 1  # every message
+    THREADS = 2  # a new thread for each mention; every message answered in those threads
 
 
 class StoreError(Exception):
@@ -49,7 +67,7 @@ class Conversation:
     scope: str
     template: str | None
     system_prompt: str | None
-    chat_enabled: bool
+    chat_mode: ChatMode
     channel_id: str | None = None  # the platform channel (where to read what arrived while down)
     # The channel's own settings (/settings); None: the configured default.
     temperature: float | None = None
@@ -69,7 +87,7 @@ class StoredMessage:
     platform_message_id: str | None
     created_at: str
     token_count: int | None
-    status: str
+    status: MessageStatus
     reasoning: str | None = None
     # For a pending turn: the bot's message already posted for it. For an answer: the last of
     # the messages it was posted as (a long answer takes several; platform_message_id is the first).
@@ -234,16 +252,14 @@ class Store:
         )
         return await self.conversation(scope)
 
-    async def set_chat_mode(self, scope: str, mode: int) -> None:
-        """CHAT_OFF, CHAT_ON or CHAT_THREADS (stored in chat_enabled, an INTEGER column)."""
-        if mode not in (CHAT_OFF, CHAT_ON, CHAT_THREADS):
-            raise ValueError(f"unknown chat mode {mode!r}")
+    async def set_chat_mode(self, scope: str, mode: ChatMode) -> None:
         await self.conversation(scope)
-        await self._write("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (mode, scope))
+        await self._write("UPDATE conversations SET chat_enabled = ? WHERE scope = ?", (int(ChatMode(mode)), scope))
 
-    async def chat_mode_scopes(self, mode: int) -> set[str]:
-        rows = await self._db.execute_fetchall("SELECT scope FROM conversations WHERE chat_enabled = ?", (mode,))
-        return {row[0] for row in rows}
+    async def chat_modes(self) -> dict[str, ChatMode]:
+        """Every conversation whose chat mode is not OFF."""
+        rows = await self._db.execute_fetchall("SELECT scope, chat_enabled FROM conversations WHERE chat_enabled != ?", (int(ChatMode.OFF),))
+        return {row[0]: ChatMode(row[1]) for row in rows}
 
     # --- messages ----------------------------------------------------------------------
 
@@ -257,7 +273,7 @@ class Store:
         author_name: str | None = None,
         platform_message_id: str | None = None,
         token_count: int | None = None,
-        status: str = OK,
+        status: MessageStatus = MessageStatus.OK,
         reasoning: str | None = None,
     ) -> int:
         """Append a message and commit it."""
@@ -286,7 +302,7 @@ class Store:
         cursor = await self._write(
             "INSERT OR IGNORE INTO messages (conversation_id, role, content, author_id, author_name, platform_message_id, created_at, status)"
             " VALUES (?, 'user', ?, ?, ?, ?, ?, ?)",
-            (conversation_id, content, author_id, author_name, platform_message_id, _now(), PENDING),
+            (conversation_id, content, author_id, author_name, platform_message_id, _now(), MessageStatus.PENDING),
         )
         return cursor.lastrowid if cursor.rowcount else None
 
@@ -298,7 +314,7 @@ class Store:
         row = await (await self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,))).fetchone()
         return _message(row) if row is not None else None
 
-    async def set_status(self, message_id: int, status: str) -> None:
+    async def set_status(self, message_id: int, status: MessageStatus) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
 
     async def set_reply_message(self, message_id: int, platform_message_id: str | None) -> None:
@@ -314,7 +330,7 @@ class Store:
         platform_message_id: str | None = None,
         last_message_id: str | None = None,
         token_count: int | None = None,
-        status: str = OK,
+        status: MessageStatus = MessageStatus.OK,
     ) -> int | None:
         """Store a reply and make its user turn part of the conversation, in one transaction.
 
@@ -330,7 +346,7 @@ class Store:
                 # it moves to the end, so the history reads in the order things were answered.
                 await self._db.execute(
                     "UPDATE messages SET status = ?, id = (SELECT MAX(id) + 1 FROM messages) WHERE id = ? AND status = ?",
-                    (OK, user_message_id, PENDING),
+                    (MessageStatus.OK, user_message_id, MessageStatus.PENDING),
                 )
                 reply_id = None
                 if reply is not None:
@@ -355,7 +371,7 @@ class Store:
         platform_message_id: str | None = None,
         last_message_id: str | None = None,
         token_count: int | None = None,
-        status: str = OK,
+        status: MessageStatus = MessageStatus.OK,
     ) -> int | None:
         """Rewrite a stored answer in place (Regenerate, Continue): it keeps its place in the
         history. Returns its id, or None when it is gone (deleted meanwhile)."""
@@ -385,7 +401,7 @@ class Store:
         rows = await self._db.execute_fetchall(
             "SELECT m.*, c.scope AS scope, c.channel_id AS conv_channel_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.status = ? ORDER BY m.id",
-            (PENDING,),
+            (MessageStatus.PENDING,),
         )
         return [PendingTurn(_message(r), r["scope"], r["conv_channel_id"]) for r in rows]
 
@@ -443,7 +459,7 @@ class Store:
 
         Messages still waiting for their answer stay: they are answered after the reset."""
         cursor = await self._write(
-            "DELETE FROM messages WHERE conversation_id = (SELECT id FROM conversations WHERE scope = ?) AND status != ?", (scope, PENDING)
+            "DELETE FROM messages WHERE conversation_id = (SELECT id FROM conversations WHERE scope = ?) AND status != ?", (scope, MessageStatus.PENDING)
         )
         return cursor.rowcount
 
@@ -495,7 +511,7 @@ def _conversation(row: aiosqlite.Row) -> Conversation:
         scope=row["scope"],
         template=row["template"],
         system_prompt=row["system_prompt"],
-        chat_enabled=bool(row["chat_enabled"]) if "chat_enabled" in keys else False,
+        chat_mode=ChatMode(row["chat_enabled"]) if "chat_enabled" in keys else ChatMode.OFF,
         channel_id=row["channel_id"] if "channel_id" in keys else None,
         temperature=row["temperature"] if "temperature" in keys else None,
         top_p=row["top_p"] if "top_p" in keys else None,
@@ -516,7 +532,7 @@ def _message(row: aiosqlite.Row) -> StoredMessage:
         platform_message_id=row["platform_message_id"],
         created_at=row["created_at"],
         token_count=row["token_count"],
-        status=row["status"] if "status" in keys else OK,
+        status=MessageStatus(row["status"]) if "status" in keys else MessageStatus.OK,
         reasoning=row["reasoning"] if "reasoning" in keys else None,
         reply_message_id=row["reply_message_id"] if "reply_message_id" in keys else None,
         attachments=row["attachments"] if "attachments" in keys else None,

@@ -377,3 +377,30 @@ def reply_view(answer: str, reasoning: str, *, mode: str, thinking: bool, though
     if reasoning and final and answer:
         return f"{answer}\n{THOUGHT_NOTE.format(s=seconds)}"
     return answer
+
+
+# --- notes: short visible answers that are not part of the conversation ------------------------
+
+
+async def post_note(message: discord.Message, text: str, *, channel: discord.abc.Messageable | None = None) -> discord.Message | None:
+    """A short note in reply to `message` (in `channel` instead, a thread started from it, if
+    given). None when Discord refused it (logged: a note is never worth an exception)."""
+    try:
+        if channel is not None:
+            return await channel.send(text, allowed_mentions=NO_PINGS)
+        return await message.channel.send(text, reference=message.to_reference(fail_if_not_exists=False), mention_author=False, allowed_mentions=NO_PINGS)
+    except discord.HTTPException as exc:
+        log.warning("could not post a note in %s: %s", message.channel.id, exc)
+        return None
+
+
+async def tell(interaction: discord.Interaction, text: str) -> None:
+    """A short note only the presser of a button (or user of a command) sees, after the interaction was acknowledged."""
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.followup.send(text, ephemeral=True)
+
+
+async def delete_all(messages: Sequence[discord.Message]) -> None:
+    for message in messages:
+        with contextlib.suppress(discord.HTTPException):
+            await message.delete()

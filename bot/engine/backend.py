@@ -1,7 +1,7 @@
 """The one small interface between conversations and whatever runs the model.
 
-`ChatService` talks to a `Backend` and never looks past it. `bot.engine.LocalBackend`
-wraps the in-process llama.cpp engine (the default); `bot.remote.RemoteBackend`
+`ChatService` talks to a `Backend` and never looks past it. `local.LocalBackend`
+wraps the in-process llama.cpp engine (the default); `remote.RemoteBackend`
 sends the same work to an OpenAI-compatible server (llama-server, vLLM,
 Ollama, ...). Both hand back a `Generation`, so streaming, /stop and the
 Discord adapter work the same way on either.

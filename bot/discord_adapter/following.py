@@ -1,0 +1,43 @@
+"""Following what users change: an edited message changes the stored turn, a deleted one leaves the history.
+
+The bot never remembers what a user took back. A message still waiting for its
+turn is answered in its edited form; if its reply is being written when it is
+deleted, that stops and nothing of it is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord.ext import commands
+
+from bot.discord_adapter.context import BotContext
+from bot.discord_adapter.text import text_of
+
+log = logging.getLogger(__name__)
+
+
+class Following(commands.Cog):
+    """Edits and deletes of users' messages, as Discord reports them (also for messages not in its cache)."""
+
+    def __init__(self, bot: commands.Bot, ctx: BotContext) -> None:
+        self.bot = bot
+        self.ctx = ctx
+
+    @commands.Cog.listener()
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        if "content" not in payload.data or payload.message.author.bot or self.bot.user is None:
+            return  # e.g. Discord adding a link preview: the text did not change
+        scope = await self.ctx.chat.edit_message(str(payload.message_id), text_of(payload.message, self.bot.user.id))
+        if scope is not None:
+            log.info("followed an edit in %s", scope)
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        writing = self.ctx.replies.answering(payload.message_id)
+        if writing is not None:
+            writing.reply.discard()
+        scope = await self.ctx.chat.delete_message(str(payload.message_id))
+        if scope is not None:
+            log.info("followed a delete in %s", scope)

@@ -1,0 +1,233 @@
+"""Taking in messages: who is answered, a place in the fair queue, the message stored at once.
+
+A message addressed to the bot (a mention, a reply to it, a DM, any message in a
+chat-enabled channel) takes its place in line the moment it arrives and is stored as
+pending before its files download, so from then on a restart cannot lose it. Text
+files attached to it are read into the prompt; in a /chat threads channel the
+conversation moves to a thread started from the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+import discord
+from discord.ext import commands
+
+from bot.conversations.attachments import SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
+from bot.conversations.scheduler import Job, QueueFull
+from bot.conversations.service import UserMessage
+from bot.conversations.store import ChatMode
+from bot.discord_adapter.access import Access
+from bot.discord_adapter.context import BotContext
+from bot.discord_adapter.output import NO_PINGS, post_note
+from bot.discord_adapter.replies import Replier, Turn
+from bot.discord_adapter.scopes import DiscordScope
+from bot.discord_adapter.text import text_of, thread_name
+
+log = logging.getLogger(__name__)
+
+BUSY = "I'm busy with other conversations right now. Please try again in a minute."
+NO_TEXT = "I can only read text and text files (like .txt, .md or .py). Write me a message; images, stickers and embeds are ignored."
+MENTION_ONLY = "You mentioned me, but there is no message. Ask me something!"
+IGNORED = "I ignored the sticker or embed; I can only read text."
+IN_LINE = "\u23f3 Busy: you're #{n} in line."
+NO_THREAD_PERMISSION = "I could not start a thread here (I need the Create Public Threads permission), so I answered in the channel."
+NO_THREAD = "I could not start a thread here, so I answered in the channel."
+
+
+class Intake(commands.Cog):
+    """Messages in: the access rules, the cooldown, a turn in the queue, the message stored."""
+
+    def __init__(self, bot: commands.Bot, ctx: BotContext, access: Access, replier: Replier) -> None:
+        self.bot = bot
+        self.ctx = ctx
+        self.access = access
+        self.replier = replier
+        self._files: aiohttp.ClientSession | None = None  # downloads attachments (created on first use)
+
+    async def cog_unload(self) -> None:
+        if self._files is not None:
+            await self._files.close()
+
+    def text_of(self, message: discord.Message) -> str:
+        assert self.bot.user is not None
+        return text_of(message, self.bot.user.id)
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if not self.access.wants_answer(message):
+            return
+        await self.ctx.caught_up.wait()  # what waited across a restart goes first, in order
+        text = self.text_of(message)
+        extras = bool(message.embeds or message.stickers)
+        if not text and not message.attachments:
+            mentioned_only = not extras and bool(message.content.strip())
+            await post_note(message, MENTION_ONLY if mentioned_only else NO_TEXT)
+            return
+        if not await self.access.take_from(message):
+            return
+        await self.accept(message, text, [IGNORED] if extras else [])
+
+    async def accept(self, message: discord.Message, text: str, notes: list[str], *, force: bool = False) -> bool:
+        """Take a message: its place in line is taken at once (arrival order), and it is
+        stored as pending before its turn can start, so from here on a restart cannot lose it.
+
+        `force` takes it even past MAX_QUEUE: it was accepted before (a restart, an outage).
+        In a channel set to /chat threads, the conversation moves to a new thread first."""
+        thread = None
+        if self._starts_threads(message):
+            thread, problem = await self._thread_for(message, text)
+            notes = notes + [problem] if problem else notes
+        channel = thread or message.channel
+        scope = DiscordScope.of(message.guild.id if message.guild else None, channel.id, message.author.id).key
+        turn = Turn(message, scope, asyncio.get_running_loop().create_future(), notes, thread=thread)
+        try:
+            job = self.ctx.scheduler.submit(scope, lambda: self.replier.answer(turn), force=force)
+        except QueueFull:
+            if not self.ctx.scheduler.closed:
+                log.warning("queue full: turned away a message in %s", scope)
+                await post_note(message, BUSY)
+            return False
+        author = message.author
+        try:
+            # Stored at once, before its files are downloaded: from here on a restart cannot lose
+            # it, and an edit or delete during the download finds it. The files are added once read.
+            stored = await self.ctx.chat.receive(
+                UserMessage(
+                    scope, text, author_id=str(author.id), author_name=author.display_name,
+                    platform_message_id=str(message.id), channel_id=str(channel.id),
+                )
+            )
+            if stored is not None and message.attachments:
+                stored = await self.add_files(message, stored, turn.notes)
+        except Exception as exc:  # e.g. the disk is full: the turn apologises
+            turn.stored.set_exception(exc)
+            return False
+        turn.stored.set_result(stored)
+        if stored is None:
+            return False  # stored already: seen twice (a catch-up racing a live event)
+        self._note_position(turn, job)
+        return True
+
+    def queue(self, turn: Turn) -> None:
+        """Queue a turn stored before (by an earlier run)."""
+        try:
+            job = self.ctx.scheduler.submit(turn.scope, lambda: self.replier.answer(turn), force=True)
+        except QueueFull:
+            return  # shutting down: it stays pending, and the next start answers it
+        self._note_position(turn, job)
+
+    def _note_position(self, turn: Turn, job: Job) -> None:
+        position = self.ctx.scheduler.position(job)
+        if position:
+            turn.waiting_note = asyncio.ensure_future(self._waiting_note(turn, position))
+
+    async def _waiting_note(self, turn: Turn, position: int) -> discord.Message | None:
+        """Tell the sender their place in line (in the bot's own message, if it already has one)."""
+        text = IN_LINE.format(n=position)
+        if turn.first is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await self.ctx.edit_budget.edit(turn.first, content=text, allowed_mentions=NO_PINGS, view=None)
+                return turn.first
+        note = await post_note(turn.message, text, channel=turn.thread)
+        if note is not None and turn.stored.done() and turn.stored.result() is not None:
+            await self.ctx.chat.note_reply_message(turn.stored.result(), str(note.id))
+        return note
+
+    # --- attached files ------------------------------------------------------------------
+
+    async def add_files(self, message: discord.Message, stored: int, notes: list[str]) -> int | None:
+        """Read a stored message's text files into its row; their notes go to `notes`. None when
+        nothing is left to answer (no text, only images or binary files): the row goes, with a note."""
+        files, file_notes = await self._read_files(message)
+        notes.extend(file_notes)
+        if files:
+            await self.ctx.chat.add_files(stored, files)
+            return stored
+        row = await self.ctx.chat.message(stored)  # its latest text (an edit may have come meanwhile)
+        if row is None or row.content:
+            return stored  # deleted meanwhile (its turn finds nothing to answer), or text to answer
+        if self.bot.is_closed():  # a download cut short by shutdown: kept pending, read again on restart
+            return None
+        await self.ctx.chat.delete_message(str(message.id))
+        await post_note(message, NO_TEXT)
+        return None
+
+    async def _read_files(self, message: discord.Message) -> tuple[str | None, list[str]]:
+        """The message's text attachments rendered for the prompt (None: none readable), and
+        the notes for the reply: files cut at ATTACHMENT_MAX_KB, files skipped and why."""
+        limit = self.ctx.settings.attachment_max_kb * 1024
+        most = self.ctx.settings.attachment_max_files
+        files: list[TextFile] = []
+        skipped: list[Skipped] = []
+        for i, attachment in enumerate(message.attachments):
+            name = attachment.filename
+            kind = kind_of(name, attachment.content_type)
+            if not limit or not most:
+                skipped.append(Skipped(name, "reading attached files is turned off"))
+            elif i >= most:
+                skipped.append(Skipped(name, f"I read at most {most} files per message"))
+            elif kind in SKIP_REASONS:
+                skipped.append(Skipped(name, SKIP_REASONS[kind]))
+            else:
+                try:
+                    data, cut = await self._download(attachment, limit)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    log.warning("could not download attachment %s of message %s: %s", attachment.id, message.id, exc)
+                    skipped.append(Skipped(name, "I could not download it"))
+                    continue
+                text = decode_text(data, cut=cut)
+                if text is None:
+                    skipped.append(Skipped(name, SKIP_REASONS["binary"]))
+                elif not text.strip():
+                    skipped.append(Skipped(name, "it is empty"))
+                else:
+                    files.append(TextFile(name, text, size=max(attachment.size, len(data)), read_bytes=len(data), cut=cut))
+        return render_files(files), notes_for(files, skipped)
+
+    async def _download(self, attachment: discord.Attachment, limit: int) -> tuple[bytes, bool]:
+        """The first `limit` bytes of an attachment, and whether the file is longer. The declared
+        size is looked at first, so a huge file costs one bounded read (a Range request), never
+        a full download; reading stops at the bound whatever the server sends."""
+        if self._files is None or self._files.closed:
+            self._files = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, sock_connect=10))
+        headers = {"Range": f"bytes=0-{limit - 1}"} if attachment.size > limit else {}
+        data = bytearray()
+        async with self._files.get(attachment.url, headers=headers) as resp:
+            resp.raise_for_status()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                data += chunk
+                if len(data) > limit:
+                    break
+        return bytes(data[:limit]), attachment.size > limit or len(data) > limit
+
+    # --- threads ---------------------------------------------------------------------------
+
+    def _starts_threads(self, message: discord.Message) -> bool:
+        """A message in a /chat threads channel (not in a thread): its conversation gets a thread."""
+        if message.guild is None or isinstance(message.channel, discord.Thread):
+            return False
+        return self.ctx.chat.chat_mode(DiscordScope.channel(message.guild.id, message.channel.id).key) == ChatMode.THREADS
+
+    async def _thread_for(self, message: discord.Message, text: str) -> tuple[discord.Thread | None, str | None]:
+        """A new thread started from `message` (or the one it already has, after a restart),
+        or None and a note to add to the reply when Discord refuses."""
+        if message.thread is not None:
+            return message.thread, None
+        try:
+            return await message.create_thread(name=thread_name(text)), None
+        except discord.Forbidden:
+            log.warning("no permission to start a thread in channel %s; answering in the channel", message.channel.id)
+            return None, NO_THREAD_PERMISSION
+        except discord.HTTPException as exc:
+            if exc.code == 160004:  # Discord: a thread has already been started from this message
+                with contextlib.suppress(discord.HTTPException):
+                    existing = await self.bot.fetch_channel(message.id)  # a message's thread has the message's id
+                    if isinstance(existing, discord.Thread):
+                        return existing, None
+            log.warning("could not start a thread in channel %s (%s); answering in the channel", message.channel.id, exc)
+            return None, NO_THREAD
