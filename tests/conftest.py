@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from bot.engine.local import LocalBackend
-from bot.conversations.service import ChatService
 from bot.config import Sampling, Settings, bundled_model_path
-from bot.discord_adapter.client import LlamaBot
-from bot.engine.local import Engine, EngineOptions
+from bot.conversations.service import ChatService
 from bot.conversations.store import Store
+from bot.discord_adapter.client import LlamaBot
+from bot.engine.backend import Backend
+from bot.engine.local import Engine, EngineOptions, LocalBackend
 from tests.fakediscord import FakeDiscord, Permissions
+from tests.scripted import ScriptedBackend
 
 JSON = dict[str, Any]
 
@@ -119,16 +120,31 @@ async def world() -> AsyncIterator[World]:
 
 
 @pytest.fixture
-def start_bot(world: World, engine: Engine, tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[LlamaBot]]:
-    """Start the bot on the shared engine with a fresh (or given) database; stop it after."""
+async def scripted() -> AsyncIterator[ScriptedBackend]:
+    """The scripted model (see tests/scripted.py): replies as the test writes them, at its pace."""
+    backend = ScriptedBackend()
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+def real(engine: Engine) -> LocalBackend:
+    """The real bundled model, on the session's engine: for tests where generation is the subject."""
+    return LocalBackend(engine)
+
+
+@pytest.fixture
+def start_bot(world: World, scripted: ScriptedBackend, tmp_path: Path) -> Callable[..., contextlib.AbstractAsyncContextManager[LlamaBot]]:
+    """Start the bot with a fresh (or given) database, on the scripted model unless `backend` is
+    given (`real` for the bundled model); stop it after."""
 
     @contextlib.asynccontextmanager
-    async def start(db: Path | None = None, **changes: Any) -> AsyncIterator[LlamaBot]:
-        settings = make_settings(tmp_path, discord_token=world.fake.token, **changes)
+    async def start(db: Path | None = None, *, backend: Backend | None = None, **changes: Any) -> AsyncIterator[LlamaBot]:
         if db is not None:
-            settings = make_settings(tmp_path, discord_token=world.fake.token, database_path=db, **changes)
+            changes["database_path"] = db
+        settings = make_settings(tmp_path, discord_token=world.fake.token, **changes)
         async with await Store.open(settings.database_path) as store:
-            bot = LlamaBot(settings, ChatService(LocalBackend(engine), store, settings), guild_ready_timeout=0.1)
+            bot = LlamaBot(settings, ChatService(backend or scripted, store, settings), guild_ready_timeout=0.1)
             async with world.fake.running(bot):
                 try:
                     yield bot
