@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print("[INFO] DISCORD_TOKEN is set: starting the Discord bot.", file=sys.stderr)
             return start_discord(settings)
         if args.command is None:
-            print("[INFO] No DISCORD_TOKEN in .env or the environment: starting the terminal chat instead.", file=sys.stderr)
+            print(no_token_line(Path(args.env_file), interactive=sys.stdin.isatty()), file=sys.stderr)
             print("[INFO] To run the Discord bot, put DISCORD_TOKEN=... in .env (see README).", file=sys.stderr)
         return start_terminal(settings)
     except (ConfigError, ModelError, StoreError) as exc:
@@ -116,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def no_token_line(env_file: Path, *, interactive: bool) -> str:
+    """Why plain `python -m bot` starts the terminal chat, naming the .env it read (a service
+    owner reading the journal sees the real cause: the token was looked for in the wrong place)."""
+    where = str(env_file.resolve()) + ("" if env_file.is_file() else " (no such file)")
+    if interactive:
+        return f"[INFO] No DISCORD_TOKEN in {where} or the environment: starting the terminal chat instead."
+    return (
+        f"[INFO] No DISCORD_TOKEN in {where} or the environment, and standard input is not a terminal: "
+        "starting the terminal chat on standard input, until it ends (a service runs `python -m bot run`)."
+    )
 
 
 def start_terminal(settings: Settings) -> int:

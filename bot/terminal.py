@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TextIO
@@ -23,13 +25,26 @@ SCOPE = "terminal:default"
 HELP = "commands: /reset (forget this conversation), /template [NAME], /quit"
 
 
+def _pollable(stream: TextIO) -> bool:
+    """Whether the event loop can wait on `stream`: a terminal, a pipe or a socket. Regular files
+    and other character devices (/dev/null, a service's or container's stdin) cannot be polled:
+    asyncio would accept them, and epoll then refuses them."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError):
+        return False
+    return stream.isatty() or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 async def _line_reader() -> Callable[[], Awaitable[str]]:
     """Read stdin without a blocking thread where possible, so Ctrl-C at the prompt ends at once."""
+    if not _pollable(sys.stdin):  # a file, /dev/null: a thread it is (it never blocks for long)
+        return lambda: asyncio.to_thread(sys.stdin.readline)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     try:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    except (ValueError, OSError):  # stdin is a regular file: a thread it is
+    except (ValueError, OSError):
         return lambda: asyncio.to_thread(sys.stdin.readline)
 
     async def read() -> str:
