@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bot.config import ConfigError, Settings, load_env, load_settings
 from bot.engine.backend import ModelError
-from bot.conversations.store import StoreError
+from bot.conversations.records import StoreError
 from bot.formats.templates import NAMES, AUTO, Message, TemplateError, get_template, prompt_text
 
 log = logging.getLogger("bot")

@@ -53,6 +53,7 @@ class Settings:
     prompt_template: str = "auto"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     database_path: Path = Path("bot.sqlite3")
+    database_wait_s: float = 60.0  # how long a write waits for a lock another program holds on the database
     n_ctx: int | None = None  # None: 4096, or the model's trained size if smaller
     n_predict: int = 512
     llama_log: bool = False
@@ -282,6 +283,7 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     if system_prompt is not None:
         kwargs["system_prompt"] = system_prompt.replace("\\n", "\n")
     put(kwargs, "database_path", take("DATABASE_PATH", lambda n, r: Path(r.strip()).expanduser()))
+    put(kwargs, "database_wait_s", take("DATABASE_WAIT_S", lambda n, r: _float(n, r, 0.1, 3600.0)))
     put(kwargs, "n_ctx", take("LLAMA_N_CTX", lambda n, r: _int(n, r, 64, 1 << 20)))
     put(kwargs, "n_predict", take("LLAMA_N_PREDICT", lambda n, r: _int(n, r, 1, 1 << 20)))
     put(kwargs, "llama_log", take("LLAMA_LOG", _bool))

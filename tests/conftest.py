@@ -143,7 +143,7 @@ def start_bot(world: World, scripted: ScriptedBackend, tmp_path: Path) -> Callab
         if db is not None:
             changes["database_path"] = db
         settings = make_settings(tmp_path, discord_token=world.fake.token, **changes)
-        async with await Store.open(settings.database_path) as store:
+        async with await Store.open(settings.database_path, wait_s=settings.database_wait_s) as store:
             bot = LlamaBot(settings, ChatService(backend or scripted, store, settings), guild_ready_timeout=0.1)
             async with world.fake.running(bot):
                 try:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from bot.conversations.store import MessageStatus, StoredMessage
+from bot.conversations.records import MessageStatus, StoredMessage
 
 # How rows that are not plain parts of the conversation are shown. Pending ones (still waiting
 # for their answer) are left out: they are not part of the conversation yet.

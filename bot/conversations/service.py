@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 from bot.engine.backend import Backend, EngineStats, Generation, PreparedPrompt
 from bot.config import TEMPERATURE_RANGE, THINKING_MODES, TOP_P_RANGE, ConfigError, Sampling, Settings
 from bot.formats.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
-from bot.conversations.store import ChatMode, Conversation, MessageStatus, PendingTurn, Store, StoredMessage
+from bot.conversations.records import ChatMode, Conversation, MessageStatus, PendingTurn, StoredMessage
+from bot.conversations.lock import serving
+from bot.conversations.store import Store
 from bot.formats.templates import AUTO, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
 
 if TYPE_CHECKING:
@@ -716,18 +718,21 @@ def engine_options(settings: Settings, *, parallel: int | None = None) -> Engine
 
 @contextlib.asynccontextmanager
 async def open_chat(settings: Settings, *, parallel: int | None = None, abort: threading.Event | None = None) -> AsyncIterator[ChatService]:
-    """Load the model, open the store, and close both afterwards (whatever happens).
+    """Take the database's serving lock, load the model, open the store, and close both
+    afterwards (whatever happens). Raises AlreadyServing, before the model loads, when
+    another process serves the same database.
 
     Setting `abort` while the model loads stops the load (a shutdown signal)."""
-    backend = await open_backend(settings, parallel=parallel, abort=abort)
-    try:
-        store = await Store.open(settings.database_path)
+    with serving(settings.database_path):
+        backend = await open_backend(settings, parallel=parallel, abort=abort)
         try:
-            yield ChatService(backend, store, settings)
+            store = await Store.open(settings.database_path, wait_s=settings.database_wait_s)
+            try:
+                yield ChatService(backend, store, settings)
+            finally:
+                await store.close()
         finally:
-            await store.close()
-    finally:
-        await backend.close()
+            await backend.close()
 
 
 async def open_backend(settings: Settings, *, parallel: int | None = None, abort: threading.Event | None = None) -> Backend:

@@ -10,48 +10,30 @@ lets readers and the writer overlap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from enum import Enum, IntEnum
 from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
 
+from bot.conversations.records import VISIBLE, ChatMode, Conversation, MessageStatus, PendingTurn, StoreBusy, StoreError, StoredMessage
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class MessageStatus(str, Enum):
-    """Where a stored message stands (see migrations/0002_discord.sql and 0003_durable.sql)."""
-
-    OK = "ok"  # part of the conversation
-    STOPPED = "stopped"  # an answer cut short by /stop: still part of it
-    UNDELIVERED = "undelivered"  # an answer the platform refused: never shown to the model as said
-    PENDING = "pending"  # a message waiting for its answer: not part of the conversation yet
-    EXPIRED = "expired"  # a message that waited across a restart for too long: never answered
-
-    __str__ = str.__str__
-
-
-VISIBLE = (MessageStatus.OK, MessageStatus.STOPPED)
-"""The statuses that reach prompts."""
-
-
-class ChatMode(IntEnum):
-    """Which messages of a channel the bot answers (/chat; stored in conversations.chat_enabled)."""
-
-    OFF = 0  # mentions and replies to the bot only
-    ON = 1  # every message
-    THREADS = 2  # a new thread for each mention; every message answered in those threads
-
-
-class StoreError(Exception):
-    """The database cannot be used. The message is one line for the user."""
+BUSY_POLL_MS = 200
+"""SQLite's own wait for a lock (busy_timeout) before a statement fails as busy. Kept short: the
+waiting is done between attempts with asyncio, so aiosqlite's one thread stays free for reads."""
 
 
 @dataclass(frozen=True)
@@ -59,56 +41,6 @@ class Migration:
     version: int
     name: str
     sql: str
-
-
-@dataclass(frozen=True)
-class Conversation:
-    id: int
-    scope: str
-    template: str | None
-    system_prompt: str | None
-    chat_mode: ChatMode
-    channel_id: str | None = None  # the platform channel (where to read what arrived while down)
-    # The channel's own settings (/settings); None: the configured default.
-    temperature: float | None = None
-    top_p: float | None = None
-    n_predict: int | None = None
-    thinking: str | None = None
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    id: int
-    conversation_id: int
-    role: str
-    content: str
-    author_id: str | None
-    author_name: str | None
-    platform_message_id: str | None
-    created_at: str
-    token_count: int | None
-    status: MessageStatus
-    reasoning: str | None = None
-    # For a pending turn: the bot's message already posted for it. For an answer: the last of
-    # the messages it was posted as (a long answer takes several; platform_message_id is the first).
-    reply_message_id: str | None = None
-    attachments: str | None = None  # attached text files as put in the prompt (kept apart: edits change `content` only)
-
-    @property
-    def full_text(self) -> str:
-        """What the model reads of this message: its text, then its attached files."""
-        if not self.attachments:
-            return self.content
-        return f"{self.content}\n\n{self.attachments}" if self.content else self.attachments
-
-
-@dataclass(frozen=True)
-class PendingTurn:
-    """A stored message still waiting for its answer, with where it was said."""
-
-    message: StoredMessage
-    scope: str
-    channel_id: str | None
 
 
 def load_migrations() -> list[Migration]:
@@ -137,14 +69,17 @@ def _now() -> str:
 class Store:
     """Conversations and messages. Open with `await Store.open(path)`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, *, wait_s: float = 60.0) -> None:
         self._db = db
         self.path = path
-        self._writing = asyncio.Lock()  # one write transaction at a time: another's commit must not commit half of ours
+        self.wait_s = wait_s  # how long one write waits for a lock held by another program (DATABASE_WAIT_S)
+        self._writing = asyncio.Lock()  # one write transaction at a time, in order: another's commit must not commit half of ours
+        self._busy_since: float | None = None  # when the current wait for another program's lock began
 
     @classmethod
-    async def open(cls, path: Path | str, *, upto: int | None = None) -> Store:
-        """Open (creating with mode 0600 if new) and migrate. `upto` stops at a version (tests)."""
+    async def open(cls, path: Path | str, *, upto: int | None = None, wait_s: float = 60.0) -> Store:
+        """Open (creating with mode 0600 if new) and migrate. `upto` stops at a version (tests);
+        `wait_s`: how long a write waits for a lock another program holds (DATABASE_WAIT_S)."""
         path = Path(path)
         try:
             if str(path) != ":memory:" and not path.exists():
@@ -155,16 +90,20 @@ class Store:
             raise StoreError(f"cannot create the database {path}: {exc.strerror}") from None
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from None
-        store = cls(db, path)
+        store = cls(db, path, wait_s=wait_s)
         try:
             db.row_factory = aiosqlite.Row
             await db.execute("PRAGMA foreign_keys = ON")
-            await db.execute("PRAGMA busy_timeout = 5000")
-            mode = await (await db.execute("PRAGMA journal_mode = WAL")).fetchone()
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+            mode = await store._patiently(lambda: store._fetch_one("PRAGMA journal_mode = WAL", ()))
             if mode is not None and mode[0] != "wal" and str(path) != ":memory:":
                 log.warning("database %s: WAL mode not available (journal_mode=%s)", path, mode[0])
-            await store._migrate(upto)
-            await store._check_writable()
+            async with store._writing:
+                await store._patiently(lambda: store._migrate(upto), rollback=True)
+                await store._patiently(store._check_writable, rollback=True)
+        except StoreBusy as exc:
+            await db.close()
+            raise StoreError(f"{exc}; is another program using it?") from None
         except sqlite3.DatabaseError as exc:
             await db.close()
             raise StoreError(_explain(path, exc)) from None
@@ -212,25 +151,89 @@ class Store:
             raise
 
     async def schema_version(self) -> int:
-        row = await (await self._db.execute("SELECT MAX(version) FROM schema_migrations")).fetchone()
+        row = await self._row("SELECT MAX(version) FROM schema_migrations")
         return int(row[0] or 0) if row else 0
+
+    # --- reads and writes that wait out another program's lock ----------------------------
+
+    async def _patiently(self, attempt: Callable[[], Awaitable[T]], *, rollback: bool = False) -> T:
+        """Run `attempt` until SQLite does not report the database busy (locked by another
+        program: an admin's open transaction, a backup, VACUUM), for at most `wait_s` seconds,
+        sleeping between attempts without blocking the event loop. Raises StoreBusy after that."""
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.05
+        while True:
+            try:
+                result = await attempt()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if rollback:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.rollback()
+                now = time.monotonic()
+                if self._busy_since is None:
+                    self._busy_since = now
+                    log.warning("the database %s is locked by another program; waiting for it (DATABASE_WAIT_S=%g s per write)", self.path, self.wait_s)
+                if now >= deadline:
+                    raise StoreBusy(f"the database {self.path} has been locked by another program for more than {self.wait_s:g} s") from None
+                await asyncio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._busy_since is not None:
+                log.warning("the database %s is writable again after %.0f s", self.path, time.monotonic() - self._busy_since)
+                self._busy_since = None
+            return result
+
+    async def _fetch_one(self, sql: str, params: tuple[object, ...]) -> aiosqlite.Row | None:
+        return await (await self._db.execute(sql, params)).fetchone()
+
+    async def _row(self, sql: str, params: tuple[object, ...] = ()) -> aiosqlite.Row | None:
+        return await self._patiently(lambda: self._fetch_one(sql, params))
+
+    async def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[aiosqlite.Row]:
+        return list(await self._patiently(lambda: self._db.execute_fetchall(sql, params)))
+
+    async def _write(self, sql: str, params: tuple[object, ...]) -> aiosqlite.Cursor:
+        """One statement, committed at once (or rolled back), after the writes before it."""
+
+        async def attempt() -> aiosqlite.Cursor:
+            cursor = await self._db.execute(sql, params)
+            await self._db.commit()
+            return cursor
+
+        return await self._transaction(attempt)
+
+    async def _transaction(self, body: Callable[[], Awaitable[T]]) -> T:
+        """Run `body` (statements, then its own commit) as one transaction, in order after the
+        writes before it, waiting out another program's lock (it starts over after a rollback)."""
+        async with self._writing:
+            try:
+                return await self._patiently(body, rollback=True)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.rollback()
+                raise
 
     # --- conversations -----------------------------------------------------------------
 
     async def conversation(self, scope: str, *, channel_id: str | None = None) -> Conversation:
         """The conversation for `scope`, created on first use; `channel_id` records where it happens."""
-        async with self._writing:
+
+        async def create() -> None:
             await self._db.execute("INSERT OR IGNORE INTO conversations (scope, created_at) VALUES (?, ?)", (scope, _now()))
             if channel_id is not None:
                 await self._db.execute("UPDATE conversations SET channel_id = ? WHERE scope = ? AND channel_id IS NOT ?", (channel_id, scope, channel_id))
             await self._db.commit()
-        row = await (await self._db.execute("SELECT * FROM conversations WHERE scope = ?", (scope,))).fetchone()
+
+        await self._transaction(create)
+        row = await self._row("SELECT * FROM conversations WHERE scope = ?", (scope,))
         assert row is not None
         return _conversation(row)
 
     async def conversations(self) -> list[Conversation]:
         """Every conversation (for catching up on what arrived while the bot was down)."""
-        return [_conversation(r) for r in await self._db.execute_fetchall("SELECT * FROM conversations ORDER BY id")]
+        return [_conversation(r) for r in await self._rows("SELECT * FROM conversations ORDER BY id")]
 
     async def set_template(self, scope: str, template: str | None) -> None:
         await self.conversation(scope)
@@ -258,7 +261,7 @@ class Store:
 
     async def chat_modes(self) -> dict[str, ChatMode]:
         """Every conversation whose chat mode is not OFF."""
-        rows = await self._db.execute_fetchall("SELECT scope, chat_enabled FROM conversations WHERE chat_enabled != ?", (int(ChatMode.OFF),))
+        rows = await self._rows("SELECT scope, chat_enabled FROM conversations WHERE chat_enabled != ?", (int(ChatMode.OFF),))
         return {row[0]: ChatMode(row[1]) for row in rows}
 
     # --- messages ----------------------------------------------------------------------
@@ -311,7 +314,7 @@ class Store:
         await self._write("UPDATE messages SET attachments = ? WHERE id = ?", (attachments, message_id))
 
     async def message(self, message_id: int) -> StoredMessage | None:
-        row = await (await self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,))).fetchone()
+        row = await self._row("SELECT * FROM messages WHERE id = ?", (message_id,))
         return _message(row) if row is not None else None
 
     async def set_status(self, message_id: int, status: MessageStatus) -> None:
@@ -337,30 +340,29 @@ class Store:
         Nothing is stored when the user's message was deleted meanwhile (returns None), or
         no reply when `reply` is None (the turn still becomes part of the history).
         `last_message_id`: the last platform message of a reply posted as several."""
-        async with self._writing:
-            try:
-                row = await (await self._db.execute("SELECT conversation_id FROM messages WHERE id = ?", (user_message_id,))).fetchone()
-                if row is None:
-                    return None
-                # The turn joins the conversation now, after the turns answered while it waited:
-                # it moves to the end, so the history reads in the order things were answered.
-                await self._db.execute(
-                    "UPDATE messages SET status = ?, id = (SELECT MAX(id) + 1 FROM messages) WHERE id = ? AND status = ?",
-                    (MessageStatus.OK, user_message_id, MessageStatus.PENDING),
+
+        async def finish() -> int | None:
+            row = await self._fetch_one("SELECT conversation_id FROM messages WHERE id = ?", (user_message_id,))
+            if row is None:
+                return None
+            # The turn joins the conversation now, after the turns answered while it waited:
+            # it moves to the end, so the history reads in the order things were answered.
+            await self._db.execute(
+                "UPDATE messages SET status = ?, id = (SELECT MAX(id) + 1 FROM messages) WHERE id = ? AND status = ?",
+                (MessageStatus.OK, user_message_id, MessageStatus.PENDING),
+            )
+            reply_id = None
+            if reply is not None:
+                cursor = await self._db.execute(
+                    "INSERT INTO messages (conversation_id, role, content, platform_message_id, reply_message_id, created_at, token_count, status, reasoning)"
+                    " VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
+                    (row[0], reply, platform_message_id, last_message_id, _now(), token_count, status, reasoning),
                 )
-                reply_id = None
-                if reply is not None:
-                    cursor = await self._db.execute(
-                        "INSERT INTO messages (conversation_id, role, content, platform_message_id, reply_message_id, created_at, token_count, status, reasoning)"
-                        " VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
-                        (row[0], reply, platform_message_id, last_message_id, _now(), token_count, status, reasoning),
-                    )
-                    reply_id = cursor.lastrowid
-                await self._db.commit()
-                return reply_id
-            except BaseException:
-                await self._db.rollback()
-                raise
+                reply_id = cursor.lastrowid
+            await self._db.commit()
+            return reply_id
+
+        return await self._transaction(finish)
 
     async def replace_answer(
         self,
@@ -386,7 +388,7 @@ class Store:
         """The newest turn of the history: (the user's message, its answer or None).
 
         None when the history is empty or ends with an answer to no stored message."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._rows(
             "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped') ORDER BY id DESC LIMIT 2", (conversation_id,)
         )
         newest = [_message(r) for r in rows]
@@ -398,7 +400,7 @@ class Store:
 
     async def pending(self) -> list[PendingTurn]:
         """Messages still waiting for an answer, oldest first, with their conversation."""
-        rows = await self._db.execute_fetchall(
+        rows = await self._rows(
             "SELECT m.*, c.scope AS scope, c.channel_id AS conv_channel_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.status = ? ORDER BY m.id",
             (MessageStatus.PENDING,),
@@ -407,7 +409,7 @@ class Store:
 
     async def messages(self, conversation_id: int) -> list[StoredMessage]:
         """All messages of a conversation, oldest first."""
-        rows = await self._db.execute_fetchall("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        rows = await self._rows("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [_message(r) for r in rows]
 
     async def newest_first(
@@ -420,12 +422,12 @@ class Store:
         turn) are not part of the conversation yet. `below`: only messages older than
         that id (the history an answer was written from)."""
         if include is not None:
-            row = await (await self._db.execute("SELECT * FROM messages WHERE id = ? AND conversation_id = ?", (include, conversation_id))).fetchone()
+            row = await self._row("SELECT * FROM messages WHERE id = ? AND conversation_id = ?", (include, conversation_id))
             if row is not None:
                 yield _message(row)
         before = below
         while True:
-            rows = await self._db.execute_fetchall(
+            rows = await self._rows(
                 "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped')"
                 " AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
                 (conversation_id, before, before, page),
@@ -437,17 +439,15 @@ class Store:
             before = rows[-1]["id"]
 
     async def count_messages(self, conversation_id: int) -> int:
-        row = await (await self._db.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation_id,))).fetchone()
+        row = await self._row("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation_id,))
         return int(row[0]) if row else 0
 
     async def newest_platform_id(self, conversation_id: int) -> int | None:
         """The newest platform message id stored for a conversation (theirs or the bot's)."""
-        row = await (
-            await self._db.execute(
-                "SELECT MAX(CAST(platform_message_id AS INTEGER)), MAX(CAST(reply_message_id AS INTEGER)) FROM messages WHERE conversation_id = ?",
-                (conversation_id,),
-            )
-        ).fetchone()
+        row = await self._row(
+            "SELECT MAX(CAST(platform_message_id AS INTEGER)), MAX(CAST(reply_message_id AS INTEGER)) FROM messages WHERE conversation_id = ?",
+            (conversation_id,),
+        )
         values = [int(v) for v in (row or ()) if v is not None]
         return max(values) if values else None
 
@@ -484,24 +484,11 @@ class Store:
 
     async def _find_by_platform_id(self, platform_message_id: str) -> tuple[str, str, str] | None:
         """(scope, role, status) of the stored message with this platform id."""
-        row = await (
-            await self._db.execute(
-                "SELECT c.scope, m.role, m.status FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ?",
-                (platform_message_id,),
-            )
-        ).fetchone()
+        row = await self._row(
+            "SELECT c.scope, m.role, m.status FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.platform_message_id = ?",
+            (platform_message_id,),
+        )
         return (str(row[0]), str(row[1]), str(row[2])) if row is not None else None
-
-    async def _write(self, sql: str, params: tuple[object, ...]) -> aiosqlite.Cursor:
-        """One statement, committed at once (or rolled back)."""
-        async with self._writing:
-            try:
-                cursor = await self._db.execute(sql, params)
-                await self._db.commit()
-                return cursor
-            except BaseException:
-                await self._db.rollback()
-                raise
 
 
 def _conversation(row: aiosqlite.Row) -> Conversation:
@@ -537,6 +524,14 @@ def _message(row: aiosqlite.Row) -> StoredMessage:
         reply_message_id=row["reply_message_id"] if "reply_message_id" in keys else None,
         attachments=row["attachments"] if "attachments" in keys else None,
     )
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock we need (transient)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _explain(path: Path, exc: sqlite3.DatabaseError) -> str:

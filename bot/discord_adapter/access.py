@@ -15,7 +15,7 @@ import time
 import discord
 
 from bot.config import Settings
-from bot.conversations.store import ChatMode
+from bot.conversations.records import ChatMode
 from bot.discord_adapter.context import BotContext
 from bot.discord_adapter.output import post_note
 from bot.discord_adapter.scopes import DiscordScope

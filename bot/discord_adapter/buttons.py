@@ -17,7 +17,7 @@ from discord.ext import commands
 
 from bot.conversations.scheduler import QueueFull
 from bot.conversations.service import NO_CONTINUE, TOO_LONG_TO_CONTINUE, CannotRedo, Reply
-from bot.conversations.store import MessageStatus, StoredMessage
+from bot.conversations.records import MessageStatus, StoredMessage
 from bot.discord_adapter.access import Access, may_stop
 from bot.discord_adapter.context import BotContext, Writing
 from bot.discord_adapter.intake import BUSY, IN_LINE

@@ -25,7 +25,7 @@ from discord.ext import commands
 from bot.config import THINKING_MODES
 from bot.conversations.export import ExportInfo, export_markdown
 from bot.conversations.service import ChannelOptions, SettingError, TemplateChoiceError
-from bot.conversations.store import ChatMode, MessageStatus
+from bot.conversations.records import ChatMode, MessageStatus, StoreBusy
 from bot.discord_adapter.access import Access, is_admin, may_stop
 from bot.discord_adapter.context import BotContext
 from bot.discord_adapter.scopes import DiscordScope
@@ -35,6 +35,7 @@ from bot.formats.templates import NAMES
 log = logging.getLogger(__name__)
 
 COMMAND_FAILED = "Sorry, that did not work (the error is in the bot's log). Please try again."
+STORAGE_BUSY = "My storage is busy right now (another program is using the database). Please try again in a minute."
 NEED_ADMIN = "You need the Manage Messages permission (or an admin role) to use /{name} here."
 NOT_YOUR_REPLY = "Only the person I am answering (or a moderator) can stop this reply."
 EXPORT_LIMIT = 8 * 1024 * 1024  # bytes: under Discord's smallest upload limit for bots (10 MiB)
@@ -69,12 +70,17 @@ class Commands(commands.Cog):
         if isinstance(error, app_commands.CheckFailure):
             return  # refused by interaction_check, which said why
         name = interaction.command.name if interaction.command else "?"
-        log.error("/%s failed in %s: %s", name, _scope(interaction), error, exc_info=error)
+        busy = isinstance(getattr(error, "original", None), StoreBusy)
+        if busy:
+            log.warning("/%s in %s: %s", name, _scope(interaction), error.original)  # type: ignore[attr-defined]
+        else:
+            log.error("/%s failed in %s: %s", name, _scope(interaction), error, exc_info=error)
+        text = STORAGE_BUSY if busy else COMMAND_FAILED
         with contextlib.suppress(discord.HTTPException):
             if interaction.response.is_done():
-                await interaction.followup.send(COMMAND_FAILED, ephemeral=True)
+                await interaction.followup.send(text, ephemeral=True)
             else:
-                await interaction.response.send_message(COMMAND_FAILED, ephemeral=True)
+                await interaction.response.send_message(text, ephemeral=True)
 
     async def _refuse_unless_admin(self, interaction: discord.Interaction, name: str) -> bool:
         if is_admin(self.ctx.settings, interaction):

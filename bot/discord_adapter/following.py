@@ -8,10 +8,12 @@ deleted, that stops and nothing of it is kept.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import discord
 from discord.ext import commands
 
+from bot.conversations.records import StoreBusy
 from bot.discord_adapter.context import BotContext
 from bot.discord_adapter.text import text_of
 
@@ -29,7 +31,8 @@ class Following(commands.Cog):
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         if "content" not in payload.data or payload.message.author.bot or self.bot.user is None:
             return  # e.g. Discord adding a link preview: the text did not change
-        scope = await self.ctx.chat.edit_message(str(payload.message_id), text_of(payload.message, self.bot.user.id))
+        text = text_of(payload.message, self.bot.user.id)
+        scope = await _patiently(lambda: self.ctx.chat.edit_message(str(payload.message_id), text), "edit", payload.message_id)
         if scope is not None:
             log.info("followed an edit in %s", scope)
 
@@ -38,6 +41,19 @@ class Following(commands.Cog):
         writing = self.ctx.replies.answering(payload.message_id)
         if writing is not None:
             writing.reply.discard()
-        scope = await self.ctx.chat.delete_message(str(payload.message_id))
+        scope = await _patiently(lambda: self.ctx.chat.delete_message(str(payload.message_id)), "delete", payload.message_id)
         if scope is not None:
             log.info("followed a delete in %s", scope)
+
+
+async def _patiently(change: Callable[[], Awaitable[str | None]], what: str, message_id: int) -> str | None:
+    """Follow an edit or delete even while another program holds the database: the bot must
+    never remember what a user took back, so it waits as long as it takes."""
+    waiting = False
+    while True:
+        try:
+            return await change()
+        except StoreBusy:
+            if not waiting:
+                waiting = True
+                log.warning("the database is busy: the %s of message %s waits to be followed", what, message_id)

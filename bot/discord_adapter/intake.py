@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 import discord
@@ -20,7 +22,7 @@ from discord.ext import commands
 from bot.conversations.attachments import SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
 from bot.conversations.scheduler import Job, QueueFull
 from bot.conversations.service import UserMessage
-from bot.conversations.store import ChatMode
+from bot.conversations.records import ChatMode, StoreBusy
 from bot.discord_adapter.access import Access
 from bot.discord_adapter.context import BotContext
 from bot.discord_adapter.output import NO_PINGS, post_note
@@ -29,6 +31,7 @@ from bot.discord_adapter.scopes import DiscordScope
 from bot.discord_adapter.text import text_of, thread_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BUSY = "I'm busy with other conversations right now. Please try again in a minute."
 NO_TEXT = "I can only read text and text files (like .txt, .md or .py). Write me a message; images, stickers and embeds are ignored."
@@ -37,6 +40,7 @@ IGNORED = "I ignored the sticker or embed; I can only read text."
 IN_LINE = "\u23f3 Busy: you're #{n} in line."
 NO_THREAD_PERMISSION = "I could not start a thread here (I need the Create Public Threads permission), so I answered in the channel."
 NO_THREAD = "I could not start a thread here, so I answered in the channel."
+STORAGE_BUSY = "\u23f3 My storage is busy right now (another program is using the database): I'll answer this as soon as it is back."
 
 
 class Intake(commands.Cog):
@@ -93,17 +97,15 @@ class Intake(commands.Cog):
                 await post_note(message, BUSY)
             return False
         author = message.author
+        said = UserMessage(
+            scope, text, author_id=str(author.id), author_name=author.display_name, platform_message_id=str(message.id), channel_id=str(channel.id)
+        )
         try:
             # Stored at once, before its files are downloaded: from here on a restart cannot lose
             # it, and an edit or delete during the download finds it. The files are added once read.
-            stored = await self.ctx.chat.receive(
-                UserMessage(
-                    scope, text, author_id=str(author.id), author_name=author.display_name,
-                    platform_message_id=str(message.id), channel_id=str(channel.id),
-                )
-            )
+            stored = await self._patiently(turn, lambda: self.ctx.chat.receive(said))
             if stored is not None and message.attachments:
-                stored = await self.add_files(message, stored, turn.notes)
+                stored = await self.add_files(message, stored, turn.notes, turn=turn)
         except Exception as exc:  # e.g. the disk is full: the turn apologises
             turn.stored.set_exception(exc)
             return False
@@ -112,6 +114,22 @@ class Intake(commands.Cog):
             return False  # stored already: seen twice (a catch-up racing a live event)
         self._note_position(turn, job)
         return True
+
+    async def _patiently(self, turn: Turn, write: Callable[[], Awaitable[T]]) -> T:
+        """A write that waits out a database locked by another program for as long as it takes:
+        the message keeps its place in line meanwhile, and its author is told once (the note
+        becomes the reply). Only a shutdown gives up (the catch-up after the restart finds it)."""
+        told = False
+        while True:
+            try:
+                return await write()
+            except StoreBusy:
+                if self.bot.is_closed() or self.ctx.scheduler.closed:
+                    raise
+                if not told:
+                    told = True
+                    log.warning("the database is busy: message %s in %s keeps its place and waits to be stored", turn.message.id, turn.scope)
+                    turn.first = turn.first or await post_note(turn.message, STORAGE_BUSY, channel=turn.thread)
 
     def queue(self, turn: Turn) -> None:
         """Queue a turn stored before (by an earlier run)."""
@@ -135,18 +153,23 @@ class Intake(commands.Cog):
                 return turn.first
         note = await post_note(turn.message, text, channel=turn.thread)
         if note is not None and turn.stored.done() and turn.stored.result() is not None:
-            await self.ctx.chat.note_reply_message(turn.stored.result(), str(note.id))
+            with contextlib.suppress(StoreBusy):  # only a hint for a restart: never worth holding the reply up
+                await self.ctx.chat.note_reply_message(turn.stored.result(), str(note.id))
         return note
 
     # --- attached files ------------------------------------------------------------------
 
-    async def add_files(self, message: discord.Message, stored: int, notes: list[str]) -> int | None:
+    async def add_files(self, message: discord.Message, stored: int, notes: list[str], *, turn: Turn | None = None) -> int | None:
         """Read a stored message's text files into its row; their notes go to `notes`. None when
-        nothing is left to answer (no text, only images or binary files): the row goes, with a note."""
+        nothing is left to answer (no text, only images or binary files): the row goes, with a note.
+        With its `turn`, the write waits out a busy database (see `_patiently`)."""
         files, file_notes = await self._read_files(message)
         notes.extend(file_notes)
         if files:
-            await self.ctx.chat.add_files(stored, files)
+            if turn is not None:
+                await self._patiently(turn, lambda: self.ctx.chat.add_files(stored, files))
+            else:
+                await self.ctx.chat.add_files(stored, files)
             return stored
         row = await self.ctx.chat.message(stored)  # its latest text (an edit may have come meanwhile)
         if row is None or row.content:

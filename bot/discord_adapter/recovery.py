@@ -16,6 +16,7 @@ import logging
 import discord
 from discord.ext import commands
 
+from bot.conversations.records import StoreBusy
 from bot.discord_adapter.access import Access
 from bot.discord_adapter.context import BotContext
 from bot.discord_adapter.intake import Intake
@@ -26,6 +27,8 @@ from bot.discord_adapter.scopes import DiscordScope
 log = logging.getLogger(__name__)
 
 RESTARTED = "Sorry, I was restarting when you sent this and it is too old to answer now. Please ask again."
+AGAIN_AFTER_S = 60.0
+"""When another program held the database through the catch-up, it is tried again after this long."""
 
 
 class Recovery(commands.Cog):
@@ -38,6 +41,7 @@ class Recovery(commands.Cog):
         self.intake = intake
         self._running = asyncio.Lock()
         self._resumed = False
+        self._queued: set[int] = set()  # stored messages resumed already (a retry must not queue them twice)
 
     @commands.Cog.listener()
     async def on_ready(self) -> None:
@@ -48,13 +52,20 @@ class Recovery(commands.Cog):
         async with self._running:
             try:
                 if not self._resumed:
-                    self._resumed = True
                     await self.resume_pending()
+                    self._resumed = True
                 await self.catch_up()
+            except StoreBusy as exc:
+                log.warning("could not finish catching up after connecting (%s); trying again in %.0f s", exc, AGAIN_AFTER_S)
+                self.ctx.in_background(self._again_later())
             except Exception:
                 log.exception("could not finish catching up after connecting")
             finally:
                 self.ctx.caught_up.set()
+
+    async def _again_later(self) -> None:
+        await asyncio.sleep(AGAIN_AFTER_S)
+        await self.after_connect()
 
     async def resume_pending(self) -> None:
         """Messages stored as pending by an earlier run: answer the recent ones, in order, as if
@@ -63,8 +74,8 @@ class Recovery(commands.Cog):
         now = discord.utils.utcnow()
         resumed = expired = 0
         for turn in await chat.waiting():
-            if DiscordScope.parse(turn.scope) is None or not turn.message.platform_message_id:
-                continue  # not a Discord conversation (the terminal chat's)
+            if DiscordScope.parse(turn.scope) is None or not turn.message.platform_message_id or turn.message.id in self._queued:
+                continue  # not a Discord conversation (the terminal chat's), or queued by an earlier try
             message, thread = await self._fetch_pending(turn.channel_id, turn.message.platform_message_id)
             if message is None:  # deleted while the bot was down, or no longer reachable
                 await chat.delete_message(turn.message.platform_message_id)
@@ -87,6 +98,7 @@ class Recovery(commands.Cog):
             if message.attachments and turn.message.attachments is None:  # stopped while they downloaded
                 if await self.intake.add_files(message, turn.message.id, notes) is None:
                     continue
+            self._queued.add(turn.message.id)
             self.intake.queue(Turn(message, turn.scope, _done(turn.message.id), notes, first=first, thread=thread))
             resumed += 1
         if resumed or expired:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import discord
 
+from bot.conversations.records import StoreBusy
 from bot.conversations.service import EMPTY_NOTE, Reply
 from bot.discord_adapter.context import BotContext, Writing
 from bot.discord_adapter.output import ReplyStreamer, delete_all, post_note, reply_view
@@ -71,17 +72,19 @@ class Replier:
     async def answer(self, turn: Turn) -> None:
         """Generate and post the reply to one stored message; store it with its turn."""
         ctx = self.ctx
-        first = await turn.waiting_note if turn.waiting_note is not None else turn.first
-        stop = writing_view(turn.message.id, turn.message.author.id)
-        out = ReplyStreamer(turn.message, budget=ctx.edit_budget, first=first, channel=turn.thread, view=stop)
         typing = Typing(turn.channel)
         await typing.start()
         reply: Reply | None = None
         writing: Writing | None = None
+        stop = writing_view(turn.message.id, turn.message.author.id)
+        out = ReplyStreamer(turn.message, budget=ctx.edit_budget, first=turn.first, channel=turn.thread, view=stop)
         try:
             message_id = await turn.stored
             if message_id is None:
                 return  # seen twice: the other sighting answers it
+            # The bot's note for it, if any (its place in line, storage busy), becomes the reply.
+            first = await turn.waiting_note if turn.waiting_note is not None else turn.first
+            out = ReplyStreamer(turn.message, budget=ctx.edit_budget, first=first, channel=turn.thread, view=stop)
             reply = await ctx.chat.answer(turn.scope, message_id)
             if reply is None:  # deleted while it waited: nothing to answer
                 await delete_all(out.messages)
@@ -138,7 +141,14 @@ class Replier:
                 await typing.stop()
                 if not recorded:  # a restart now finishes this message instead of posting another
                     recorded = True
-                    await self.ctx.chat.note_reply_message(reply.user_message_id, str(out.messages[0].id))
+                    self.ctx.in_background(self._note_first_page(reply.user_message_id, str(out.messages[0].id)))
+
+    async def _note_first_page(self, message_id: int, page_id: str) -> None:
+        """Only a hint for a restart: it never holds the stream up, and a busy database skips it."""
+        try:
+            await self.ctx.chat.note_reply_message(message_id, page_id)
+        except StoreBusy:
+            log.warning("the database is busy: not noting the first page of the reply to stored message %s", message_id)
 
     def final_text(self, reply: Reply, notes: list[str]) -> str:
         gen = reply.generation
@@ -188,12 +198,24 @@ class Replier:
 
 async def save(reply: Reply, sent: list[discord.Message] | None, what: str) -> None:
     """Store a finished reply with the Discord messages that show it; `sent` None: Discord
-    did not take it, so it is kept as undelivered (never shown to the model as said)."""
-    try:
-        await reply.save(
-            delivered=sent is not None,
-            platform_message_id=str(sent[0].id) if sent else None,
-            last_message_id=str(sent[-1].id) if sent else None,
-        )
-    except Exception:
-        log.exception("could not store %s", what)
+    did not take it, so it is kept as undelivered (never shown to the model as said).
+
+    A database locked by another program is waited out for as long as it takes (the turn
+    keeps its channel's place in line meanwhile); only a shutdown ends the wait, and the
+    turn, still pending, is finished after the restart."""
+    waiting = False
+    while True:
+        try:
+            await reply.save(
+                delivered=sent is not None,
+                platform_message_id=str(sent[0].id) if sent else None,
+                last_message_id=str(sent[-1].id) if sent else None,
+            )
+            return
+        except StoreBusy:
+            if not waiting:
+                waiting = True
+                log.warning("the database is busy: %s waits to be stored", what)
+        except Exception:
+            log.exception("could not store %s", what)
+            return
