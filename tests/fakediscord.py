@@ -864,11 +864,13 @@ class FakeDiscord:
         """A Discord user (not yet member of any guild)."""
         return self._make_user(name, bot=bot, global_name=global_name)
 
-    def add_guild(self, name: str, *, owner: JSON | None = None, shard: int | None = None) -> JSON:
+    def add_guild(self, name: str, *, owner: JSON | None = None, shard: int | None = None, with_bot: bool = True) -> JSON:
         """A guild with an ``@everyone`` role (id == guild id) and the bot as member.
 
         ``owner`` defaults to a fresh user "<name>-owner".  ``shard`` picks the
-        guild id so that ``(id >> 22) % shard_count == shard``.
+        guild id so that ``(id >> 22) % shard_count == shard``.  ``with_bot=False``:
+        the bot has not been invited yet (see :meth:`invite_bot`); the gateway tells it
+        nothing of the guild, and Discord refuses its command syncs there (403 Missing Access).
         """
         if shard is not None and not 0 <= shard < self.shard_count:
             raise ValueError(f"shard {shard} out of range for shard_count={self.shard_count}")
@@ -913,9 +915,18 @@ class FakeDiscord:
         self._roles[guild_id] = [self._role_payload(guild_id, "@everyone", Permissions.DEFAULT_EVERYONE, 0)]
         self._members[guild_id] = {}
         self._put_member(guild_id, owner, [], None)
-        self._put_member(guild_id, self.bot_user, [], None)
-        self._emit_later(_Event("GUILD_CREATE", {}, guild_id, None))  # payload built per session at flush
+        if with_bot:
+            self._put_member(guild_id, self.bot_user, [], None)
+            self._emit_later(_Event("GUILD_CREATE", {}, guild_id, None))  # payload built per session at flush
         return guild
+
+    def bot_in(self, guild_id: str) -> bool:
+        return self.bot_user["id"] in self._members.get(guild_id, {})
+
+    async def invite_bot(self, guild: JSON) -> None:
+        """The bot joins a guild (an admin used its invite link): GUILD_CREATE, as on a join."""
+        self._put_member(guild["id"], self.bot_user, [], None)
+        await self._emit(_Event("GUILD_CREATE", {"joined": True}, guild["id"], None))
 
     def _role_payload(self, role_id: str, name: str, permissions: int, position: int) -> JSON:
         return {
@@ -1192,12 +1203,14 @@ class FakeDiscord:
                 if event.guild_id is None:
                     if session.shard_id != 0:
                         continue
-                elif not session.covers_guild(event.guild_id):
+                elif not session.covers_guild(event.guild_id) or not self.bot_in(event.guild_id):
                     continue
                 if event.intent is not None and not session.intents & event.intent:
                     continue
                 if event.name == "GUILD_CREATE":
                     data = self._guild_create_payload(event.guild_id or "", session)
+                    if event.data.get("joined"):  # a join, not a guild becoming available: Discord sends no "unavailable"
+                        del data["unavailable"]
                 elif event.strip_content:
                     data = self._content_for(session, event.data)
                 else:
@@ -1360,7 +1373,7 @@ class FakeDiscord:
                     self._drop_session(old)
             session = _Session(session_id=secrets.token_hex(16), shard=shard, intents=intents, ws=conn.ws)
             conn.session = session
-            guild_ids = [gid for gid in self._guilds if session.covers_guild(gid)]
+            guild_ids = [gid for gid in self._guilds if session.covers_guild(gid) and self.bot_in(gid)]
             ready: JSON = {
                 "v": API_VERSION,
                 "user": copy.deepcopy(self.bot_user),
@@ -2477,8 +2490,8 @@ class FakeDiscord:
     def _scope(self, app_id: str, guild_id: str | None) -> tuple[str | None, web.Response | None]:
         if app_id != str(self.application_id):
             return None, _error(403, "Missing Access", 50001)
-        if guild_id is not None and guild_id not in self._guilds:
-            return None, _error(404, "Unknown Guild", 10004)
+        if guild_id is not None and (guild_id not in self._guilds or not self.bot_in(guild_id)):
+            return None, _error(403, "Missing Access", 50001)  # as Discord: also for a guild that does not exist
         return (guild_id or "global"), None
 
     def _validate_options(self, options: list[JSON], where: str, depth: int) -> _Problem | None:

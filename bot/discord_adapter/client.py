@@ -8,7 +8,7 @@ up after a restart), `Following` (edits and deletes). `Replier` writes the repli
 from __future__ import annotations
 
 import logging
-import time
+
 
 import discord
 from discord.ext import commands
@@ -53,7 +53,7 @@ class LlamaBot(commands.Bot):
         super().__init__(command_prefix=commands.when_mentioned, help_command=None, intents=intents(), allowed_mentions=NO_PINGS, **options)  # type: ignore[arg-type]
         self.ctx = BotContext.create(settings, chat)
         self.access = Access(self.ctx, self)
-        self.started_at = time.time()
+        self._unsynced_guild: int | None = None  # DEV_GUILD_ID, while Discord refuses its commands (not invited yet)
 
     async def setup_hook(self) -> None:
         ctx = self.ctx
@@ -69,15 +69,45 @@ class LlamaBot(commands.Bot):
         ):
             await self.add_cog(cog)
         self.add_dynamic_items(ReplyButton)  # buttons on replies posted by earlier runs work too
-        settings = ctx.settings
-        if settings.dev_guild_id:
-            guild = discord.Object(settings.dev_guild_id)
-            self.tree.copy_global_to(guild=guild)
-            await self.tree.sync(guild=guild)
-            log.info("slash commands synced to guild %s", settings.dev_guild_id)
-        else:
-            await self.tree.sync()
-            log.info("slash commands synced globally (new commands can take a while to appear)")
+        await self._sync_commands()
+
+    async def _sync_commands(self) -> None:
+        """Register the slash commands: in DEV_GUILD_ID at once, else globally. A refusal never
+        stops the bot: it answers messages without slash commands meanwhile."""
+        guild_id = self.ctx.settings.dev_guild_id
+        try:
+            if guild_id:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+                log.info("slash commands synced to guild %s", guild_id)
+            else:
+                await self.tree.sync()
+                log.info("slash commands synced globally (new commands can take a while to appear)")
+            self._unsynced_guild = None
+        except discord.HTTPException as exc:
+            if guild_id and exc.status == 403 and exc.code == 50001:  # Missing Access: not in that server (yet)
+                self._unsynced_guild = guild_id
+                assert self.application_id is not None
+                log.warning(
+                    "DEV_GUILD_ID=%s: the bot is not in that server yet (or was invited without the applications.commands scope), "
+                    "so Discord refused its slash commands there (403 Missing Access). Invite it with %s ; its commands are added when it joins.",
+                    guild_id, invite_link(self.application_id),
+                )
+            else:
+                log.warning("could not register the slash commands (%s); answering messages without them", exc)
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        """Invited at last into DEV_GUILD_ID: its slash commands go there now (never globally as
+        well meanwhile: that would list every command twice in that server)."""
+        if guild.id == self._unsynced_guild:
+            await self._sync_commands()
+
+    async def on_guild_available(self, guild: discord.Guild) -> None:
+        """The same, when the guild arrives as "available" (Discord's GUILD_CREATE for a guild it
+        already knew the bot in, e.g. invited while the bot was reconnecting)."""
+        if guild.id == self._unsynced_guild:
+            await self._sync_commands()
 
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: messages are the `Intake` cog's (this replaces Bot's `process_commands`)."""
