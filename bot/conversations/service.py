@@ -359,6 +359,15 @@ class ChatService:
             Place(c.scope, c.channel_id, await self.store.newest_platform_id(c.id)) for c in await self.store.conversations()
         ]
 
+    async def connected_until(self, platform: str) -> float | None:
+        """Until when (unix time) a front end was last known connected to its platform, so that a
+        restart reads only what was said since; None on a first start."""
+        value = await self.store.state(f"{platform}.connected_until")
+        return float(value) if value is not None else None
+
+    async def note_connected(self, platform: str, until: float) -> None:
+        await self.store.set_state(f"{platform}.connected_until", repr(until))
+
     async def has_seen(self, platform_message_id: str) -> bool:
         """Whether a platform message is stored (it is answered once, however often it is seen)."""
         return await self.store.has_platform_id(platform_message_id)

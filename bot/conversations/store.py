@@ -215,6 +215,15 @@ class Store:
                     await self._db.rollback()
                 raise
 
+    # --- the bot's own state -----------------------------------------------------------
+
+    async def state(self, key: str) -> str | None:
+        row = await self._row("SELECT value FROM bot_state WHERE key = ?", (key,))
+        return str(row[0]) if row is not None else None
+
+    async def set_state(self, key: str, value: str) -> None:
+        await self._write("INSERT INTO bot_state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
     # --- conversations -----------------------------------------------------------------
 
     async def conversation(self, scope: str, *, channel_id: str | None = None) -> Conversation:

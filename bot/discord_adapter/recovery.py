@@ -2,8 +2,14 @@
 
 Messages stored as pending by an earlier run are answered first, in order (or, when
 too old, told that the bot was restarting). Then each channel where the bot talks is
-read from the last message it stored, and what was addressed to it is answered. A
-message already stored is never answered twice. Live messages wait until this is done.
+read from the last message it stored, and what was addressed to it is answered; live
+messages wait until this is done. Then every other channel where Discord says something
+was written since the bot was last connected (its `last_message_id`, sent with each
+guild) is read too, so a mention in a channel where the bot never spoke is answered as
+well. Reads are paced well inside Discord's rate limits, and only channels with
+something new are read. A message already stored is never answered twice.
+
+DMs: the bot reads the DM channels it has talked in; Discord tells a bot of no others.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import time
 
 import discord
-from discord.ext import commands
+from discord.ext import commands, tasks
 
 from bot.conversations.records import StoreBusy
 from bot.discord_adapter.access import Access
@@ -27,6 +34,12 @@ from bot.discord_adapter.scopes import DiscordScope
 log = logging.getLogger(__name__)
 
 RESTARTED = "Sorry, I was restarting when you sent this and it is too old to answer now. Please ask again."
+READ_EVERY_S = 0.2
+"""At most one history read this often while catching up (5/s: a server with hundreds of channels
+stays far inside Discord's 50 requests/s, with room left for the replies)."""
+CONNECTED_EVERY_S = 60.0
+"""How often "still connected" is written down (the time a restart reads new messages from)."""
+PLATFORM = "discord"
 AGAIN_AFTER_S = 60.0
 """When another program held the database through the catch-up, it is tried again after this long."""
 
@@ -42,19 +55,66 @@ class Recovery(commands.Cog):
         self._running = asyncio.Lock()
         self._resumed = False
         self._queued: set[int] = set()  # stored messages resumed already (a retry must not queue them twice)
+        self._connected = False
+        self._seen_all = False  # the catch-up of this session finished: everything until now was read
+        self._since: float | None = None  # until when the bot was connected before this session (None: never, as far as it knows)
+        self._last_read = 0.0
+
+    @property
+    def caught_up(self) -> bool:
+        """This gateway session's catch-up is done (what was said while the bot was away is read)."""
+        return self._seen_all
+
+    async def cog_load(self) -> None:
+        self._keep_connected_time.start()
+
+    async def cog_unload(self) -> None:
+        self._keep_connected_time.cancel()
+        await self._note_connected()  # a clean shutdown: nothing was missed until now
+
+    @tasks.loop(seconds=CONNECTED_EVERY_S)
+    async def _keep_connected_time(self) -> None:
+        await self._note_connected()
+
+    async def _note_connected(self) -> None:
+        """Write down that nothing said until now was missed: only while connected, and once this
+        session's catch-up is done (a catch-up cut short must be read again after a restart)."""
+        if self._connected and self._seen_all:
+            await self._write_connected(time.time())
+
+    async def _write_connected(self, until: float) -> None:
+        try:
+            await self.ctx.chat.note_connected(PLATFORM, until)
+        except StoreBusy as exc:
+            log.warning("could not note the time the bot was connected: %s", exc)
+
+    @commands.Cog.listener()
+    async def on_disconnect(self) -> None:
+        if self._connected and self._seen_all:
+            self.ctx.in_background(self._write_connected(time.time()))  # nothing missed until now
+        self._connected = False
+
+    @commands.Cog.listener()
+    async def on_resumed(self) -> None:
+        self._connected = True  # Discord replays what was missed: nothing to catch up
 
     @commands.Cog.listener()
     async def on_ready(self) -> None:
+        """A new gateway session (a first start, or after an outage too long to resume) missed events."""
         self.ctx.in_background(self.after_connect())
 
     async def after_connect(self) -> None:
         """Answer what waited across a restart (once), then what arrived while the bot was away."""
         async with self._running:
             try:
+                if not self._connected:  # a new session: read from when the last one was last known connected
+                    self._since = await self.ctx.chat.connected_until(PLATFORM)
+                    self._connected, self._seen_all = True, False
                 if not self._resumed:
                     await self.resume_pending()
                     self._resumed = True
                 await self.catch_up()
+                self._seen_all = True
             except StoreBusy as exc:
                 log.warning("could not finish catching up after connecting (%s); trying again in %.0f s", exc, AGAIN_AFTER_S)
                 self.ctx.in_background(self._again_later())
@@ -105,41 +165,75 @@ class Recovery(commands.Cog):
             log.info("after the restart: answering %d waiting message(s); %d were too old (RESUME_MAX_AGE_S)", resumed, expired)
 
     async def catch_up(self) -> None:
-        """Read each channel where the bot talks from the last message it stored, and answer
-        what was addressed to it while it was away (bounded by CATCHUP_MAX_AGE_S and
-        CATCHUP_MAX_MESSAGES per channel). A message already stored is never answered again."""
+        """Read what was addressed to the bot while it was away: first in the channels where it
+        talks (from the last message it stored there), then, once live messages may flow again,
+        in every other channel where something was written since it was last connected.
+        Bounded by CATCHUP_MAX_AGE_S and CATCHUP_MAX_MESSAGES per channel."""
         settings = self.ctx.settings
-        chat = self.ctx.chat
         if not settings.catchup_max_messages:
             return
-        oldest = discord.utils.utcnow() - datetime.timedelta(seconds=settings.catchup_max_age_s)
-        floor = discord.utils.time_snowflake(oldest)
-        channels: dict[int, int | None] = {}  # channel id -> newest stored message id there
-        for place in await chat.places():
+        oldest = discord.utils.time_snowflake(discord.utils.utcnow() - datetime.timedelta(seconds=settings.catchup_max_age_s))
+        answered = 0
+        known: dict[int, int | None] = {}  # channel id -> newest message id stored there
+        for place in await self.ctx.chat.places():
             scope = DiscordScope.parse(place.scope)
             channel_id = place.channel_id or (scope.channel_id if scope is not None else None)
             if channel_id is not None:
-                channels[int(channel_id)] = place.newest_message_id
+                known[int(channel_id)] = place.newest_message_id
         for channel_id in settings.chat_channels:
-            channels.setdefault(channel_id, None)
-        answered = 0
-        for channel_id, newest in channels.items():
+            known.setdefault(channel_id, None)
+        for channel_id, newest in known.items():
             channel = await self._channel(str(channel_id))
-            if channel is None:
-                continue
-            try:
-                after = discord.Object(max(newest or 0, floor))
-                async for message in channel.history(after=after, oldest_first=True, limit=settings.catchup_max_messages):
-                    if self.access.wants_answer(message) and not await chat.has_seen(str(message.id)):
-                        if await self.access.refusal_fetching_roles(message) is not None:
-                            continue
-                        text = self.intake.text_of(message)
-                        if text or message.attachments:
-                            answered += await self.intake.accept(message, text, [], force=True)
-            except discord.HTTPException as exc:
-                log.warning("could not read what arrived in channel %s while I was away: %s", channel_id, exc)
+            if channel is not None:
+                answered += await self._read(channel, after=max(newest or 0, oldest))
+        self.ctx.caught_up.set()  # the channels it talks in are done: live messages may go on
+        since = oldest if self._since is None else max(oldest, discord.utils.time_snowflake(_utc(self._since)))
+        for channel in self._written_in_since(since, set(known)):
+            answered += await self._read(channel, after=since)
         if answered:
             log.info("caught up: answering %d message(s) that arrived while I was away", answered)
+
+    def _written_in_since(self, since: int, known: set[int]) -> list[discord.abc.Messageable]:
+        """Channels and active threads the bot may read where Discord says a message was written
+        after the snowflake `since`, the longest quiet first."""
+        found: list[tuple[int, discord.abc.Messageable]] = []
+        for guild in self.bot.guilds:
+            me = guild.me
+            for channel in [*guild.text_channels, *guild.voice_channels, *guild.threads]:
+                last = channel.last_message_id
+                if channel.id in known or last is None or last <= since or me is None:
+                    continue
+                allowed = channel.permissions_for(me)
+                if allowed.view_channel and allowed.read_message_history:
+                    found.append((last, channel))
+        found.sort(key=lambda pair: pair[0])
+        return [channel for _, channel in found]
+
+    async def _read(self, channel: discord.abc.Messageable, *, after: int) -> int:
+        """Answer what was addressed to the bot in `channel` after the snowflake `after` (one
+        paced history read; nothing when Discord says nothing newer was written there)."""
+        last = getattr(channel, "last_message_id", None)
+        if last is not None and last <= after:
+            return 0
+        await self._pace()
+        answered = 0
+        try:
+            async for message in channel.history(after=discord.Object(after), oldest_first=True, limit=self.ctx.settings.catchup_max_messages):
+                if self.access.wants_answer(message) and not await self.ctx.chat.has_seen(str(message.id)):
+                    if await self.access.refusal_fetching_roles(message) is not None:
+                        continue
+                    text = self.intake.text_of(message)
+                    if text or message.attachments:
+                        answered += await self.intake.accept(message, text, [], force=True)
+        except discord.HTTPException as exc:
+            log.warning("could not read what arrived in channel %s while I was away: %s", getattr(channel, "id", "?"), exc)
+        return answered
+
+    async def _pace(self) -> None:
+        wait = self._last_read + READ_EVERY_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_read = time.monotonic()
 
     # --- reading back from Discord -----------------------------------------------------------
 
@@ -194,6 +288,10 @@ class Recovery(commands.Cog):
                 await self.ctx.edit_budget.edit(first, content=text, allowed_mentions=NO_PINGS, view=None)
                 return
         await post_note(message, text)
+
+
+def _utc(unix: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc)
 
 
 def _done(value: int) -> asyncio.Future[int | None]:
