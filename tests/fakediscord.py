@@ -132,8 +132,10 @@ class Intents:
     GUILD_PRESENCES = 1 << 8
     GUILD_MESSAGES = 1 << 9
     GUILD_MESSAGE_REACTIONS = 1 << 10
+    GUILD_MESSAGE_TYPING = 1 << 11
     DIRECT_MESSAGES = 1 << 12
     DIRECT_MESSAGE_REACTIONS = 1 << 13
+    DIRECT_MESSAGE_TYPING = 1 << 14
     MESSAGE_CONTENT = 1 << 15
     PRIVILEGED = GUILD_MEMBERS | GUILD_PRESENCES | MESSAGE_CONTENT
 
@@ -612,6 +614,7 @@ class FakeDiscord:
         self.reactions: dict[tuple[str, str], list[str]] = {}
         self.commands: dict[str, list[JSON]] = {}
         self.events: list[JSON] = []  # every gateway frame sent (dispatches + control ops)
+        self.typing_events: list[JSON] = []  # every TYPING_START a test started (see start_typing)
         self.presences: list[JSON] = []  # op 3 payloads received
         self.identify_payloads: list[JSON] = []
         self.identify_count = 0
@@ -3061,6 +3064,19 @@ class FakeDiscord:
             recipients = [u["id"] for u in channel.get("recipients", [])]
             if author["id"] not in recipients:
                 raise ValueError(f"{author['username']} is not a recipient of DM channel {channel['id']}")
+
+    async def start_typing(self, channel: JSON, user: JSON) -> None:
+        """``user`` starts typing in ``channel``: TYPING_START, to sessions with the typing intents
+        (GUILD_MESSAGE_TYPING, DIRECT_MESSAGE_TYPING), with the member in guilds, as Discord sends it."""
+        channel = self._channels[_cid(channel)]
+        gid = channel.get("guild_id")
+        data: JSON = {"channel_id": channel["id"], "user_id": user["id"], "timestamp": int(time.time())}
+        if gid:
+            self._check_author(channel, user)
+            data["guild_id"] = gid
+            data["member"] = copy.deepcopy(self._members[gid][user["id"]])
+        self.typing_events.append(data)
+        await self._emit(_Event("TYPING_START", data, gid, Intents.GUILD_MESSAGE_TYPING if gid else Intents.DIRECT_MESSAGE_TYPING))
 
     async def send_message(
         self,
