@@ -16,7 +16,8 @@ import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 # Message states (see migrations/0002_discord.sql and 0003_durable.sql). Only VISIBLE ones reach prompts.
 OK, STOPPED, UNDELIVERED, PENDING, EXPIRED = "ok", "stopped", "undelivered", "pending", "expired"
 VISIBLE = (OK, STOPPED)
+
+IMAGES_VERSION = 6  # migrations/0006_images.sql
 
 # conversations.chat_enabled: which messages of a channel the bot answers (/chat off|on|threads).
 CHAT_OFF, CHAT_ON, CHAT_THREADS = 0, 1, 2  # threads: a new thread for each mention, every message answered in it
@@ -59,6 +62,18 @@ class Conversation:
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    """An image of a message, as stored: its file name and what identifies its bytes."""
+
+    name: str
+    sha256: str  # of the stored bytes (read them with `Store.image_data`)
+    mime: str  # "image/png" or "image/jpeg"
+    width: int
+    height: int
+    size: int  # bytes stored
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     id: int
     conversation_id: int
@@ -75,6 +90,7 @@ class StoredMessage:
     # the messages it was posted as (a long answer takes several; platform_message_id is the first).
     reply_message_id: str | None = None
     attachments: str | None = None  # attached text files as put in the prompt (kept apart: edits change `content` only)
+    images: tuple[StoredImage, ...] = ()  # its images, in order (their bytes: `Store.image_data`)
 
     @property
     def full_text(self) -> str:
@@ -123,6 +139,7 @@ class Store:
         self._db = db
         self.path = path
         self._writing = asyncio.Lock()  # one write transaction at a time: another's commit must not commit half of ours
+        self._images = False  # the images tables exist (a store opened `upto` an older version has none)
 
     @classmethod
     async def open(cls, path: Path | str, *, upto: int | None = None) -> Store:
@@ -147,6 +164,7 @@ class Store:
                 log.warning("database %s: WAL mode not available (journal_mode=%s)", path, mode[0])
             await store._migrate(upto)
             await store._check_writable()
+            store._images = await store.schema_version() >= IMAGES_VERSION
         except sqlite3.DatabaseError as exc:
             await db.close()
             raise StoreError(_explain(path, exc)) from None
@@ -296,7 +314,7 @@ class Store:
 
     async def message(self, message_id: int) -> StoredMessage | None:
         row = await (await self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,))).fetchone()
-        return _message(row) if row is not None else None
+        return (await self._with_images([_message(row)]))[0] if row is not None else None
 
     async def set_status(self, message_id: int, status: str) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
@@ -373,7 +391,7 @@ class Store:
         rows = await self._db.execute_fetchall(
             "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped') ORDER BY id DESC LIMIT 2", (conversation_id,)
         )
-        newest = [_message(r) for r in rows]
+        newest = await self._with_images([_message(r) for r in rows])
         if newest and newest[0].role == "user":
             return newest[0], None
         if len(newest) == 2 and newest[1].role == "user":
@@ -387,12 +405,13 @@ class Store:
             " WHERE m.status = ? ORDER BY m.id",
             (PENDING,),
         )
-        return [PendingTurn(_message(r), r["scope"], r["conv_channel_id"]) for r in rows]
+        found = await self._with_images([_message(r) for r in rows])
+        return [PendingTurn(m, r["scope"], r["conv_channel_id"]) for m, r in zip(found, rows)]
 
     async def messages(self, conversation_id: int) -> list[StoredMessage]:
         """All messages of a conversation, oldest first."""
         rows = await self._db.execute_fetchall("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
-        return [_message(r) for r in rows]
+        return await self._with_images([_message(r) for r in rows])
 
     async def newest_first(
         self, conversation_id: int, page: int = 64, *, include: int | None = None, below: int | None = None
@@ -406,7 +425,7 @@ class Store:
         if include is not None:
             row = await (await self._db.execute("SELECT * FROM messages WHERE id = ? AND conversation_id = ?", (include, conversation_id))).fetchone()
             if row is not None:
-                yield _message(row)
+                yield (await self._with_images([_message(row)]))[0]
         before = below
         while True:
             rows = await self._db.execute_fetchall(
@@ -414,8 +433,8 @@ class Store:
                 " AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
                 (conversation_id, before, before, page),
             )
-            for row in rows:
-                yield _message(row)
+            for stored in await self._with_images([_message(row) for row in rows]):
+                yield stored
             if len(rows) < page:
                 return
             before = rows[-1]["id"]
@@ -465,6 +484,83 @@ class Store:
             return None
         await self._write("DELETE FROM messages WHERE platform_message_id = ?", (platform_message_id,))
         return found[0], found[2] in VISIBLE
+
+    # --- images ------------------------------------------------------------------------
+
+    async def add_images(self, message_id: int, images: Sequence[tuple[StoredImage, bytes]]) -> bool:
+        """Add images (their description and bytes) after a message's others, in one transaction.
+        False when the message is gone (deleted while its images downloaded)."""
+        async with self._writing:
+            try:
+                row = await (
+                    await self._db.execute("SELECT COALESCE((SELECT MAX(position) + 1 FROM message_images WHERE message_id = ?), 0) FROM messages WHERE id = ?",
+                                           (message_id, message_id))
+                ).fetchone()
+                if row is None:
+                    return False
+                for position, (image, data) in enumerate(images, start=int(row[0])):
+                    await self._db.execute("INSERT OR IGNORE INTO image_blobs (sha256, data) VALUES (?, ?)", (image.sha256, data))
+                    await self._db.execute(
+                        "INSERT INTO message_images (message_id, position, name, sha256, mime, width, height, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (message_id, position, image.name, image.sha256, image.mime, image.width, image.height, image.size),
+                    )
+                await self._db.commit()
+                return True
+            except BaseException:
+                await self._db.rollback()
+                raise
+
+    async def image_data(self, sha256: str) -> bytes | None:
+        """The stored bytes of an image (None: no message shows it any more)."""
+        row = await (await self._db.execute("SELECT data FROM image_blobs WHERE sha256 = ?", (sha256,))).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    async def keep_images(self, platform_message_id: str, names: Sequence[str]) -> tuple[str, bool] | None:
+        """Follow an edit that removed attachments: keep only the images of that message whose
+        file names are in `names` (each name as often as it is listed). Returns (scope, visible)
+        as `edit_by_platform_id` does when an image went, else None."""
+        found = await self._find_by_platform_id(platform_message_id)
+        if found is None or found[1] != "user":
+            return None
+        rows = await self._db.execute_fetchall(
+            "SELECT i.message_id, i.position, i.name FROM message_images i JOIN messages m ON m.id = i.message_id"
+            " WHERE m.platform_message_id = ? AND m.role = 'user' ORDER BY i.position",
+            (platform_message_id,),
+        )
+        left = list(names)
+        doomed = []
+        for message_id, position, name in rows:
+            if name in left:
+                left.remove(name)
+            else:
+                doomed.append((message_id, position))
+        if not doomed:
+            return None
+        async with self._writing:
+            try:
+                await self._db.executemany("DELETE FROM message_images WHERE message_id = ? AND position = ?", doomed)
+                await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
+        return found[0], found[2] in VISIBLE
+
+    async def _with_images(self, messages: list[StoredMessage]) -> list[StoredMessage]:
+        """The messages with their images filled in (one query for them all)."""
+        if not messages or not self._images:
+            return messages
+        ids = [m.id for m in messages]
+        found: dict[int, list[StoredImage]] = {}
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start : start + 500]
+            rows = await self._db.execute_fetchall(
+                f"SELECT * FROM message_images WHERE message_id IN ({','.join('?' * len(chunk))}) ORDER BY message_id, position", chunk
+            )
+            for r in rows:
+                found.setdefault(r["message_id"], []).append(
+                    StoredImage(r["name"], r["sha256"], r["mime"], r["width"], r["height"], r["bytes"])
+                )
+        return [replace(m, images=tuple(found[m.id])) if m.id in found else m for m in messages]
 
     async def _find_by_platform_id(self, platform_message_id: str) -> tuple[str, str, str] | None:
         """(scope, role, status) of the stored message with this platform id."""
