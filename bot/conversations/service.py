@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WINDOW_REFILL = 0.5  # after the history outgrows the context, the prompt restarts half full (as llama.cpp's context shift)
+IMAGE_ROOM = 0.25  # when images must give way, enough of them do to leave this share of the window free for the next turns
 CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
 CUT_FILES_NOTE = "(Your message with its attached files was too long for my context window, so I only read its beginning: about {kept:.0%} of it.)"
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
@@ -606,14 +607,18 @@ class ChatService:
         images_from = self._images_from.get(conversation.scope)
         shown: dict[int, int] = {}  # message id -> tokens of its images, for messages whose images are in the prompt
         gave_way = False
+        images_cut = False
         async for page in self._pages(conversation, start, include, below):
             counts = await self.backend.count([_content(m, True) for m in page])
             image_costs = await self._image_costs(page) if seeing else {}
             for stored, count in zip(page, counts):
                 cost = count + 8 + PLACEHOLDER_TOKENS * len(stored.images)
-                if picked and used + cost > budget:
-                    overflow = True
-                    break
+                if picked and used + cost > budget:  # older images (picked later) give way before this text is dropped
+                    used = self._give_way(picked, costs, shown, include, used, budget - cost)
+                    if used + cost > budget:
+                        overflow = True
+                        break
+                    gave_way = True
                 extra = image_costs.get(stored.id, 0)
                 wanted = bool(extra) and not gave_way and (images_from is None or stored.id >= images_from or stored.id == include)
                 if wanted and used + cost + extra <= budget:
@@ -621,19 +626,14 @@ class ChatService:
                     cost += extra
                 elif wanted:
                     gave_way = True
+                    images_cut = images_cut or not picked  # the newest message's own images
                 picked.append(stored)
                 costs.append(cost)
                 used += cost
             if overflow:
                 break
         if overflow or gave_way:  # make room for the next turns: older images give way first...
-            for i in range(len(picked) - 1, 0, -1):
-                if used <= budget * WINDOW_REFILL:
-                    break
-                if picked[i].id in shown and picked[i].id != include:
-                    extra = shown.pop(picked[i].id)
-                    costs[i] -= extra
-                    used -= extra
+            used = self._give_way(picked, costs, shown, include, used, budget * (WINDOW_REFILL if overflow else 1 - IMAGE_ROOM))
             gave_way = gave_way or (seeing and any(m.images and m.id not in shown for m in picked if m.id != include))
         if overflow:  # ...then slide the window: keep only the newest turns that fill WINDOW_REFILL of it
             while len(picked) > 1 and used > budget * WINDOW_REFILL:
@@ -651,7 +651,6 @@ class ChatService:
 
         cut = False
         kept = 1.0
-        images_cut = False
         renderer: Template = OpenAnswer(template) if open_answer else template
         while True:
             names = shows_names(conversation.scope, {m.author_id or m.author_name for m in picked if m.role == "user"})
@@ -684,6 +683,19 @@ class ChatService:
             picked = [replace(only, content=whole[: int(len(whole) * keep)], attachments=None)]
             kept *= keep
             cut = True
+
+    @staticmethod
+    def _give_way(picked: list[StoredMessage], costs: list[int], shown: dict[int, int], include: int | None, used: int, target: float) -> int:
+        """Turn the images of the oldest picked turns (the newest one's excepted) into
+        placeholders until `used` is at most `target`; returns what is used then."""
+        for i in range(len(picked) - 1, 0, -1):
+            if used <= target:
+                break
+            extra = shown.pop(picked[i].id, None) if picked[i].id != include else None
+            if extra:
+                costs[i] -= extra
+                used -= extra
+        return used
 
     async def _pages(
         self, conversation: Conversation, start: int | None, include: int | None, below: int | None
