@@ -945,7 +945,7 @@ class Engine:
             if now - req.reported_at >= REPORT_EVERY_S or req.out.thinking != req.reported_thinking:
                 self._report(req, req.unsent, None, reasoning=req.unsent_reasoning)
                 req.unsent, req.unsent_reasoning, req.reported_at = "", "", now
-        if req.n_generated >= req.max_tokens or len(slot.tokens) + 1 >= self.n_ctx:
+        if req.n_generated >= req.max_tokens or len(slot.tokens) + 1 + (req.images.extra_cells if req.images else 0) >= self.n_ctx:
             self._finish(slot, "length")
             return
         req.next_token = token

@@ -298,17 +298,13 @@ class ImageFeed:
 
     vision: Vision
     parts: dict[int, ImagePart]  # by start
+    extra_cells: int = 0  # KV cells the images take beyond their positions (M-RoPE models)
     done: int = 0  # embeddings of the image at the head already in the slot's KV cells
     _encodes: dict[str, concurrent.futures.Future[list[Encoded]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, vision: Vision, parts: Sequence[ImagePart]) -> ImageFeed:
-        return cls(vision, {p.start: p for p in parts})
-
-    @property
-    def extra_cells(self) -> int:
-        """KV cells the images take beyond their positions (M-RoPE models)."""
-        return sum(p.n_tokens - p.n_pos for p in self.parts.values())
+        return cls(vision, {p.start: p for p in parts}, sum(p.n_tokens - p.n_pos for p in parts))
 
     def text_run(self, pos: int, pending: int) -> int:
         """How many prompt tokens from position `pos` come before the next image."""
