@@ -16,6 +16,11 @@ KV_DISK_DIR), which `close()` also fills with what RAM and the slots hold, so
 the next process starts warm. A state on disk is read on an I/O thread before
 its request reaches the engine thread, which then only copies it into place.
 
+A model that can see (a projector, MMPROJ_PATH) takes images too: `bot.engine.vision`
+lays each out in the prompt as ids made from its content hash (so reuse and the disk
+tier work unchanged), encodes it on a thread of its own, and `_feed_images` decodes its
+embeddings into the slot between decode steps.
+
 A fault on the engine thread fails only the replies it touches; the thread
 keeps serving. If it cannot go on, every waiting and later reply fails at once
 and `on_fatal` tells the process to exit, so the service manager restarts it.
