@@ -10,11 +10,13 @@ remote backend sends them as content parts, and the terminal takes `/image PATH`
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -202,7 +204,7 @@ async def test_images_are_stored_answered_and_go_with_their_conversation(chat: C
         (stored,) = db.execute("SELECT data FROM image_blobs").fetchone()
     assert stored == picture(11)  # a small PNG is kept byte for byte
     conversation = await chat.store.conversation("dm:img")
-    exported = export_markdown(ExportInfo("dm", "bot", "auto", "sys", __import__("datetime").datetime.now()), await chat.store.messages(conversation.id))
+    exported = export_markdown(ExportInfo("dm", "bot", "auto", "sys", datetime.now()), await chat.store.messages(conversation.id))
     assert "*Images:* `cat.png`" in exported
     assert await chat.reset("dm:img") == 2
     with sqlite3.connect(settings.database_path) as db:
@@ -337,7 +339,7 @@ async def test_remote_chat_sends_images_as_content_parts(tmp_path: Path) -> None
     image_part, text_part = user["content"]
     assert image_part["type"] == "image_url"
     head, _, b64 = image_part["image_url"]["url"].partition(",")
-    assert head == "data:image/png;base64" and __import__("base64").b64decode(b64) == picture(41)
+    assert head == "data:image/png;base64" and base64.b64decode(b64) == picture(41)
     assert text_part == {"type": "text", "text": "What is it?"}
 
 
