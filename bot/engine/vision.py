@@ -145,6 +145,7 @@ class Vision:
         # counters (read by tests and the benchmark)
         self.images_encoded = 0
         self.encode_seconds = 0.0
+        self.encodes: collections.deque[tuple[float, float]] = collections.deque(maxlen=16)  # (start, end) of the latest
 
     @classmethod
     def load(cls, path: Path, model: int, *, n_threads: int, verbose: bool, identity: str) -> Vision:
@@ -255,6 +256,7 @@ class Vision:
         finally:
             with self._lock:
                 self._running.pop(image.digest, None)
+                self.encodes.append((began, time.perf_counter()))
         with self._lock:
             self._cache[image.digest] = parts
             self._cache_bytes += sum(p.nbytes for p in parts)
