@@ -418,3 +418,13 @@ def test_a_missing_or_wrong_projector_is_one_line(tmp_path: Path) -> None:
     wrong.write_bytes(bundled_model_path().read_bytes()[: 1 << 20])  # a GGUF, but no projector
     result = run_cli("chat", "--mmproj", str(wrong), stdin="", cwd=tmp_path)
     assert result.returncode == 2 and "projector" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_image_settings_are_checked(tmp_path: Path) -> None:
+    from bot.config import ConfigError, load_settings
+
+    settings = load_settings({"IMAGE_MAX_KB": "2048", "IMAGE_MAX_PIXELS": "500000", "MMPROJ_PATH": str(bundled_model_path())})
+    assert (settings.image_max_kb, settings.image_max_pixels, settings.mmproj_path) == (2048, 500_000, bundled_model_path())
+    for name, value in (("IMAGE_MAX_KB", "-1"), ("IMAGE_MAX_PIXELS", "10"), ("MMPROJ_PATH", str(tmp_path / "none.gguf"))):
+        with pytest.raises(ConfigError, match=name):
+            load_settings({name: value})
