@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -24,9 +25,11 @@ from pathlib import Path
 
 from bot.config import Sampling, bundled_model_path
 from bot.engine.backend import Generation
-from bot.engine.local import Engine, EngineOptions
+import numpy as np
+
+from bot.engine.local import Engine, EngineOptions, LocalBackend
 from bot.engine.kvdisk import SUFFIX, key_name
-from bot.formats.templates import Message, Template, get_template
+from bot.formats.templates import Image, Message, Template, get_template
 
 HERE = Path(__file__).resolve().parent
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -695,7 +698,106 @@ async def kv_types(path: Path, rounds: int, turns: int = 28) -> Row:
 # --- the report --------------------------------------------------------------------------
 
 
-GROUPS = ("overhead", "followup", "throughput", "channels", "flash", "memory", "discord", "final", "prompt", "disk", "loop-lag", "kv-type")
+# --- images: the encode cost, and generating channels while an image is encoded ----------
+
+
+def noise_image(seed: int, size: tuple[int, int] = (320, 240)) -> Image:
+    """A PNG of random pixels: a new picture (never encoded before) for each seed."""
+    import io
+
+    from PIL import Image as PILImage
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    PILImage.fromarray(pixels).save(out, "PNG")
+    data = out.getvalue()
+    return Image(hashlib.sha256(data).hexdigest(), data, "image/png", size[0], size[1], f"noise{seed}.png")
+
+
+async def image_rows(path: Path, rounds: int) -> list[Row]:
+    """Time to first token with one image vs the same text alone, with the tiny projector and
+    a real-size random one (the encode cost); then, with the real-size one, the longest wait
+    between token deliveries of channels that generate while an image is encoded."""
+    from tests.projector import cache_folder, real_size, tiny  # the projectors are generated (random weights, fixed seeds)
+
+    rows: list[Row] = []
+    question = [Message("system", "You are a helpful assistant."), Message("user", "What is in this picture? Answer in one sentence.")]
+    seed = 1000
+    for label, projector in (("tiny projector: 32 px, 16 image tokens", tiny(cache_folder())), ("real-size random projector: 224 px, 12 layers x 768, 196 image tokens", real_size())):
+        engine = await Engine.load(path, EngineOptions(n_ctx=2048, n_threads=threads(), parallel=4, kv_cache_mb=64, mmproj=projector))
+        backend = LocalBackend(engine)
+        template = template_for(engine)
+        try:
+
+            async def first_token(with_image: bool) -> float:
+                nonlocal seed
+                seed += 1
+                images = (noise_image(seed),) if with_image else ()
+                prepared = await backend.prepare(template, [question[0], Message("user", question[1].content, images)])
+                gen = backend.generate(f"image-bench-{seed}", prepared, max_tokens=1, sampling=GREEDY)  # a new channel: nothing cached
+                await gen.wait()
+                return ttft(gen)
+
+            pairs = await _paired(lambda: first_token(True), lambda: first_token(False), rounds + 2)
+            a, b = statistics.median(x for x, _ in pairs), statistics.median(y for _, y in pairs)
+            rows.append(Row(f"Time to first token, one image vs the same text alone ({label}; cold channel, median of {len(pairs)} pairs)",
+                            f"{a * 1000:.0f} vs {b * 1000:.0f} ms = **{a / b:.1f}x** (the encode and its embeddings)", "", None))
+            if projector != tiny(cache_folder()):
+                rows.append(await _gap_while_encoding(engine, backend, template, seed))
+        finally:
+            await engine.close()
+    return rows
+
+
+async def _gap_while_encoding(engine: Engine, backend: LocalBackend, template: Template, seed: int) -> Row:
+    """Three channels write long stories; a fourth sends an image. The longest time between two
+    deliveries of new text to the writing channels while the image is encoded (on its own
+    thread, with half the cores), against the longest in as long a stretch with no image."""
+    writers = [engine.generate(f"writer-{i}", chat_prompt(engine, [Message("user", s)]), max_tokens=4000, sampling=GREEDY) for i, s in enumerate(STORIES[:3])]
+    stamps: list[list[float]] = [[] for _ in writers]
+
+    async def watch(i: int, gen: Generation) -> None:
+        async for _ in gen.updates():
+            stamps[i].append(time.perf_counter())
+
+    watchers = [asyncio.ensure_future(watch(i, g)) for i, g in enumerate(writers)]
+    assert engine.vision is not None
+    try:
+        while min(g.n_generated for g in writers) < 8:
+            await asyncio.sleep(0.05)
+        prepared = await backend.prepare(template, [Message("user", "What is in this picture?", (noise_image(seed + 1),))])
+        arrived = time.perf_counter()
+        gen = backend.generate("image-gap", prepared, max_tokens=1, sampling=GREEDY)
+        await gen.wait()
+        answered = gen.first_token_at or time.perf_counter()
+        began, ended = engine.vision.encodes[-1]
+        calm_start = time.perf_counter()
+        await asyncio.sleep(ended - began)  # as long a stretch, no image
+        calm_end = time.perf_counter()
+    finally:
+        for g in writers:
+            g.cancel()
+        for w in watchers:
+            w.cancel()
+
+    def longest(a: float, b: float) -> float:
+        gaps = [0.0]
+        for s in stamps:
+            inside = [a] + [t for t in s if a <= t <= b] + [b]
+            gaps += [y - x for x, y in zip(inside, inside[1:])]
+        return max(gaps)
+
+    busy, calm, whole = longest(began, ended), longest(calm_start, calm_end), longest(arrived, answered)
+    return Row(
+        "Longest wait for new text in 3 generating channels while a 4th channel's image is encoded (real-size random projector), vs as long a stretch with no image",
+        f"**{busy * 1000:.0f} ms** during a {(ended - began) * 1000:.0f} ms encode vs {calm * 1000:.0f} ms "
+        f"(from the image's arrival to its first token, {(answered - arrived) * 1000:.0f} ms, embeddings included: {whole * 1000:.0f} ms)",
+        "< 2x the stretch without an image",
+        busy < 2 * max(calm, 0.05),  # 50 ms: how often the engine reports new text at most
+    )
+
+
+GROUPS = ("overhead", "followup", "throughput", "channels", "flash", "memory", "discord", "final", "prompt", "disk", "loop-lag", "kv-type", "images")
 """Row groups, in the order they run; `--only` picks some."""
 
 
@@ -752,6 +854,9 @@ async def run(quick: bool, only: Sequence[str] = GROUPS) -> tuple[list[Row], str
         if "kv-type" in only:
             print("KV_TYPE f16 vs q8_0...", file=sys.stderr)
             rows.append(await kv_types(path, rounds))
+        if "images" in only:
+            print("images (a tiny and a real-size random projector)...", file=sys.stderr)
+            rows += await image_rows(path, rounds)
     finally:
         if engine is not None:
             await engine.close()

@@ -33,6 +33,7 @@ See the README ("Run it on Discord") for the invite link and the other settings.
 # Command-line options are just another source of the same variables, checked the same way.
 OPTION_VARIABLES = {
     "model": "MODEL_PATH",
+    "mmproj": "MMPROJ_PATH",
     "prompt_template": "PROMPT_TEMPLATE",
     "ctx_size": "LLAMA_N_CTX",
     "n_predict": "LLAMA_N_PREDICT",
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the Discord bot (needs DISCORD_TOKEN)")
     chat = sub.add_parser("chat", help="chat in the terminal: [USER]: / [ASSISTANT]:")
     chat.add_argument("--model", metavar="PATH", help="GGUF model file (default: MODEL_PATH or the bundled SmolLM2)")
+    chat.add_argument("--mmproj", metavar="PATH", help="the model's vision projector (mmproj GGUF), so it can see images (MMPROJ_PATH)")
     chat.add_argument("--prompt-template", metavar="NAME", help=f"one of: {', '.join(NAMES)}")
     chat.add_argument("--ctx-size", metavar="N", help="context size in tokens (LLAMA_N_CTX)")
     chat.add_argument("--n-predict", metavar="N", help="most tokens per reply (LLAMA_N_PREDICT)")
@@ -142,6 +144,7 @@ def start_terminal(settings: Settings) -> int:
             print(f"[INFO] Model: {chat.backend.describe()}", file=sys.stderr)
             print(f"[INFO] Prompt template: {chat.describe_template(conversation)}; history: {settings.database_path}", file=sys.stderr)
             print(f"[INFO] Context size: {chat.backend.n_ctx}; reply length: {settings.n_predict} tokens. Type /help for commands.", file=sys.stderr)
+            print(f"[INFO] Images: {'this model can see them (/image PATH)' if chat.can_see else chat.cannot_see()}", file=sys.stderr)
             await TerminalChat(chat).run()
 
     asyncio.run(run())

@@ -91,6 +91,10 @@ class Settings:
     # Text attachments read into the prompt
     attachment_max_kb: int = 256  # per file; 0: attachments are not read
     attachment_max_files: int = 4  # per message
+    # Images (a vision model: MMPROJ_PATH beside MODEL_PATH, or a remote server that sees)
+    mmproj_path: Path | None = None  # the vision projector (mmproj GGUF) of MODEL_PATH; None: the model cannot see
+    image_max_kb: int = 10240  # per image, as received; 0: images are not taken
+    image_max_pixels: int = 1024 * 1024  # larger images are scaled down to this many pixels (not refused)
     shard_count: int | None = None  # None: one connection; 0: "auto" (as Discord recommends)
     # Remote inference (BACKEND=openai)
     backend: str = "local"
@@ -324,6 +328,9 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "attachment_max_kb", take("ATTACHMENT_MAX_KB", lambda n, r: _int(n, r, 0, 8192)))
     put(kwargs, "attachment_max_files", take("ATTACHMENT_MAX_FILES", lambda n, r: _int(n, r, 0, 10)))
     put(kwargs, "shard_count", take("SHARD_COUNT", _shards))
+    put(kwargs, "mmproj_path", take("MMPROJ_PATH", _model_path))
+    put(kwargs, "image_max_kb", take("IMAGE_MAX_KB", lambda n, r: _int(n, r, 0, 100 * 1024)))
+    put(kwargs, "image_max_pixels", take("IMAGE_MAX_PIXELS", lambda n, r: _int(n, r, 64 * 64, 100_000_000)))
     put(kwargs, "backend", take("BACKEND", lambda n, r: _choice(n, r, ("local", "openai"))))
     put(kwargs, "openai_base_url", take("OPENAI_BASE_URL", lambda n, r: _url(n, r, ("http", "https"))))
     key = values.get("OPENAI_API_KEY", "").strip()

@@ -1,7 +1,8 @@
 """The terminal chat: the seed's `[USER]:` / `[ASSISTANT]:` loop, on the same engine and store.
 
 Typing `/reset` clears the history and `/template NAME` switches template, as
-the Discord slash commands do. Ctrl-C while a reply is being written stops that
+the Discord slash commands do; `/image PATH [text]` sends a picture (with a question)
+to a model that can see. Ctrl-C while a reply is being written stops that
 reply; Ctrl-C at the prompt, `/quit` or the end of input (piped stdin) ends the chat.
 """
 
@@ -10,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import signal
 import stat
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
+from bot.conversations.images import ImageInput
 from bot.conversations.service import ChatService, Reply, TemplateChoiceError, UserMessage
 from bot.formats.templates import NAMES
 
 log = logging.getLogger(__name__)
 
 SCOPE = "terminal:default"
-HELP = "commands: /reset (forget this conversation), /template [NAME], /quit"
+HELP = "commands: /image PATH [text] (show the model a picture), /reset (forget this conversation), /template [NAME], /quit"
 
 
 def _pollable(stream: TextIO) -> bool:
@@ -114,13 +118,25 @@ class TerminalChat:
             self._leaving = True
             self._main.cancel()
 
-    async def _reply(self, text: str) -> None:
+    async def _reply(self, text: str, images: Sequence[ImageInput] = ()) -> None:
+        notes: list[str] = []
         try:
-            reply = await self.chat.respond(UserMessage(self.scope, text, author_id="terminal", author_name="user"))
+            message_id = await self.chat.receive(UserMessage(self.scope, text, author_id="terminal", author_name="user"))
+            assert message_id is not None  # terminal messages have no platform id: never seen twice
+            if images:
+                notes = await self.chat.add_images(message_id, images)
+                stored = await self.chat.message(message_id)
+                if stored is not None and not stored.content and not stored.images:  # nothing left to answer
+                    await self.chat.expire(message_id)
+                    self._say("".join(f"[INFO] {note}\n" for note in notes))
+                    return
+            reply = await self.chat.answer(self.scope, message_id)
+            assert reply is not None
         except Exception as exc:  # e.g. the disk is full: say so, keep the chat going
             log.exception("could not answer")
             self._say(f"[ERROR] Could not answer: {exc}\n")
             return
+        reply.notes[:0] = notes
         self._current = reply
         try:
             self._say("[ASSISTANT]:\n")
@@ -184,6 +200,8 @@ class TerminalChat:
         if name == "/reset":
             removed = await self.chat.reset(self.scope)
             self._say(f"[INFO] Conversation cleared ({removed} messages).\n")
+        elif name == "/image":
+            await self._image(arg)
         elif name == "/template":
             if arg:
                 try:
@@ -198,3 +216,33 @@ class TerminalChat:
         else:
             self._say(f"[INFO] {HELP}\n")
         return True
+
+    async def _image(self, arg: str) -> None:
+        """/image PATH [text]: send a picture, and what to ask about it, as one message."""
+        try:
+            words = shlex.split(arg)
+        except ValueError:
+            words = arg.split()
+        if not words:
+            self._say("[INFO] usage: /image PATH [text], e.g. /image cat.png What is this?\n")
+            return
+        note = self.chat.image_note()
+        if note:
+            self._say(f"[INFO] {note}\n")
+            return
+        path = Path(words[0]).expanduser()
+        try:
+            size = path.stat().st_size
+            refusal = self.chat.image_refusal(path.name, size)
+            data = b"" if refusal else path.read_bytes()
+        except OSError as exc:
+            self._say(f"[ERROR] Cannot read {path}: {exc.strerror or exc}\n")
+            return
+        if refusal:
+            self._say(f"[INFO] {refusal}\n")
+            return
+        self._reply_running = asyncio.ensure_future(self._reply(" ".join(words[1:]), [ImageInput(path.name, data)]))
+        try:
+            await self._reply_running
+        finally:
+            self._reply_running = None

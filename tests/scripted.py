@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bot.config import Sampling
 from bot.engine.backend import Generation, ModelInfo, PreparedPrompt
-from bot.formats.templates import Message, Template, prompt_text, reply_format
+from bot.formats.templates import Image, Message, Template, prompt_text, reply_format
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
@@ -103,15 +103,22 @@ class ScriptedBackend:
     async def count(self, texts: Sequence[str]) -> list[int]:
         return [tokens(t) for t in texts]
 
+    async def count_images(self, images: Sequence[Image]) -> list[int]:
+        return [IMAGE_TOKENS for _ in images]
+
+    def image_support(self) -> str | None:
+        """The scripted model sees images (it reports them in `Call.messages`; see `images_seen`)."""
+        return None
+
     async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
         segments = template.render(messages)
         text = prompt_text(segments)
-        shown = [{"role": m.role, "content": m.content} for m in messages]
+        shown = [{"role": m.role, "content": m.content, "images": m.images} for m in messages]
         return PreparedPrompt(n_tokens=tokens(text), text=text, messages=shown, fmt=reply_format(template, segments))
 
     def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         gen = Generation(key=key, n_prompt=prompt.n_tokens, loop=asyncio.get_running_loop())
-        messages = [Message(m["role"], m["content"]) for m in prompt.messages or []]
+        messages = [Message(m["role"], m["content"], m.get("images", ())) for m in prompt.messages or []]
         call = Call(key, prompt.text or "", messages, max_tokens, sampling, gen)
         self.calls.append(call)
         script = self._scripts.popleft() if self._scripts else _echo
@@ -204,6 +211,10 @@ class ScriptedBackend:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+IMAGE_TOKENS = 16
+"""What one image costs in the scripted model's context."""
 
 
 def tokens(text: str) -> int:

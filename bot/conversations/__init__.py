@@ -2,4 +2,4 @@
 
 `service.ChatService` is the one door the front ends use; `store` is SQLite (only
 this layer touches it); `attachments` and `export` turn files and histories into
-text; `scheduler` is the fair queue of replies. Platform-neutral: no Discord here."""
+text, `images` checks and converts pictures before they are stored; `scheduler` is the fair queue of replies. Platform-neutral: no Discord here."""

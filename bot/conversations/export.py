@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from bot.conversations.attachments import safe_name
 from bot.conversations.records import MessageStatus, StoredMessage
 
 # How rows that are not plain parts of the conversation are shown. Pending ones (still waiting
@@ -58,8 +59,10 @@ def export_markdown(info: ExportInfo, messages: Sequence[StoredMessage], left_ou
         lines += ["", f"### {_one_line(author)} \u2014 {_when(_parse(m.created_at))}", ""]
         if m.status in MARKS:
             lines += [MARKS[m.status], ""]
+        if m.images:  # listed by file name; the pictures themselves stay in the bot's database
+            lines += ["*Images:* " + ", ".join(f"`{safe_name(i.name)}`" for i in m.images), ""]
         # Quoted, so that a message cannot pass for a heading of the export (a fake author line).
-        lines.append(_quote(m.full_text) or "> *(no text)*")
+        lines.append(_quote(m.full_text) or ("> *(no text)*" if not m.images else "> *(only images)*"))
     return "\n".join(lines).rstrip() + "\n"
 
 

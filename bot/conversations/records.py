@@ -56,6 +56,18 @@ class Conversation:
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    """An image of a message, as stored: its file name and what identifies its bytes."""
+
+    name: str
+    sha256: str  # of the stored bytes (read them with `Store.image_data`)
+    mime: str  # "image/png" or "image/jpeg"
+    width: int
+    height: int
+    size: int  # bytes stored
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     id: int
     conversation_id: int
@@ -72,6 +84,7 @@ class StoredMessage:
     # the messages it was posted as (a long answer takes several; platform_message_id is the first).
     reply_message_id: str | None = None
     attachments: str | None = None  # attached text files as put in the prompt (kept apart: edits change `content` only)
+    images: tuple[StoredImage, ...] = ()  # its images, in order (their bytes: `Store.image_data`)
 
     @property
     def full_text(self) -> str:

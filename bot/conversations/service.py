@@ -8,6 +8,7 @@ and nothing of what runs the model beyond the `Backend` interface.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -20,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 from bot.engine.backend import Backend, EngineStats, Generation, PreparedPrompt
 from bot.config import TEMPERATURE_RANGE, THINKING_MODES, TOP_P_RANGE, ConfigError, Sampling, Settings
 from bot.formats.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
-from bot.conversations.records import ChatMode, Conversation, MessageStatus, PendingTurn, StoredMessage
+from bot.conversations import images as pictures
+from bot.conversations.images import ImageInput, Refused
 from bot.conversations.lock import serving
+from bot.conversations.records import VISIBLE, ChatMode, Conversation, MessageStatus, PendingTurn, StoredImage, StoredMessage
 from bot.conversations.store import Store
-from bot.formats.templates import AUTO, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
+from bot.formats.templates import AUTO, Image, JinjaTemplate, Message, Segment, Template, TemplateError, canonical_name, get_template
 
 if TYPE_CHECKING:
     from bot.engine.local import EngineOptions
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WINDOW_REFILL = 0.5  # after the history outgrows the context, the prompt restarts half full (as llama.cpp's context shift)
+IMAGE_ROOM = 0.25  # when images must give way, enough of them do to leave this share of the window free for the next turns
 CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
 CUT_FILES_NOTE = "(Your message with its attached files was too long for my context window, so I only read its beginning: about {kept:.0%} of it.)"
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
@@ -38,6 +42,10 @@ NOT_NEWEST = "Only the newest answer here can be regenerated or continued."
 NO_ANSWER = "That answer is no longer stored, so I cannot write it again."
 TOO_LONG_TO_CONTINUE = "This answer is too long to continue: it no longer fits in my context window."
 NO_CONTINUE = "Continuing an answer needs OPENAI_MODE=completions with this model server."
+IMAGE_PLACEHOLDER = "[image]"  # what the model reads where an image was that it is not shown (no room, or it cannot see)
+PLACEHOLDER_TOKENS = 4  # what a placeholder costs in the window, about
+IMAGES_CUT_NOTE = "(Your images did not fit in my context window with your message, so I only know that they were there.)"
+IMAGE_CACHE_BYTES = 64 << 20  # image bytes kept in RAM between prompts (SQLite holds them all)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class Prompt:
     n_history: int  # stored messages that made it into the prompt
     cut: bool  # the newest message had to be shortened
     kept: float = 1.0  # the share of its characters that was kept, when cut
+    images_cut: bool = False  # the newest message's own images did not fit (placeholders instead)
+    n_images: int = 0  # images shown to the model in this prompt
 
 
 def shows_names(authors: set[str | None]) -> bool:
@@ -196,6 +206,9 @@ class ChatService:
         self.settings = settings
         self._templates: dict[str, Template] = {}
         self._window_start: dict[str, int] = {}  # scope -> id of the oldest message in its last prompt
+        self._images_from: dict[str, int] = {}  # scope -> messages older than this id show placeholders, not images
+        self._image_bytes: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # sha256 -> stored bytes (LRU)
+        self._image_cache_used = 0
         self.last_replies: collections.OrderedDict[str, LastReply] = collections.OrderedDict()  # newest 1,000 scopes
         self.last_reply: LastReply | None = None  # bot-wide
         self._chat_modes: dict[str, ChatMode] = {}  # conversations not in ChatMode.OFF (see load_chat_modes)
@@ -404,15 +417,19 @@ class ChatService:
         self.forget(scope)
         return removed
 
-    async def edit_message(self, platform_message_id: str, content: str) -> str | None:
+    async def edit_message(self, platform_message_id: str, content: str, *, image_names: Sequence[str] | None = None) -> str | None:
         """Follow an edit made on the platform; returns the conversation's scope if it was stored.
 
         A message still waiting for its turn is simply answered in its new form; one
-        already in the history makes the cached prompt of its conversation stale."""
+        already in the history makes the cached prompt of its conversation stale.
+        `image_names`: the file names of the images the message still has (an edit can
+        remove attachments); the others are deleted. None: its images stay as they are."""
         found = await self.store.edit_by_platform_id(platform_message_id, content)
         if found is None:
             return None
         scope, visible = found
+        if image_names is not None:
+            await self.store.keep_images(platform_message_id, image_names)
         if visible:
             self.forget(scope)
         return scope
@@ -426,6 +443,102 @@ class ChatService:
         if visible:
             self.forget(scope)
         return scope
+
+    # --- images ----------------------------------------------------------------------
+
+    @property
+    def can_see(self) -> bool:
+        """Whether images sent now reach the model (see `cannot_see` for why not)."""
+        return self.cannot_see() is None
+
+    def cannot_see(self) -> str | None:
+        """Why images do not reach the model, in a few words (None: they do)."""
+        if not self.settings.image_max_kb:
+            return "image input is turned off here (IMAGE_MAX_KB=0)"
+        return self.backend.image_support()
+
+    def image_note(self) -> str | None:
+        """The short note for a message whose images the model cannot see (None: it can)."""
+        why = self.cannot_see()
+        return f"I can't see images: {why}." if why else None
+
+    def image_refusal(self, filename: str, declared_bytes: int) -> str | None:
+        """The note for an image refused before it is downloaded (its declared size is over
+        IMAGE_MAX_KB), None when it should be downloaded and given to `add_images`."""
+        return pictures.too_big(filename, declared_bytes, self.settings.image_max_kb)
+
+    async def add_images(self, message_id: int, images: Sequence[ImageInput]) -> list[str]:
+        """Store images with a stored message (received as pending before they downloaded).
+
+        Each is checked, converted if needed and scaled down to IMAGE_MAX_PIXELS off the
+        event loop. Returns short notes for the reply: images refused (too big, unreadable)
+        and, when the model cannot see, one note saying so (nothing is stored then)."""
+        if not images:
+            return []
+        note = self.image_note()
+        if note:
+            return [note]
+        s = self.settings
+
+        def prepare_all() -> tuple[list[tuple[StoredImage, bytes]], list[str]]:
+            taken, notes = [], []
+            for item in images:
+                try:
+                    taken.append(pictures.prepare(item, max_kb=s.image_max_kb, max_pixels=s.image_max_pixels))
+                except Refused as exc:
+                    notes.append(str(exc))
+            return taken, notes
+
+        taken, notes = await asyncio.to_thread(prepare_all)
+        if taken and await self.store.add_images(message_id, taken):
+            stored = await self.store.message(message_id)
+            if stored is not None and stored.status in VISIBLE:  # added to a turn already in the history
+                conversation = next((c for c in await self.store.conversations() if c.id == stored.conversation_id), None)
+                if conversation is not None:
+                    self.forget(conversation.scope)
+        return notes
+
+    async def _image(self, image: StoredImage) -> Image | None:
+        """A stored image with its bytes, for a prompt (None: deleted meanwhile)."""
+        data = self._image_bytes.get(image.sha256)
+        if data is None:
+            data = await self.store.image_data(image.sha256)
+            if data is None:
+                return None
+            self._image_bytes[image.sha256] = data
+            self._image_cache_used += len(data)
+            while self._image_cache_used > IMAGE_CACHE_BYTES and len(self._image_bytes) > 1:
+                _, old = self._image_bytes.popitem(last=False)
+                self._image_cache_used -= len(old)
+        else:
+            self._image_bytes.move_to_end(image.sha256)
+        return Image(image.sha256, data, image.mime, image.width, image.height, image.name)
+
+    async def _image_costs(self, page: Sequence[StoredMessage]) -> dict[int, int]:
+        """Tokens the images of each message of `page` take in a prompt (by message id)."""
+        described = [(m.id, Image(i.sha256, b"", i.mime, i.width, i.height, i.name)) for m in page for i in m.images]
+        if not described:
+            return {}
+        counts = await self.backend.count_images([image for _, image in described])
+        costs: dict[int, int] = {}
+        for (message_id, _), n in zip(described, counts):
+            costs[message_id] = costs.get(message_id, 0) + n
+        return costs
+
+    async def _message(self, stored: StoredMessage, names: bool, show_images: bool) -> Message:
+        """A stored message as the template gets it: its images (where shown) go with it, the
+        others become placeholders in its text."""
+        content = _content(stored, names)
+        images: list[Image] = []
+        if show_images:
+            for image in stored.images:
+                found = await self._image(image)
+                if found is not None:
+                    images.append(found)
+        missing = len(stored.images) - len(images)
+        if missing:
+            content = " ".join([IMAGE_PLACEHOLDER] * missing + ([content] if content else []))
+        return Message(stored.role, content, tuple(images))
 
     @property
     def can_continue(self) -> bool:
@@ -444,6 +557,7 @@ class ChatService:
     def forget(self, scope: str) -> None:
         """The stored history changed under a conversation: drop its cached KV and window."""
         self._window_start.pop(scope, None)
+        self._images_from.pop(scope, None)
         self.backend.forget(scope)
 
     # --- replying ----------------------------------------------------------------------
@@ -479,9 +593,13 @@ class ChatService:
         scope = conversation.scope
         generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=sampling or options.sampling)
         self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
-        reply = Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, **rewrite)
+        # The reply's notes are the generation's: a note the backend adds while it runs (a server
+        # that refused the images) shows with the reply too.
+        reply = Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, notes=generation.notes, **rewrite)
         if prompt.cut:
             reply.notes.append(CUT_FILES_NOTE.format(kept=prompt.kept) if user.attachments else CUT_NOTE)
+        if prompt.images_cut:
+            reply.notes.append(IMAGES_CUT_NOTE)
         return reply
 
     def _remember(self, scope: str, last: LastReply) -> None:
@@ -565,25 +683,53 @@ class ChatService:
         start = self._window_start.get(conversation.scope)
 
         # Pick turns newest first by an estimate; the exact rendering is checked below.
+        # Images count too; when they stop fitting, older ones give way to a placeholder
+        # before any text is dropped (and stay placeholders in later prompts, which then
+        # keep sharing their prefix with this one).
         picked: list[StoredMessage] = []
         costs: list[int] = []
         used = (await self.backend.prepare(template, head)).n_tokens if head else 0
         overflow = False
+        seeing = self.cannot_see() is None
+        images_from = self._images_from.get(conversation.scope)
+        shown: dict[int, int] = {}  # message id -> tokens of its images, for messages whose images are in the prompt
+        gave_way = False
+        images_cut = False
         async for page in self._pages(conversation, start, include, below):
             counts = await self.backend.count([_content(m, True) for m in page])
+            image_costs = await self._image_costs(page) if seeing else {}
             for stored, count in zip(page, counts):
-                if picked and used + count + 8 > budget:
-                    overflow = True
-                    break
+                cost = count + 8 + PLACEHOLDER_TOKENS * len(stored.images)
+                if picked and used + cost > budget:  # older images (picked later) give way before this text is dropped
+                    used = self._give_way(picked, costs, shown, include, used, budget - cost)
+                    if used + cost > budget:
+                        overflow = True
+                        break
+                    gave_way = True
+                extra = image_costs.get(stored.id, 0)
+                wanted = bool(extra) and not gave_way and (images_from is None or stored.id >= images_from or stored.id == include)
+                if wanted and used + cost + extra <= budget:
+                    shown[stored.id] = extra
+                    cost += extra
+                elif wanted:
+                    gave_way = True
+                    images_cut = images_cut or not picked  # the newest message's own images
                 picked.append(stored)
-                costs.append(count + 8)
-                used += count + 8
+                costs.append(cost)
+                used += cost
             if overflow:
                 break
-        if overflow:  # slide the window: keep only the newest turns that fill WINDOW_REFILL of it
+        if overflow or gave_way:  # make room for the next turns: older images give way first...
+            used = self._give_way(picked, costs, shown, include, used, budget * (WINDOW_REFILL if overflow else 1 - IMAGE_ROOM))
+            gave_way = gave_way or (seeing and any(m.images and m.id not in shown for m in picked if m.id != include))
+        if overflow:  # ...then slide the window: keep only the newest turns that fill WINDOW_REFILL of it
             while len(picked) > 1 and used > budget * WINDOW_REFILL:
                 picked.pop()
                 used -= costs.pop()
+        if gave_way and picked:
+            still = [m.id for m in picked if m.id in shown and m.id != include]
+            threshold = min(still) if still else max(m.id for m in picked) + 1
+            self._images_from[conversation.scope] = max(threshold, images_from or 0)
         picked.reverse()
         while picked and picked[0].role == "assistant":  # a prompt starts with a user turn
             picked.pop(0)
@@ -595,12 +741,13 @@ class ChatService:
         renderer: Template = OpenAnswer(template) if open_answer else template
         while True:
             names = shows_names({m.author_id or m.author_name for m in picked if m.role == "user"})
-            messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
+            messages = head + _merge_turns([await self._message(m, names, m.id in shown) for m in picked])
             prepared = await self.backend.prepare(renderer, messages)
             if prepared.n_tokens <= budget:
                 if picked:
                     self._window_start[conversation.scope] = picked[0].id
-                return Prompt(prepared, messages, template, len(picked), cut, kept)
+                n_images = sum(len(m.images) for m in messages)
+                return Prompt(prepared, messages, template, len(picked), cut, kept, images_cut, n_images)
             if len(picked) > (2 if open_answer else 1):
                 picked.pop(0)
                 while len(picked) > 1 and picked[0].role == "assistant":
@@ -608,7 +755,12 @@ class ChatService:
                 continue
             if open_answer:
                 raise CannotRedo(TOO_LONG_TO_CONTINUE)
-            # One message alone is too long: keep its beginning (text, then attached files), shortened in proportion.
+            # One message alone is too long: its images give way first, then keep its beginning
+            # (text, then attached files), shortened in proportion.
+            if picked and picked[0].id in shown:
+                del shown[picked[0].id]
+                images_cut = True
+                continue
             if not picked or not picked[0].full_text:
                 raise ValueError("the system prompt alone does not fit in the context window")
             only = picked[0]
@@ -618,6 +770,19 @@ class ChatService:
             picked = [replace(only, content=whole[: int(len(whole) * keep)], attachments=None)]
             kept *= keep
             cut = True
+
+    @staticmethod
+    def _give_way(picked: list[StoredMessage], costs: list[int], shown: dict[int, int], include: int | None, used: int, target: float) -> int:
+        """Turn the images of the oldest picked turns (the newest one's excepted) into
+        placeholders until `used` is at most `target`; returns what is used then."""
+        for i in range(len(picked) - 1, 0, -1):
+            if used <= target:
+                break
+            extra = shown.pop(picked[i].id, None) if picked[i].id != include else None
+            if extra:
+                costs[i] -= extra
+                used -= extra
+        return used
 
     async def _pages(
         self, conversation: Conversation, start: int | None, include: int | None, below: int | None
@@ -699,11 +864,12 @@ def _content(message: StoredMessage, names: bool) -> str:
 
 
 def _merge_turns(messages: list[Message]) -> list[Message]:
-    """Join consecutive turns of one role (several people spoke before the bot answered)."""
+    """Join consecutive turns of one role (several people spoke before the bot answered);
+    the joined turn has the images of both, in order."""
     merged: list[Message] = []
     for m in messages:
         if merged and merged[-1].role == m.role:
-            merged[-1] = Message(m.role, f"{merged[-1].content}\n\n{m.content}")
+            merged[-1] = Message(m.role, f"{merged[-1].content}\n\n{m.content}", merged[-1].images + m.images)
         else:
             merged.append(m)
     return merged
@@ -722,6 +888,7 @@ def engine_options(settings: Settings, *, parallel: int | None = None) -> Engine
         kv_type=settings.kv_type,
         kv_disk_dir=settings.resolved_kv_disk_dir(),
         kv_disk_mb=settings.kv_disk_mb,
+        mmproj=settings.mmproj_path,
     )
 
 
@@ -758,5 +925,5 @@ async def open_backend(settings: Settings, *, parallel: int | None = None, abort
 
 __all__ = [
     "ChatService", "Reply", "UserMessage", "Prompt", "TemplateChoiceError", "SettingError", "ChannelOptions", "LastReply",
-    "EngineStats", "CannotRedo", "OpenAnswer",
+    "EngineStats", "CannotRedo", "OpenAnswer", "ImageInput",
 ]

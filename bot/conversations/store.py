@@ -17,18 +17,21 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
 import aiosqlite
 
-from bot.conversations.records import VISIBLE, ChatMode, Conversation, MessageStatus, PendingTurn, StoreBusy, StoreError, StoredMessage
+from bot.conversations.records import (
+    VISIBLE, ChatMode, Conversation, MessageStatus, PendingTurn, StoreBusy, StoredImage, StoreError, StoredMessage,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IMAGES_VERSION = 6  # migrations/0006_images.sql
 
 
 BUSY_POLL_MS = 200
@@ -75,6 +78,7 @@ class Store:
         self.wait_s = wait_s  # how long one write waits for a lock held by another program (DATABASE_WAIT_S)
         self._writing = asyncio.Lock()  # one write transaction at a time, in order: another's commit must not commit half of ours
         self._busy_since: float | None = None  # when the current wait for another program's lock began
+        self._images = False  # the images tables exist (a store opened `upto` an older version has none)
 
     @classmethod
     async def open(cls, path: Path | str, *, upto: int | None = None, wait_s: float = 60.0) -> Store:
@@ -101,6 +105,7 @@ class Store:
             async with store._writing:
                 await store._patiently(lambda: store._migrate(upto), rollback=True)
                 await store._patiently(store._check_writable, rollback=True)
+            store._images = await store.schema_version() >= IMAGES_VERSION
         except StoreBusy as exc:
             await db.close()
             raise StoreError(f"{exc}; is another program using it?") from None
@@ -153,6 +158,79 @@ class Store:
     async def schema_version(self) -> int:
         row = await self._row("SELECT MAX(version) FROM schema_migrations")
         return int(row[0] or 0) if row else 0
+
+    # --- images ------------------------------------------------------------------------
+
+    async def add_images(self, message_id: int, images: Sequence[tuple[StoredImage, bytes]]) -> bool:
+        """Add images (their description and bytes) after a message's others, in one transaction.
+        False when the message is gone (deleted while its images downloaded)."""
+
+        async def add() -> bool:
+            row = await self._fetch_one(
+                "SELECT COALESCE((SELECT MAX(position) + 1 FROM message_images WHERE message_id = ?), 0) FROM messages WHERE id = ?",
+                (message_id, message_id),
+            )
+            if row is None:
+                return False
+            for position, (image, data) in enumerate(images, start=int(row[0])):
+                await self._db.execute("INSERT OR IGNORE INTO image_blobs (sha256, data) VALUES (?, ?)", (image.sha256, data))
+                await self._db.execute(
+                    "INSERT INTO message_images (message_id, position, name, sha256, mime, width, height, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (message_id, position, image.name, image.sha256, image.mime, image.width, image.height, image.size),
+                )
+            await self._db.commit()
+            return True
+
+        return await self._transaction(add)
+
+    async def image_data(self, sha256: str) -> bytes | None:
+        """The stored bytes of an image (None: no message shows it any more)."""
+        row = await self._row("SELECT data FROM image_blobs WHERE sha256 = ?", (sha256,))
+        return bytes(row[0]) if row is not None else None
+
+    async def keep_images(self, platform_message_id: str, names: Sequence[str]) -> tuple[str, bool] | None:
+        """Follow an edit that removed attachments: keep only the images of that message whose
+        file names are in `names` (each name as often as it is listed). Returns (scope, visible)
+        as `edit_by_platform_id` does when an image went, else None."""
+        found = await self._find_by_platform_id(platform_message_id)
+        if found is None or found[1] != "user":
+            return None
+        rows = await self._rows(
+            "SELECT i.message_id, i.position, i.name FROM message_images i JOIN messages m ON m.id = i.message_id"
+            " WHERE m.platform_message_id = ? AND m.role = 'user' ORDER BY i.position",
+            (platform_message_id,),
+        )
+        left = list(names)
+        doomed = []
+        for message_id, position, name in rows:
+            if name in left:
+                left.remove(name)
+            else:
+                doomed.append((message_id, position))
+        if not doomed:
+            return None
+
+        async def delete() -> None:
+            await self._db.executemany("DELETE FROM message_images WHERE message_id = ? AND position = ?", doomed)
+            await self._db.commit()
+
+        await self._transaction(delete)
+        return found[0], found[2] in VISIBLE
+
+    async def _with_images(self, messages: list[StoredMessage]) -> list[StoredMessage]:
+        """The messages with their images filled in (one query for them all)."""
+        if not messages or not self._images:
+            return messages
+        ids = [m.id for m in messages]
+        found: dict[int, list[StoredImage]] = {}
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start : start + 500]
+            rows = await self._rows(
+                f"SELECT * FROM message_images WHERE message_id IN ({','.join('?' * len(chunk))}) ORDER BY message_id, position", tuple(chunk)
+            )
+            for r in rows:
+                found.setdefault(r["message_id"], []).append(StoredImage(r["name"], r["sha256"], r["mime"], r["width"], r["height"], r["bytes"]))
+        return [replace(m, images=tuple(found[m.id])) if m.id in found else m for m in messages]
 
     # --- reads and writes that wait out another program's lock ----------------------------
 
@@ -324,7 +402,7 @@ class Store:
 
     async def message(self, message_id: int) -> StoredMessage | None:
         row = await self._row("SELECT * FROM messages WHERE id = ?", (message_id,))
-        return _message(row) if row is not None else None
+        return (await self._with_images([_message(row)]))[0] if row is not None else None
 
     async def set_status(self, message_id: int, status: MessageStatus) -> None:
         await self._write("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
@@ -400,7 +478,7 @@ class Store:
         rows = await self._rows(
             "SELECT * FROM messages WHERE conversation_id = ? AND status IN ('ok', 'stopped') ORDER BY id DESC LIMIT 2", (conversation_id,)
         )
-        newest = [_message(r) for r in rows]
+        newest = await self._with_images([_message(r) for r in rows])
         if newest and newest[0].role == "user":
             return newest[0], None
         if len(newest) == 2 and newest[1].role == "user":
@@ -414,12 +492,13 @@ class Store:
             " WHERE m.status = ? ORDER BY m.id",
             (MessageStatus.PENDING,),
         )
-        return [PendingTurn(_message(r), r["scope"], r["conv_channel_id"]) for r in rows]
+        found = await self._with_images([_message(r) for r in rows])
+        return [PendingTurn(m, r["scope"], r["conv_channel_id"]) for m, r in zip(found, rows)]
 
     async def messages(self, conversation_id: int) -> list[StoredMessage]:
         """All messages of a conversation, oldest first."""
         rows = await self._rows("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
-        return [_message(r) for r in rows]
+        return await self._with_images([_message(r) for r in rows])
 
     async def newest_first(
         self, conversation_id: int, page: int = 64, *, include: int | None = None, below: int | None = None
@@ -433,7 +512,7 @@ class Store:
         if include is not None:
             row = await self._row("SELECT * FROM messages WHERE id = ? AND conversation_id = ?", (include, conversation_id))
             if row is not None:
-                yield _message(row)
+                yield (await self._with_images([_message(row)]))[0]
         before = below
         while True:
             rows = await self._rows(
@@ -441,8 +520,8 @@ class Store:
                 " AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
                 (conversation_id, before, before, page),
             )
-            for row in rows:
-                yield _message(row)
+            for stored in await self._with_images([_message(row) for row in rows]):
+                yield stored
             if len(rows) < page:
                 return
             before = rows[-1]["id"]

@@ -1,6 +1,6 @@
 """The model layer: the `Backend` boundary and what runs a model behind it.
 
 `backend` is the interface (`Generation`, `PreparedPrompt`); `local` is the in-process
-llama.cpp engine (slots, batching, KV reuse) with its vocabulary (`vocab`) and disk tier
-(`kvdisk`); `remote` sends the same work to an OpenAI-compatible server. Nothing here
+llama.cpp engine (slots, batching, KV reuse) with its vocabulary (`vocab`), disk tier
+(`kvdisk`) and images (`vision`, libmtmd beside the model); `remote` sends the same work to an OpenAI-compatible server. Nothing here
 knows of conversations, the store or Discord."""

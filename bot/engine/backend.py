@@ -17,11 +17,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bot.config import Sampling
 from bot.formats.reasoning import ReplyFormat
-from bot.formats.templates import Message, Template
+from bot.formats.templates import Image, Message, Template
+
 
 
 class ModelError(Exception):
@@ -47,14 +48,26 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class ImagePart:
+    """One image chunk's place in a prompt's token list (see bot.engine.vision)."""
+
+    start: int  # index of its first position in the prompt's tokens
+    n_pos: int  # positions (token-list entries) it takes
+    n_tokens: int  # embeddings it decodes (KV cells; more than n_pos for M-RoPE models)
+    image: Image
+    index: int  # which image chunk of that image (models that tile big images have several)
+
+
+@dataclass(frozen=True)
 class PreparedPrompt:
     """A prompt ready to send: how many tokens it takes, and the form the backend wants."""
 
     n_tokens: int
     tokens: list[int] | None = None  # local engine: exact token ids
     text: str | None = None  # remote /v1/completions: the rendered prompt
-    messages: list[dict[str, str]] | None = None  # remote /v1/chat/completions: the server renders
+    messages: list[dict[str, Any]] | None = None  # remote /v1/chat/completions: the server renders
     fmt: ReplyFormat = field(default_factory=ReplyFormat)  # how the reply will be laid out
+    images: tuple[ImagePart, ...] = ()  # local engine: where images lie in `tokens` (bot.engine.vision)
 
 
 @dataclass
@@ -86,6 +99,7 @@ class Generation:
     thought_from: float | None = None  # when reasoning began (first token of a thinking reply)
     thought_until: float | None = None  # when the answer began after reasoning
     n_generated: int = 0  # tokens generated (kept also where token ids are not known)
+    notes: list[str] = field(default_factory=list)  # short notes for the user from the backend (a server refused the images)
     _cancel: bool = False
     _on_cancel: Callable[[], None] | None = None  # tells the producer to look now
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -187,7 +201,17 @@ class Backend(Protocol):
         """Tokens in each plain text (an estimate where the server cannot count)."""
         ...
 
-    async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt: ...
+    async def count_images(self, images: Sequence[Image]) -> list[int]:
+        """Tokens each image takes in a prompt (an estimate where the server does the counting)."""
+        ...
+
+    def image_support(self) -> str | None:
+        """None when images reach the model; else why they cannot (one line, for a note)."""
+        ...
+
+    async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
+        """The prompt for `messages`; their images go in front of their text where the model can see."""
+        ...
 
     def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         """Start a reply for conversation `key`; call on the event loop."""

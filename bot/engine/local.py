@@ -16,6 +16,11 @@ KV_DISK_DIR), which `close()` also fills with what RAM and the slots hold, so
 the next process starts warm. A state on disk is read on an I/O thread before
 its request reaches the engine thread, which then only copies it into place.
 
+A model that can see (a projector, MMPROJ_PATH) takes images too: `bot.engine.vision`
+lays each out in the prompt as ids made from its content hash (so reuse and the disk
+tier work unchanged), encodes it on a thread of its own, and `_feed_images` decodes its
+embeddings into the slot between decode steps.
+
 A fault on the engine thread fails only the replies it touches; the thread
 keeps serving. If it cannot go on, every waiting and later reply fails at once
 and `on_fatal` tells the process to exit, so the service manager restarts it.
@@ -48,7 +53,8 @@ from bot.engine.backend import EngineStats, Generation, ModelError, ModelInfo, P
 from bot.config import Sampling
 from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
 from bot.formats.reasoning import ReplyFormat, ReplyText
-from bot.formats.templates import Message, Template, reply_format
+from bot.formats.templates import Image, Message, Segment, Template, reply_format
+from bot.engine.vision import MEDIA_MARKER, PLACEHOLDER, ChunkSize, ImageFeed, Vision, decode_embeddings, image_ids
 from bot.engine.vocab import Vocab, check_model_file, init_backend
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,7 @@ class EngineOptions:
     kv_type: str = "f16"  # "f16" or "q8_0" (half the bytes per token; needs flash attention)
     kv_disk_dir: Path | None = None  # the disk tier's folder; None: no disk tier
     kv_disk_mb: int = 0  # the disk tier's budget; 0: no disk tier
+    mmproj: Path | None = None  # a vision projector (MMPROJ_PATH): the model can see images
 
 
 KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
@@ -117,6 +124,7 @@ class _Request:
         self.reported_at = 0.0
         self.fetched = False  # its conversation's state was looked for on disk already
         self.saved: SavedState | None = None  # ... and this is what was read
+        self.images: ImageFeed | None = None  # its prompt's images (bot.engine.vision), if any
 
 
 @dataclass
@@ -197,8 +205,11 @@ class Engine:
         self.batched_steps = 0  # steps that decoded more than one sequence
         self.tokens_evaluated = 0
         self.disk_restores = 0  # states restored from the disk tier
+        self.image_batches = 0  # decodes of image embeddings
         self._clock = ForgetClock()
         self._disk: KVDisk | None = None
+        self.vision: Vision | None = None  # the projector, when the model can see images
+        self._encodes_done = 0  # encodes finished (under _lock): wakes an engine thread that waits for one
 
     # --- loading -----------------------------------------------------------------------
 
@@ -271,9 +282,27 @@ class Engine:
         self.info = self.vocab.info
         self._warm_up()
         log.info("model loaded: %s (%s), context %d tokens x %d slots, %d threads", path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads)
+        self._load_vision(options)
         if options.kv_disk_dir is not None and options.kv_disk_mb > 0 and options.reuse:
-            identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=options.flash_attn, llama_cpp=L.__version__)
+            seeing = {"mmproj": self.vision.identity} if self.vision is not None else {}  # embeddings depend on the projector
+            identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=options.flash_attn, llama_cpp=L.__version__, **seeing)
             self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock)
+
+    def _load_vision(self, options: EngineOptions) -> None:
+        """Load the projector beside the model (MMPROJ_PATH), and say whether the model can see."""
+        if options.mmproj is None:
+            log.info("images: this model cannot see images (no MMPROJ_PATH); images get a note and their text is answered")
+            return
+        try:
+            self.vision = Vision.load(
+                options.mmproj, self._model, n_threads=options.n_threads, verbose=options.llama_log, identity=model_identity(options.mmproj)
+            )
+        except BaseException:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            L.llama_model_free(self._model)
+            raise
+        log.info("images: this model can see images (projector %s%s)", options.mmproj.name, ", M-RoPE" if self.vision.mrope else "")
 
     def _warm_up(self) -> None:
         """One real decode, so the first user does not pay for page faults and graph setup."""
@@ -294,17 +323,22 @@ class Engine:
         sampling: Sampling,
         fmt: ReplyFormat = ReplyFormat(),
         grammar: str | None = None,
+        images: Sequence[ImagePart] = (),
     ) -> Generation:
         """Start generating a reply to `prompt` for conversation `key`. Call on the event loop.
 
         `fmt` says how the reply is laid out (stop strings, reasoning); `grammar`
-        (GBNF) constrains what may be generated."""
-        if len(prompt) >= self.n_ctx:
-            raise PromptTooLong(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        (GBNF) constrains what may be generated; `images` are the image chunks in
+        `prompt` (see `LocalBackend.prepare`), whose places hold synthetic ids."""
+        feed = self._image_feed(prompt, images)
+        cells = len(prompt) + (feed.extra_cells if feed is not None else 0)
+        if cells >= self.n_ctx:
+            raise PromptTooLong(f"prompt of {cells} tokens does not fit the context of {self.n_ctx}")
         if not prompt:
             raise ValueError("empty prompt")
-        gen = Generation(key=key, n_prompt=len(prompt), loop=asyncio.get_running_loop(), _on_cancel=self.wake)
+        gen = Generation(key=key, n_prompt=cells, loop=asyncio.get_running_loop(), _on_cancel=self.wake)
         request = _Request(gen, list(prompt), max_tokens, sampling, fmt, grammar)
+        request.images = feed
         with self._lock:
             if self._dead is not None:
                 raise EngineDead(self._dead)
@@ -402,6 +436,8 @@ class Engine:
         for slot in self._slots:
             if slot.request is not None and slot.request.sampler:
                 L.llama_sampler_free(slot.request.sampler)
+        if self.vision is not None:
+            self.vision.close()
         L.llama_batch_free(self._batch)
         L.llama_free(self._ctx)
         L.llama_model_free(self._model)
@@ -464,6 +500,8 @@ class Engine:
                         self._finish(slot, "cancelled")
                 if self._active():
                     self._step()
+                    if self.vision is not None:
+                        self._feed_images()
                     self._faults_in_a_row = 0
             except Exception as exc:  # whatever broke, the other channels keep being served
                 log.exception("engine step failed; ending the replies it held: %s", ", ".join(s.key or "?" for s in self._active()))
@@ -544,6 +582,86 @@ class Engine:
         for slot in self._slots:
             if slot.key == key and slot.request is None:
                 self._clear(slot)
+
+    # --- images (bot.engine.vision) ------------------------------------------------------
+
+    def _image_feed(self, prompt: Sequence[int], images: Sequence[ImagePart]) -> ImageFeed | None:
+        if not images:
+            return None
+        if self.vision is None:
+            raise ValueError("this model cannot see images (no projector loaded)")
+        if any(p.start < 0 or p.start + p.n_pos > len(prompt) - 1 for p in images):
+            raise ValueError("an image must lie inside the prompt, with text after it")
+        return ImageFeed.of(self.vision, images)
+
+    def _feed_images(self) -> None:
+        """Decode image embeddings into the slots whose prompt has reached an image.
+
+        Embeddings cannot share a decode with token ids, so they get decodes of their own:
+        one micro-batch per step while other slots generate (each of those gets its next
+        token between two), as much as a prompt chunk when none does. The encoder thread is
+        asked for every image a slot still needs as soon as the slot has it; with nothing
+        else to do, the engine thread waits for an encode to finish."""
+        vision = self.vision
+        assert vision is not None
+        seen, steps = self._encodes_done, self.steps
+        active = self._active()
+        generating = sum(1 for s in active if s.request is not None and s.request.next_token is not None)
+        budget = self.n_ubatch - generating if generating else self.n_batch
+        fed = False
+        for slot in active:
+            req = slot.request
+            feed = req.images if req is not None else None
+            if req is None or feed is None or req.next_token is not None or not req.pending:
+                continue
+            pos = len(slot.tokens)
+            feed.request(pos, self._encoded)
+            part = feed.parts.get(pos)
+            if part is None or budget <= 0:
+                continue
+            try:
+                encoded = feed.ready(part)
+            except Exception as exc:  # this reply cannot be given; the others go on
+                log.warning("could not encode an image for %s: %s", slot.key, exc)
+                self._finish(slot, "error", f"could not encode an image: {exc}")
+                continue
+            if encoded is None:
+                continue  # still being encoded
+            left = part.n_tokens - feed.done
+            count = left if vision.non_causal else min(left, budget)  # non-causal attention: the whole image at once
+            self._watched = [req.gen]
+            self._abort_flag[0] = b"\x01" if self._abort_now or req.gen._cancel else b"\x00"
+            rc = decode_embeddings(self._ctx, encoded, feed.done, count, pos, slot.seq, non_causal=vision.non_causal)
+            self.image_batches += 1
+            fed = True
+            if rc != 0:
+                L.llama_memory_seq_rm(self._mem, slot.seq, pos, -1)  # the image starts over, or not at all
+                feed.done = 0
+                if rc != 2:
+                    log.error("llama_decode failed with code %d on an image for %s", rc, slot.key)
+                    self._finish(slot, "error", f"llama_decode returned {rc} for an image")
+                elif req.gen._cancel:
+                    self._finish(slot, "cancelled")
+                continue
+            feed.done += count
+            self.tokens_evaluated += count
+            budget -= count
+            if feed.done == part.n_tokens:
+                slot.tokens += image_ids(part.image.digest, part.index, part.n_pos)
+                del req.pending[: part.n_pos]
+                feed.done = 0
+            if generating:
+                break
+        if not fed and self.steps == steps:
+            with self._lock:
+                if self._encodes_done == seen and not (self._incoming or self._forget or self._stopping):
+                    self._lock.wait(0.25)
+
+    def _encoded(self) -> None:
+        """An encode finished (encoder thread): wake the engine thread."""
+        with self._lock:
+            self._encodes_done += 1
+            self._lock.notify()
 
     # --- the disk tier -------------------------------------------------------------------
 
@@ -633,6 +751,8 @@ class Engine:
         keep = common_prefix(slot.tokens, prompt)
         if keep == len(prompt):
             keep -= 1  # the last prompt token must be evaluated again to get its logits
+        if request.images is not None:
+            keep = request.images.boundary(keep)  # an image is reused whole or evaluated whole
         if keep < len(slot.tokens):
             if not L.llama_memory_seq_rm(self._mem, slot.seq, keep, -1):
                 self._clear(slot)
@@ -689,7 +809,8 @@ class Engine:
             # the repeat penalty looks at recent prompt tokens too, as llama.cpp's server does
             # (fed before a grammar joins the chain: the prompt is not the grammar's to parse)
             for token in prompt[-s.repeat_last_n :]:
-                L.llama_sampler_accept(chain, token)
+                if token >= 0:  # not an image's synthetic id
+                    L.llama_sampler_accept(chain, token)
         if grammar is not None:
             constrain = L.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
             if not constrain:
@@ -738,7 +859,10 @@ class Engine:
             req = slot.request
             assert req is not None
             if req.next_token is None and req.pending and budget > 0:
-                chunk = req.pending[:budget]
+                run = req.images.text_run(len(slot.tokens), len(req.pending)) if req.images is not None else len(req.pending)
+                if not run:
+                    continue  # an image comes next: `_feed_images` decodes it
+                chunk = req.pending[: min(budget, run)]
                 start = len(slot.tokens)
                 last = len(chunk) == len(req.pending)
                 for j, token in enumerate(chunk):
@@ -826,7 +950,7 @@ class Engine:
             if now - req.reported_at >= REPORT_EVERY_S or req.out.thinking != req.reported_thinking:
                 self._report(req, req.unsent, None, reasoning=req.unsent_reasoning)
                 req.unsent, req.unsent_reasoning, req.reported_at = "", "", now
-        if req.n_generated >= req.max_tokens or len(slot.tokens) + 1 >= self.n_ctx:
+        if req.n_generated >= req.max_tokens or len(slot.tokens) + 1 + (req.images.extra_cells if req.images else 0) >= self.n_ctx:
             self._finish(slot, "length")
             return
         req.next_token = token
@@ -848,6 +972,9 @@ class Engine:
             req.sampler = None
         slot.request = None
         slot.last_used = time.perf_counter()
+        if req.images is not None and req.images.done:  # ended halfway through an image: drop its cells
+            L.llama_memory_seq_rm(self._mem, slot.seq, len(slot.tokens), -1)
+            req.images.done = 0
         if self.options.llama_log:
             g = req.gen
             prompt_s = (g.first_token_at or time.perf_counter()) - (g.started_at or g.queued_at)
@@ -886,15 +1013,81 @@ class LocalBackend:
 
     async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
         def build() -> PreparedPrompt:
+            if any(m.images for m in messages):
+                return self._prepare_with_images(template, messages)
             segments = template.render(messages)
             tokens = self.engine.vocab.encode(segments)
             return PreparedPrompt(n_tokens=len(tokens), tokens=tokens, fmt=reply_format(template, segments))
 
         return await asyncio.to_thread(build)
 
+    def _prepare_with_images(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
+        """A prompt with images, as llama-server builds one: each turn's text carries the media
+        marker where each of its images belongs (before the text), the template renders the
+        whole conversation as usual, and the prompt is cut at the markers. The text runs are
+        tokenized as always (people's text never parsed for special tokens); each image
+        becomes libmtmd's layout for it: its wrapper tokens and image chunks."""
+        vision = self.engine.vision
+        marked = [Message(m.role, _with_markers(m, MEDIA_MARKER if vision is not None else None), ()) for m in messages]
+        segments = template.render(marked)
+        fmt = reply_format(template, segments)
+        if vision is None:
+            tokens = self.engine.vocab.encode(segments)
+            return PreparedPrompt(n_tokens=len(tokens), tokens=tokens, fmt=fmt)
+        runs: list[list[Segment]] = [[]]
+        for seg in segments:
+            if seg.special or MEDIA_MARKER not in seg.text:
+                runs[-1].append(seg)
+                continue
+            for i, piece in enumerate(seg.text.split(MEDIA_MARKER)):
+                if i:
+                    runs.append([])
+                if piece:
+                    runs[-1].append(Segment(piece, False))
+        images = [image for m in messages for image in m.images]
+        if len(runs) - 1 != len(images):
+            raise ValueError(f"the prompt template kept {len(runs) - 1} of {len(images)} images")
+        token_runs = self.engine.vocab.encode_runs(runs)
+        tokens = list(token_runs[0])
+        parts: list[ImagePart] = []
+        for image, run in zip(images, token_runs[1:]):
+            index = 0
+            for piece in vision.layout(image.width, image.height):
+                if isinstance(piece, ChunkSize):
+                    parts.append(ImagePart(len(tokens), piece.n_pos, piece.n_tokens, image, index))
+                    tokens += image_ids(image.digest, index, piece.n_pos)
+                    index += 1
+                else:
+                    tokens += piece
+            tokens += run
+        cells = len(tokens) + sum(p.n_tokens - p.n_pos for p in parts)
+        return PreparedPrompt(n_tokens=cells, tokens=tokens, fmt=fmt, images=tuple(parts))
+
+    async def count_images(self, images: Sequence[Image]) -> list[int]:
+        """Tokens each image takes in a prompt (its wrapper tokens and embeddings)."""
+        vision = self.engine.vision
+        if vision is None:
+            return [0 for _ in images]
+
+        def count() -> list[int]:
+            return [
+                sum(p.n_tokens if isinstance(p, ChunkSize) else len(p) for p in vision.layout(image.width, image.height))
+                for image in images
+            ]
+
+        return await asyncio.to_thread(count)
+
+    def image_support(self) -> str | None:
+        """None when images reach the model; else why not (one line for a note)."""
+        if self.engine.vision is not None:
+            return None
+        return "this model cannot see images (its vision projector is not loaded: set MMPROJ_PATH to the model's mmproj file)"
+
     def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         assert prompt.tokens is not None
-        return self.engine.generate(key, prompt.tokens, max_tokens=max_tokens, sampling=sampling, fmt=prompt.fmt, grammar=self.grammar)
+        return self.engine.generate(
+            key, prompt.tokens, max_tokens=max_tokens, sampling=sampling, fmt=prompt.fmt, grammar=self.grammar, images=prompt.images
+        )
 
     def forget(self, key: str) -> None:
         self.engine.forget(key)
@@ -927,6 +1120,16 @@ class LocalBackend:
 
     async def close(self) -> None:
         await self.engine.close()
+
+
+def _with_markers(message: Message, marker: str | None) -> str:
+    """A turn's text with its images in front: the media marker for each (None: the model
+    cannot see them, so each is a short placeholder)."""
+    if not message.images:
+        return message.content
+    if marker is None:
+        return " ".join([PLACEHOLDER] * len(message.images) + ([message.content] if message.content else []))
+    return marker * len(message.images) + message.content
 
 
 def _flag_reader() -> L.ggml_abort_callback:

@@ -12,6 +12,13 @@ timeouts, typed errors, and retries (honouring `Retry-After`) that happen only
 before a stream starts, so no reply is ever sent twice. Plain HTTP remains for
 what the SDK does not know: the servers' tokenize endpoints.
 
+Images go only in `chat` mode, as OpenAI content parts (`image_url` with a base64
+`data:` URL), which llama-server, vLLM, Ollama and the OpenAI API accept. A server
+that refuses them (a 4xx, or llama-server's error for a model without a projector)
+gets the same request again with each image a `[image]` placeholder, the reply says
+so in a note, and no image is sent to it again until the bot restarts. `completions`
+mode sends text only, so images become placeholders there too.
+
 A reasoning model's thoughts arrive either separately (`reasoning_content` as
 llama-server and DeepSeek send them, `reasoning` as vLLM, Ollama and OpenRouter
 do) or inline in the text (`<think>…</think>`, gpt-oss harmony). Both end up in
@@ -31,6 +38,8 @@ message this module logs.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import json
 import logging
 import re
@@ -47,7 +56,7 @@ import openai
 from bot.engine.backend import Generation, ModelInfo, PreparedPrompt
 from bot.config import Sampling, Settings, redact_url
 from bot.formats.reasoning import ReplyFormat, ReplyText
-from bot.formats.templates import Message, Template, reply_format
+from bot.formats.templates import Image, Message, Template, reply_format
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,9 @@ MAX_CHARS_PER_TOKEN = 64  # a reply longer than max_tokens * this is a broken se
 NO_KEY = "no-key"  # the SDK insists on a key; servers started without one ignore it
 _SPECIAL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<(?:bos|eos|pad|unk|start_of_turn|end_of_turn)>|\[/?INST\]|<</?SYS>>")
 WORD_JOINER = "\u2060"
+IMAGE_TOKENS_ESTIMATE = 768  # what an image costs in the window, where the server counts (OpenAI: 765 for 1024 px, high detail)
+IMAGE_PLACEHOLDER = "[image]"
+IMAGES_REFUSED_NOTE = "(The model server refused the images ({why}), so I answered the text only: its model may not see images.)"
 
 
 def defang(text: str) -> str:
@@ -115,6 +127,7 @@ class RemoteBackend:
         self._counts: OrderedDict[str, int] = OrderedDict()
         self.on_fatal: Callable[[str], None] | None = None  # a server never ends this process: it may come back
         self.dead: str | None = None
+        self._images_refused: str | None = None  # why the server refused images (then none are sent again)
 
     @classmethod
     async def connect(cls, settings: Settings, *, read_timeout: float = 120.0) -> RemoteBackend:
@@ -183,11 +196,34 @@ class RemoteBackend:
 
     # --- the Backend interface ---------------------------------------------------------
 
+    def image_support(self) -> str | None:
+        if self.mode != "chat":
+            return "OPENAI_MODE=completions sends the model server text only"
+        if self._images_refused is not None:
+            return f"the model server refused images ({self._images_refused})"
+        return None
+
+    async def count_images(self, images: Sequence[Image]) -> list[int]:
+        """The server counts an image's tokens itself; this is a conservative estimate."""
+        return [IMAGE_TOKENS_ESTIMATE for _ in images]
+
     async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
+        sending = self.image_support() is None
         if self.mode == "chat":  # the server renders, so no stop strings or harmony of ours apply
-            payload = [{"role": m.role, "content": defang(m.content)} for m in messages]
-            counts = await self.count([m["content"] for m in payload])
-            return PreparedPrompt(n_tokens=sum(counts) + 8 * len(payload), messages=payload, fmt=ReplyFormat())
+            texts = [defang(m.content if sending else _placeholders(m)) for m in messages]
+            payload: list[dict[str, Any]] = []
+            n_images = 0
+            for m, text in zip(messages, texts):
+                if m.images and sending:  # images first, then the text, as llama-server places them
+                    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in m.images]
+                    parts += [{"type": "text", "text": text}] if text else []
+                    payload.append({"role": m.role, "content": parts})
+                    n_images += len(m.images)
+                else:
+                    payload.append({"role": m.role, "content": text})
+            counts = await self.count(texts)
+            return PreparedPrompt(n_tokens=sum(counts) + 8 * len(payload) + IMAGE_TOKENS_ESTIMATE * n_images, messages=payload, fmt=ReplyFormat())
+        messages = [Message(m.role, _placeholders(m)) for m in messages]
         segments = template.render(messages)
         text = "".join(s.text if s.special else defang(s.text) for s in segments)
         [n] = await self.count([text])
@@ -226,7 +262,16 @@ class RemoteBackend:
         try:
             if not self._checked:  # the server was down at start: learn its model and tokenizer now
                 await self.health_check()
-            stream = await self._open(gen.key, prompt, max_tokens, sampling)
+            try:
+                stream = await self._open(gen.key, prompt, max_tokens, sampling)
+            except openai.APIStatusError as exc:
+                text_only = _without_images(prompt) if _refuses_images(exc) else None
+                if text_only is None:
+                    raise
+                self._images_refused = f"HTTP {exc.status_code}"
+                log.warning("model server refused the images for %s (%s); answering the text only, and sending no images from now on", gen.key, self._reason(exc))
+                gen.notes.append(IMAGES_REFUSED_NOTE.format(why=self._images_refused))
+                stream = await self._open(gen.key, text_only, max_tokens, sampling)
             gen.started_at = gen.started_at or time.perf_counter()
             async with stream:
                 async for chunk in stream:
@@ -337,6 +382,45 @@ class _Reader:
         late_reasoning, rest = self.out.finish()
         reason = reason or ("length" if self.server_reason == "length" and not self.out.stopped else "stop")
         gen._deliver(rest, reason, None, reasoning=late_reasoning, thinking=False)
+
+
+def data_url(image: Image) -> str:
+    """An image as a `data:` URL, the form OpenAI-compatible servers take inline."""
+    return f"data:{image.mime};base64,{base64.b64encode(image.data).decode('ascii')}"
+
+
+def _placeholders(message: Message) -> str:
+    """A turn's text with a placeholder in front for each image it had."""
+    return " ".join([IMAGE_PLACEHOLDER] * len(message.images) + ([message.content] if message.content else []))
+
+
+def _without_images(prompt: PreparedPrompt) -> PreparedPrompt | None:
+    """The same chat request with each image a placeholder (None: it had no image)."""
+    if prompt.messages is None or not any(isinstance(m["content"], list) for m in prompt.messages):
+        return None
+    payload = []
+    for m in prompt.messages:
+        content = m["content"]
+        if isinstance(content, list):
+            n = sum(1 for part in content if part.get("type") == "image_url")
+            text = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            content = " ".join([IMAGE_PLACEHOLDER] * n + ([text] if text else []))
+        payload.append({**m, "content": content})
+    return dataclasses.replace(prompt, messages=payload)
+
+
+def _refuses_images(exc: openai.APIStatusError) -> bool:
+    """Whether a failed request with images looks like the server not taking images: a client
+    error other than auth, rate or size limits, or a server error that says so (llama-server
+    without a projector answers 500 "image input is not supported")."""
+    status = exc.status_code
+    if 400 <= status < 500:
+        return status not in (401, 403, 404, 408, 409, 413, 429)
+    try:
+        body = exc.response.text.lower()
+    except (httpx2.HTTPError, httpx2.StreamError):
+        body = ""
+    return any(word in body for word in ("image", "mmproj", "multimodal", "vision"))
 
 
 def _describe(exc: BaseException) -> str:

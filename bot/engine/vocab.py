@@ -98,20 +98,29 @@ class Vocab:
         never turn into a control token. Spaces at a boundary move to the start
         of the next segment, where whole-string tokenization would put them.
         """
-        texts = [s.text for s in segments]
-        for i in range(len(texts) - 1):
-            stripped = texts[i].rstrip(" ")
-            if stripped != texts[i]:
-                texts[i + 1] = texts[i][len(stripped) :] + texts[i + 1]
-                texts[i] = stripped
-        markup = "".join(s.text for s in segments if s.special)
-        tokens: list[int] = []
-        for text, seg in zip(texts, segments):
-            if text:
-                tokens += self._part(text, seg.special, first=not tokens) if seg.special else self._plain(text, markup, first=not tokens)
-        if self.info.add_bos and (not tokens or tokens[0] != self.bos):
-            tokens.insert(0, self.bos)
-        return tokens
+        return self.encode_runs([segments])[0]
+
+    def encode_runs(self, runs: Sequence[Sequence[Segment]]) -> list[list[int]]:
+        """`encode` for a prompt cut into runs of segments (at its images): the tokens of each
+        run, the first with the BOS token, the others tokenized as continuations."""
+        markup = "".join(s.text for run in runs for s in run if s.special)
+        out: list[list[int]] = []
+        for i, run in enumerate(runs):
+            texts = [s.text for s in run]
+            for j in range(len(texts) - 1):
+                stripped = texts[j].rstrip(" ")
+                if stripped != texts[j]:
+                    texts[j + 1] = texts[j][len(stripped) :] + texts[j + 1]
+                    texts[j] = stripped
+            tokens: list[int] = []
+            for text, seg in zip(texts, run):
+                if text:
+                    first = i == 0 and not tokens
+                    tokens += self._part(text, seg.special, first=first) if seg.special else self._plain(text, markup, first=first)
+            out.append(tokens)
+        if self.info.add_bos and (not out[0] or out[0][0] != self.bos):
+            out[0].insert(0, self.bos)
+        return out
 
     def _part(self, text: str, special: bool, *, first: bool) -> list[int]:
         return self.tokenize(text, special=special) if first else self._continuation(text, special)

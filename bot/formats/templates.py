@@ -32,11 +32,27 @@ FALLBACK = "llama-2-chat"  # the seed's default, used when `auto` finds no usabl
 
 
 @dataclass(frozen=True)
+class Image:
+    """A picture that belongs to a turn: its stored bytes (PNG or JPEG) and what identifies them."""
+
+    digest: str  # SHA-256 of `data`, hex: the same picture anywhere is the same image
+    data: bytes
+    mime: str  # "image/png" or "image/jpeg"
+    width: int
+    height: int
+    name: str = "image"  # the file name it came with
+
+
+@dataclass(frozen=True)
 class Message:
-    """One turn of a conversation, as templates see it."""
+    """One turn of a conversation, as templates see it.
+
+    Templates render `content` only. `images` belong before the text (as llama-server
+    places them): a backend that can show them puts its media marker there first."""
 
     role: str  # "system", "user" or "assistant"
     content: str
+    images: tuple[Image, ...] = ()
 
 
 @dataclass(frozen=True)
