@@ -83,6 +83,7 @@ class ScriptedBackend:
             bos_token="", eos_token="", add_bos=False, size_bytes=0,
         )
     )
+    sees: bool = True  # False: a model without a vision projector
     on_fatal: Callable[[str], None] | None = None
     dead: str | None = None
     calls: list[Call] = field(default_factory=list)
@@ -107,8 +108,8 @@ class ScriptedBackend:
         return [IMAGE_TOKENS for _ in images]
 
     def image_support(self) -> str | None:
-        """The scripted model sees images (it reports them in `Call.messages`; see `images_seen`)."""
-        return None
+        """A seeing scripted model gets the images in `Call.messages` (each `Message.images`)."""
+        return None if self.sees else "this model cannot see images (set MMPROJ_PATH to its projector)"
 
     async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
         segments = template.render(messages)

@@ -32,7 +32,10 @@ class Following(commands.Cog):
         if "content" not in payload.data or payload.message.author.bot or self.bot.user is None:
             return  # e.g. Discord adding a link preview: the text did not change
         text = text_of(payload.message, self.bot.user.id)
-        scope = await _patiently(lambda: self.ctx.chat.edit_message(str(payload.message_id), text), "edit", payload.message_id)
+        # An edit can remove attachments: the images it no longer has leave the turn too.
+        names = [a["filename"] for a in payload.data["attachments"]] if "attachments" in payload.data else None
+        change = lambda: self.ctx.chat.edit_message(str(payload.message_id), text, image_names=names)  # noqa: E731
+        scope = await _patiently(change, "edit", payload.message_id)
         if scope is not None:
             log.info("followed an edit in %s", scope)
 

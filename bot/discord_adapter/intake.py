@@ -19,7 +19,8 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from bot.conversations.attachments import SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
+from bot.conversations.attachments import IMAGE, SKIP_REASONS, Skipped, TextFile, decode_text, kind_of, notes_for, render_files
+from bot.conversations.images import ImageInput
 from bot.conversations.scheduler import Job, QueueFull
 from bot.conversations.service import UserMessage
 from bot.conversations.records import ChatMode, StoreBusy
@@ -35,6 +36,7 @@ T = TypeVar("T")
 
 BUSY = "I'm busy with other conversations right now. Please try again in a minute."
 NO_TEXT = "I can only read text and text files (like .txt, .md or .py). Write me a message; images, stickers and embeds are ignored."
+NOTHING_TO_READ = "I found nothing I can read in that message (stickers and embeds are ignored). Write me a message, or attach text files or images."
 MENTION_ONLY = "You mentioned me, but there is no message. Ask me something!"
 IGNORED = "I ignored the sticker or embed; I can only read text."
 IN_LINE = "\u23f3 Busy: you're #{n} in line."
@@ -70,7 +72,7 @@ class Intake(commands.Cog):
         extras = bool(message.embeds or message.stickers)
         if not text and not message.attachments:
             mentioned_only = not extras and bool(message.content.strip())
-            await post_note(message, MENTION_ONLY if mentioned_only else NO_TEXT)
+            await post_note(message, MENTION_ONLY if mentioned_only else self.no_text())
             return
         if not await self.access.take_from(message):
             return
@@ -104,7 +106,7 @@ class Intake(commands.Cog):
             # Stored at once, before its files are downloaded: from here on a restart cannot lose
             # it, and an edit or delete during the download finds it. The files are added once read.
             stored = await self._patiently(turn, lambda: self.ctx.chat.receive(said))
-            if stored is not None and message.attachments:
+            if stored is not None and (message.attachments or _replied_images(message)):
                 stored = await self.add_files(message, stored, turn.notes, turn=turn)
         except Exception as exc:  # e.g. the disk is full: the turn apologises
             turn.stored.set_exception(exc)
@@ -130,6 +132,10 @@ class Intake(commands.Cog):
                     told = True
                     log.warning("the database is busy: message %s in %s keeps its place and waits to be stored", turn.message.id, turn.scope)
                     turn.first = turn.first or await post_note(turn.message, STORAGE_BUSY, channel=turn.thread)
+
+    def no_text(self) -> str:
+        """The note for a message with nothing the bot can read."""
+        return NOTHING_TO_READ if self.ctx.chat.can_see else NO_TEXT
 
     def queue(self, turn: Turn) -> None:
         """Queue a turn stored before (by an earlier run)."""
@@ -160,37 +166,57 @@ class Intake(commands.Cog):
     # --- attached files ------------------------------------------------------------------
 
     async def add_files(self, message: discord.Message, stored: int, notes: list[str], *, turn: Turn | None = None) -> int | None:
-        """Read a stored message's text files into its row; their notes go to `notes`. None when
-        nothing is left to answer (no text, only images or binary files): the row goes, with a note.
-        With its `turn`, the write waits out a busy database (see `_patiently`)."""
-        files, file_notes = await self._read_files(message)
+        """Read a stored message's files into its row: text files as text, images (its own and
+        those of the message it replies to) for a model that can see; their notes go to `notes`.
+        None when nothing is left to answer (no text, only files the bot cannot read): the row
+        goes, with a note. With its `turn`, the writes wait out a busy database (see `_patiently`)."""
+        chat = self.ctx.chat
+
+        async def write(change: Callable[[], Awaitable[T]]) -> T:
+            return await (self._patiently(turn, change) if turn is not None else change())
+
+        files, images, file_notes = await self._read_files(message)
         notes.extend(file_notes)
         if files:
-            if turn is not None:
-                await self._patiently(turn, lambda: self.ctx.chat.add_files(stored, files))
-            else:
-                await self.ctx.chat.add_files(stored, files)
-            return stored
-        row = await self.ctx.chat.message(stored)  # its latest text (an edit may have come meanwhile)
-        if row is None or row.content:
-            return stored  # deleted meanwhile (its turn finds nothing to answer), or text to answer
+            await write(lambda: chat.add_files(stored, files))
+        if images:
+            notes.extend(await write(lambda: chat.add_images(stored, images)))
+        row = await chat.message(stored)  # as it stands now (an edit may have come meanwhile)
+        if row is None or row.content or row.attachments or row.images:
+            return stored  # deleted meanwhile (its turn finds nothing to answer), or something to answer
         if self.bot.is_closed():  # a download cut short by shutdown: kept pending, read again on restart
             return None
-        await self.ctx.chat.delete_message(str(message.id))
-        await post_note(message, NO_TEXT)
+        await chat.delete_message(str(message.id))
+        await post_note(message, "\n-# ".join([self.no_text(), *notes]))
         return None
 
-    async def _read_files(self, message: discord.Message) -> tuple[str | None, list[str]]:
-        """The message's text attachments rendered for the prompt (None: none readable), and
-        the notes for the reply: files cut at ATTACHMENT_MAX_KB, files skipped and why."""
+    async def _read_files(self, message: discord.Message) -> tuple[str | None, list[ImageInput], list[str]]:
+        """The message's text attachments rendered for the prompt (None: none readable), the
+        images for a model that can see (its own, then those of the message it replies to),
+        and the notes for the reply: files cut at ATTACHMENT_MAX_KB, files skipped and why."""
+        chat = self.ctx.chat
         limit = self.ctx.settings.attachment_max_kb * 1024
         most = self.ctx.settings.attachment_max_files
         files: list[TextFile] = []
+        images: list[ImageInput] = []
         skipped: list[Skipped] = []
-        for i, attachment in enumerate(message.attachments):
+        picture_notes: list[str] = []
+        for i, attachment in enumerate([*message.attachments, *_replied_images(message)]):
             name = attachment.filename
             kind = kind_of(name, attachment.content_type)
-            if not limit or not most:
+            own = i < len(message.attachments)
+            if kind == IMAGE and (chat.can_see or own) and (most and i < most):
+                if not chat.can_see:
+                    skipped.append(Skipped(name, f"an image: {chat.cannot_see()}"))
+                elif (refused := chat.image_refusal(name, attachment.size)) is not None:
+                    picture_notes.append(refused)
+                elif (data := await self._download_whole(attachment, message)) is None:
+                    skipped.append(Skipped(name, "I could not download it"))
+                else:
+                    images.append(ImageInput(name, data))
+            elif not own:
+                continue  # of the replied-to message, only images are read
+            elif not limit or not most:
                 skipped.append(Skipped(name, "reading attached files is turned off"))
             elif i >= most:
                 skipped.append(Skipped(name, f"I read at most {most} files per message"))
@@ -210,7 +236,18 @@ class Intake(commands.Cog):
                     skipped.append(Skipped(name, "it is empty"))
                 else:
                     files.append(TextFile(name, text, size=max(attachment.size, len(data)), read_bytes=len(data), cut=cut))
-        return render_files(files), notes_for(files, skipped)
+        return render_files(files), images, picture_notes + notes_for(files, skipped)
+
+    async def _download_whole(self, attachment: discord.Attachment, message: discord.Message) -> bytes | None:
+        """All of an image (its declared size was checked against IMAGE_MAX_KB); None when the
+        download fails or the file is longer than the limit after all (half a picture is none)."""
+        limit = max(self.ctx.settings.image_max_kb * 1024, 1)
+        try:
+            data, cut = await self._download(attachment, limit)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("could not download image %s of message %s: %s", attachment.id, message.id, exc)
+            return None
+        return None if cut else data
 
     async def _download(self, attachment: discord.Attachment, limit: int) -> tuple[bytes, bool]:
         """The first `limit` bytes of an attachment, and whether the file is longer. The declared
@@ -254,3 +291,11 @@ class Intake(commands.Cog):
                         return existing, None
             log.warning("could not start a thread in channel %s (%s); answering in the channel", message.channel.id, exc)
             return None, NO_THREAD
+
+
+def _replied_images(message: discord.Message) -> list[discord.Attachment]:
+    """The images of the message `message` replies to (they join its turn)."""
+    replied = message.reference.resolved if message.reference is not None else None
+    if not isinstance(replied, discord.Message):
+        return []
+    return [a for a in replied.attachments if kind_of(a.filename, a.content_type) == IMAGE]

@@ -155,7 +155,7 @@ class Recovery(commands.Cog):
             if text != turn.message.content:  # edited while the bot was down
                 await chat.edit_message(turn.message.platform_message_id, text)
             notes: list[str] = []
-            if message.attachments and turn.message.attachments is None:  # stopped while they downloaded
+            if message.attachments and turn.message.attachments is None and not turn.message.images:  # stopped while they downloaded
                 if await self.intake.add_files(message, turn.message.id, notes) is None:
                     continue
             self._queued.add(turn.message.id)

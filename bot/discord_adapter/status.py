@@ -24,6 +24,8 @@ def status_embed(chat: ChatService, scheduler: FairScheduler, scope: str, *, sta
     model += f"\ncontext: {chat.backend.n_ctx} tokens per conversation"
     if info.n_ctx_train and info.n_ctx_train != chat.backend.n_ctx:
         model += f" (trained for {info.n_ctx_train})"
+    why_not = chat.cannot_see()
+    model += "\nsees images: " + ("yes" if why_not is None else f"no ({why_not})")
     embed.add_field(name="Model", value=cut(model, 1024), inline=False)
     embed.add_field(name="Backend", value=cut(chat.backend.describe(), 1024), inline=False)
     embed.add_field(name="Uptime", value=_duration(time.time() - started_at))

@@ -49,7 +49,7 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
-from bot.engine.backend import EngineStats, Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
+from bot.engine.backend import EngineStats, Generation, ImagePart, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
 from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
 from bot.formats.reasoning import ReplyFormat, ReplyText
