@@ -24,53 +24,6 @@ async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: st
     return [m for m in world.fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
 
 
-async def test_mention_gets_a_reply_in_the_right_channel_and_is_stored(world: World, start_bot, tmp_path: Path) -> None:
-    async with start_bot(stream=False) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} What is the capital of France?")
-        [reply] = await world.fake.wait_for_bot_message(world.general, after=sent)
-        assert "Paris" in reply["content"]
-        assert reply["message_reference"]["message_id"] == sent["id"]  # a reply to the triggering message
-        assert world.fake.bot_messages(world.random) == []
-        assert world.fake.typing and world.fake.typing[0][0] == world.general["id"]
-        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 2)
-    stored = rows(tmp_path / "bot.sqlite3")
-    assert stored == [
-        (scope(world, world.general), "user", "What is the capital of France?"),
-        (scope(world, world.general), "assistant", reply["content"]),
-    ]
-    with sqlite3.connect(tmp_path / "bot.sqlite3") as conn:
-        assert conn.execute("SELECT author_name, platform_message_id FROM messages WHERE role='user'").fetchone() == ("Ann", sent["id"])
-    assert world.fake.unknown_routes == []
-
-
-async def test_messages_that_are_not_for_the_bot_are_ignored(world: World, start_bot) -> None:
-    async with start_bot() as bot:
-        await world.fake.send_message(world.general, world.ann, "just chatting, no mention")
-        await world.fake.send_message(world.general, world.other_bot, f"{mention(world.fake)} hello from a bot")
-        await world.fake.send_message(world.general, world.ann, "joined", type=7)  # a system message
-        # the bot's own echoed message must not trigger it either: make it talk once, then wait
-        await ask(world, bot, world.random, world.ann, "Say hi.")
-        await asyncio.sleep(1.0)
-        assert world.fake.bot_messages(world.general) == []
-        assert len(world.fake.bot_messages(world.random)) == 1
-        assert [r[1] for r in rows(bot.ctx.settings.database_path)] == ["user", "assistant"]
-
-
-async def test_two_channels_keep_separate_histories(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        await ask(world, bot, world.general, world.ann, "My favourite fruit is mango.")
-        await ask(world, bot, world.random, world.mod, "My favourite colour is teal.")
-        await ask(world, bot, world.general, world.mod, "What is Ann's favourite fruit?")
-        db = bot.ctx.settings.database_path
-        general = rows(db, scope(world, world.general))
-        random = rows(db, scope(world, world.random))
-        assert [r[2] for r in general if r[1] == "user"] == ["My favourite fruit is mango.", "What is Ann's favourite fruit?"]
-        assert [r[2] for r in random if r[1] == "user"] == ["My favourite colour is teal."]
-        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
-        assert not any("teal" in m.content for m in prompt.messages)
-        assert any("Ann: My favourite fruit is mango." == m.content for m in prompt.messages)
-
-
 async def test_reset_clears_only_its_channel(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         await ask(world, bot, world.general, world.ann, "Hello!")
@@ -127,17 +80,6 @@ async def test_template_switch_survives_a_restart(world: World, start_bot, tmp_p
         assert prompt.template.name == "vicuna-chat"
 
 
-async def test_dm_conversation(world: World, start_bot) -> None:
-    dm = world.fake.dm_channel(world.ann)
-    async with start_bot(stream=False) as bot:
-        await ask(world, bot, dm, world.ann, "My name is Zanzibar.")
-        await ask(world, bot, dm, world.ann, "What is my name?")
-        stored = rows(bot.ctx.settings.database_path, f"dm:{world.ann['id']}")
-        assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
-        reset = await (await world.fake.invoke_command("reset", user=world.ann, channel=dm)).wait_done()
-        assert reset.content == "Conversation cleared (4 messages)."  # anyone may /reset their own DM
-
-
 async def test_long_reply_is_split_with_code_fences_intact(world: World, start_bot) -> None:
     async with start_bot(n_predict=700, stream=False) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")
@@ -165,28 +107,6 @@ def _same_words(pages: list[str], full: str) -> bool:
     return i == len(original)
 
 
-async def test_model_output_never_pings(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        [reply] = await ask(world, bot, world.general, world.ann, "Copy this text exactly: @everyone @here")
-    assert "@everyone" in reply["content"]
-    assert reply["_pinged"] == [] and reply["mention_everyone"] is False
-    posts = world.fake.requests_to("POST", r"/channels/\d+/messages$")
-    assert posts and all(p["json"]["allowed_mentions"] == {"parse": [], "replied_user": False} for p in posts)
-
-
-async def test_empty_and_attachment_only_messages_get_a_short_note(world: World, start_bot) -> None:
-    async with start_bot() as bot:
-        sent = await world.fake.send_message(world.general, world.ann, mention(world.fake))
-        [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
-        assert note["content"] == MENTION_ONLY
-        sent = await world.fake.send_message(
-            world.general, world.ann, mention(world.fake), attachments=[{"filename": "cat.png", "data": b"\x89PNG", "content_type": "image/png"}]
-        )
-        [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
-        assert note["content"] == NO_TEXT
-        assert rows(bot.ctx.settings.database_path) == []  # nothing stored as if answered
-
-
 async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Tell me a fact about the moon.")
@@ -201,43 +121,6 @@ async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot)
         assert world.fake.resume_count >= 1
         stored = rows(bot.ctx.settings.database_path)
         assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
-
-
-async def test_chat_channels_answer_every_message(world: World, start_bot) -> None:
-    async with start_bot(chat_channels=frozenset({int(world.random["id"])})):
-        sent = await world.fake.send_message(world.random, world.ann, "no mention needed here")
-        await world.fake.wait_for_bot_message(world.random, after=sent)
-        on = await (await world.fake.invoke_command("chat", user=world.mod, channel=world.general, options={"mode": "on"})).wait_done()
-        assert on.content.startswith("OK: I now answer every message")
-        sent = await world.fake.send_message(world.general, world.ann, "and now here too")
-        await world.fake.wait_for_bot_message(world.general, after=sent)
-
-
-async def test_busy_channel_messages_wait_their_turn_in_order(world: World, start_bot) -> None:
-    async with start_bot(stream=False, parallel=1, max_queue=1) as bot:
-        await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Count to three.")
-        second = await world.fake.send_message(world.general, world.mod, f"{mention(world.fake)} Name a fruit.")
-        third = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Name a car.")
-        busy = await world.fake.wait_for(
-            lambda: [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == third["id"]]
-        )
-        assert busy[0]["content"] == BUSY
-        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 4, timeout=120)
-        users = [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"]
-        assert users == ["Count to three.", "Name a fruit."]
-        assert "Name a car." not in " ".join(users)  # turned away: nothing stored as if answered
-        second_reply = [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == second["id"]]
-        assert second_reply and not second_reply[0]["content"].startswith("\u23f3")  # the waiting note became the reply
-
-
-async def test_threads_are_their_own_conversation(world: World, start_bot) -> None:
-    thread = world.fake.add_channel(world.guild, "a-thread", type=11, parent_id=world.general["id"])
-    async with start_bot(stream=False) as bot:
-        await ask(world, bot, world.general, world.ann, "Hello in the channel.")
-        await ask(world, bot, thread, world.ann, "Hello in the thread.")
-        db = bot.ctx.settings.database_path
-        assert [r[2] for r in rows(db, f"guild:{world.guild['id']}:channel:{thread['id']}") if r[1] == "user"] == ["Hello in the thread."]
-        assert [r[2] for r in rows(db, scope(world, world.general)) if r[1] == "user"] == ["Hello in the channel."]
 
 
 async def test_edits_and_deletes_are_followed(world: World, start_bot) -> None:

@@ -52,32 +52,6 @@ ANSWERED = {
 }
 
 
-@pytest.mark.parametrize("content", list(ANSWERED.values()), ids=list(ANSWERED))
-async def test_odd_but_real_text_is_answered_and_stored(world: World, start_bot, content: str) -> None:
-    async with start_bot(stream=False) as bot:
-        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} {content}")
-        assert reply["content"].strip() and reply["content"] != SORRY
-        stored = statuses(bot.ctx.settings.database_path)
-        assert [(r[0], r[1]) for r in stored] == [("user", "ok"), ("assistant", "ok")]
-        assert stored[0][2] == content.strip()  # stored whole, even when the prompt had to cut it
-
-
-@pytest.mark.parametrize(
-    ("content", "extra", "note"),
-    [
-        ("   \t  ", {}, MENTION_ONLY),
-        ("", {"sticker_items": [{"id": "111", "name": "wave", "format_type": 1}]}, NO_TEXT),
-        ("", {"attachments": [{"filename": "cat.png", "data": b"\x89PNG", "content_type": "image/png"}]}, NO_TEXT),
-    ],
-    ids=["whitespace-only", "sticker-only", "attachment-only"],
-)
-async def test_messages_without_text_get_a_short_note_and_nothing_is_stored(world: World, start_bot, content: str, extra: dict, note: str) -> None:
-    async with start_bot() as bot:
-        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)}{content}", **extra)
-        assert reply["content"] == note
-        assert statuses(bot.ctx.settings.database_path) == []
-
-
 async def test_typed_template_markup_stays_text(world: World, start_bot, engine) -> None:
     async with start_bot(stream=False) as bot:
         await send_and_wait(world, bot, world.general, f"{mention(world.fake)} {EVIL}")
@@ -112,41 +86,6 @@ async def test_a_flood_from_one_user_neither_starves_others_nor_grows_memory(wor
 # --- faults --------------------------------------------------------------------------------
 
 
-async def test_429_and_500_on_the_reply_are_retried_and_delivered_once(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        world.fake.fail_next("POST", r"/channels/\d+/messages$", 429)
-        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello!")
-        world.fake.fail_next("POST", r"/channels/\d+/messages$", 500)
-        [reply2] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello again!")
-        assert world.fake.injected_failures == 2
-        assert [r[1] for r in statuses(bot.ctx.settings.database_path)] == ["ok"] * 4
-        assert len(world.fake.bot_messages(world.general)) == 2  # each delivered exactly once
-
-
-async def test_reply_that_finally_fails_is_kept_undelivered_and_hidden_from_the_model(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        world.fake.fail_next("POST", r"/channels/\d+/messages$", 503)  # discord.py does not retry a 503
-        [note] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Tell me a secret number.")
-        assert note["content"] == UNDELIVERED
-        await world.fake.wait_for(lambda: len(statuses(bot.ctx.settings.database_path)) == 2)
-        assert [(r[0], r[1]) for r in statuses(bot.ctx.settings.database_path)] == [("user", "ok"), ("assistant", "undelivered")]
-        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
-        assert [m.role for m in prompt.messages] == ["system", "user"]  # the model never sees it as said
-
-
-async def test_decode_error_apologises_and_keeps_serving(world: World, start_bot, caplog: pytest.LogCaptureFixture) -> None:
-    async with start_bot(stream=False) as bot:
-        bot.ctx.chat.backend.engine.inject_fault("decode")
-        with caplog.at_level(logging.ERROR):
-            [apology] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello!")
-        assert apology["content"] == SORRY
-        assert "generation failed for message" in caplog.text and scope(world, world.general) in caplog.text
-        [other] = await send_and_wait(world, bot, world.random, f"{mention(world.fake)} Hi from another channel")
-        [again] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Hello?")
-        assert other["content"] != SORRY and again["content"] != SORRY
-        assert bot.ctx.chat.backend.engine.busy_slots == 0
-
-
 async def test_gateway_drop_while_generating_delivers_once(world: World, start_bot) -> None:
     async with start_bot(stream=True, n_predict=200) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a story about a cat.")
@@ -158,27 +97,6 @@ async def test_gateway_drop_while_generating_delivers_once(world: World, start_b
         after = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Are you back?")
         assert len(after) == 1
         assert [r[1] for r in statuses(bot.ctx.settings.database_path)] == ["ok"] * 4
-
-
-async def test_disk_full_at_write_time_apologises_then_recovers(world: World, start_bot, caplog: pytest.LogCaptureFixture) -> None:
-    async with start_bot(stream=False) as bot:
-        db = bot.ctx.chat.store._db
-        pages = (await (await db.execute("PRAGMA page_count")).fetchone())[0]
-        await db.execute(f"PRAGMA max_page_count = {int(pages)}")  # SQLite answers SQLITE_FULL, as on a full disk
-        filler = "x" * 3000
-        with caplog.at_level(logging.ERROR):
-            for i in range(40):  # fill the last free pages
-                sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {filler} {i}")
-                await world.fake.wait_for(lambda: replies_to(world, world.general, sent), 60)
-                await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 60)
-                if replies_to(world, world.general, sent)[0]["content"] == SORRY:
-                    break
-            else:
-                pytest.fail("the database never filled up")
-        assert "database or disk is full" in caplog.text
-        await db.execute("PRAGMA max_page_count = 1073741823")  # space is back
-        [reply] = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Still there?")
-        assert reply["content"] != SORRY
 
 
 def test_unusable_database_is_a_clear_error_at_start(tmp_path: Path) -> None:

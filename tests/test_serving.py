@@ -58,54 +58,6 @@ async def test_edit_budget_with_four_channels_streaming(world: World, start_bot)
         assert [m["content"] for m in world.fake.bot_messages(channel)] == split_message(stored[0])
 
 
-async def test_fair_queue_serves_a_quiet_channel_before_a_busy_one(world: World, start_bot) -> None:
-    async with start_bot(stream=False, parallel=1, max_queue=16, n_predict=48) as bot:  # 4 may wait per channel
-        flood = [await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Question {i}?") for i in range(4)]
-        quiet = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} Hello from a quiet channel.")
-        note = await world.fake.wait_for(lambda: replies_to(world, world.random, quiet))
-        assert note[0]["content"] == "\u23f3 Busy: you're #2 in line."  # a waiting user sees their position
-        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 10, timeout=180)
-        order = [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"]
-        # round-robin: the quiet channel waited for one busy-channel message, not for all of them
-        assert order == ["Question 0?", "Question 1?", "Hello from a quiet channel.", "Question 2?", "Question 3?"]
-        [answer] = replies_to(world, world.random, quiet)
-        assert not answer["content"].startswith("\u23f3")  # the note was replaced by the reply
-        assert all(len(replies_to(world, world.general, m)) == 1 for m in flood)
-
-
-async def test_stop_mid_reply_keeps_what_was_written(world: World, start_bot) -> None:
-    async with start_bot(n_predict=400, stream=True) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {STORY}")
-        await world.fake.wait_for_bot_message(world.general, after=sent)
-        stop = await world.fake.invoke_command("stop", user=world.ann, channel=world.general)
-        await stop.wait_done()
-        assert stop.ephemeral and stop.content == "Stopped."
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
-        [reply] = replies_to(world, world.general, sent)
-        assert reply["content"].endswith(STOPPED)
-        assert statuses(bot.ctx.settings.database_path) == [("user", "ok"), ("assistant", "stopped")]
-        stored = rows(bot.ctx.settings.database_path)[1][2]
-        assert reply["content"] == stored + STOPPED and len(stored) > 0
-        assert bot.ctx.chat.backend.engine.busy_slots == 0  # the slot is free
-        again = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Thanks!")
-        await world.fake.wait_for_bot_message(world.general, after=again)
-
-
-async def test_stop_during_prompt_evaluation(world: World, start_bot) -> None:
-    async with start_bot(stream=True) as bot:
-        long_message = "Please summarise: " + "the history of the world in many words " * 100  # ~800 tokens to read
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {long_message}")
-        await world.fake.wait_for(lambda: len(bot.ctx.replies))  # generation started: the prompt is being read
-        stop = await world.fake.invoke_command("stop", user=world.ann, channel=world.general)
-        await stop.wait_done()
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout=30)
-        [reply] = replies_to(world, world.general, sent)
-        assert reply["content"] == STOPPED.strip()
-        assert statuses(bot.ctx.settings.database_path) == [("user", "ok")]  # nothing written, nothing stored as said
-        reply_obj_gone = not bot.replies
-        assert reply_obj_gone and bot.ctx.chat.backend.engine.busy_slots == 0
-
-
 async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> None:
     first = await chat.respond(UserMessage("dm:cache", "Hello there"))
     await first.save()
