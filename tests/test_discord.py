@@ -24,62 +24,6 @@ async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: st
     return [m for m in world.fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
 
 
-async def test_reset_clears_only_its_channel(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        await ask(world, bot, world.general, world.ann, "Hello!")
-        await ask(world, bot, world.random, world.ann, "Hi!")
-        interaction = await world.fake.invoke_command("reset", user=world.mod, channel=world.general)
-        await interaction.wait_done()
-        assert interaction.ephemeral and interaction.content == "Conversation cleared (2 messages)."
-        assert interaction.latency is not None and interaction.latency < 3
-        db = bot.ctx.settings.database_path
-        assert rows(db, scope(world, world.general)) == []
-        assert len(rows(db, scope(world, world.random))) == 2
-
-
-async def test_non_admin_is_refused_server_side(world: World, start_bot) -> None:
-    async with start_bot() as bot:
-        for hidden in ("reset", "chat"):  # a server admin shows the hidden admin commands to @everyone
-            world.fake.set_command_permissions(world.guild, hidden, {world.guild["id"]: True})
-        for name, options in (("template", {"name": "chatml"}), ("reset", None), ("chat", {"mode": "on"})):
-            interaction = await world.fake.invoke_command(name, user=world.ann, channel=world.general, options=options)
-            await interaction.wait_done()
-            assert interaction.ephemeral and interaction.content == NEED_ADMIN.format(name=name)
-        conversation = await bot.ctx.chat.store.conversation(scope(world, world.general))
-        assert conversation.template is None and conversation.chat_mode == ChatMode.OFF
-        # showing the current template is fine for anyone
-        shown = await (await world.fake.invoke_command("template", user=world.ann, channel=world.general)).wait_done()
-        assert shown.content.startswith("Template here: **auto**")
-
-
-async def test_admin_role_ids_grant_the_commands(world: World, start_bot) -> None:
-    helpers = world.fake.add_role(world.guild, "bot-helpers")
-    world.fake.add_member(world.guild, world.ann, roles=[helpers])
-    async with start_bot(admin_role_ids=frozenset({int(helpers["id"])})):
-        interaction = await world.fake.invoke_command("template", user=world.ann, channel=world.general, options={"name": "zephyr"})
-        await interaction.wait_done()
-        assert interaction.content == "Template here is now **zephyr**."
-
-
-async def test_template_switch_survives_a_restart(world: World, start_bot, tmp_path: Path) -> None:
-    db = tmp_path / "kept.sqlite3"
-    async with start_bot(db=db):
-        interaction = await world.fake.invoke_command("template", user=world.mod, channel=world.general, options={"name": "vicuna-chat"})
-        await interaction.wait_done()
-        assert interaction.content == "Template here is now **vicuna-chat**."
-        crafted = await world.fake.invoke_command("template", user=world.mod, channel=world.general, options={"name": "evil-template"})
-        await crafted.wait_done()
-        assert crafted.ephemeral and crafted.content.startswith("unknown prompt template 'evil-template'; valid: auto,")
-    async with start_bot(db=db) as bot:
-        shown = await (await world.fake.invoke_command("template", user=world.ann, channel=world.general)).wait_done()
-        assert shown.content.startswith("Template here: **vicuna-chat**")
-        other = await (await world.fake.invoke_command("template", user=world.ann, channel=world.random)).wait_done()
-        assert other.content.startswith("Template here: **auto**")
-        await ask(world, bot, world.general, world.ann, "Hello")
-        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
-        assert prompt.template.name == "vicuna-chat"
-
-
 async def test_long_reply_is_split_with_code_fences_intact(world: World, start_bot) -> None:
     async with start_bot(n_predict=700, stream=False) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")

@@ -170,130 +170,10 @@ async def test_a_waiting_message_keeps_its_file_across_a_restart(world: World, s
 # --- 2. per-channel persona and sampling -------------------------------------------------------
 
 
-async def test_system_prompt_per_channel_changes_the_next_prompt_and_survives_a_restart(world: World, start_bot, tmp_path: Path) -> None:
-    db = tmp_path / "kept.sqlite3"
-    pirate = "You are a pirate. Answer like one."
-    async with start_bot(db=db, stream=False) as bot:
-        await ask(world, bot, world.general, world.ann, "Hello!")
-        shown = await command(world, "system", world.mod, world.general)
-        assert shown.ephemeral and shown.embeds[0]["title"] == "System prompt here (the default)"
-        assert shown.embeds[0]["description"] == bot.ctx.settings.system_prompt
-        changed = await command(world, "system", world.mod, world.general, text=pirate)
-        assert changed.ephemeral and changed.content == "System prompt here is changed; the next reply uses it."
-        await ask(world, bot, world.general, world.ann, "Who are you?")
-        prompt = await prompt_of(bot, scope(world, world.general))
-        assert prompt.messages[0].content == pirate
-    async with start_bot(db=db, stream=False) as bot:
-        assert (await prompt_of(bot, scope(world, world.general))).messages[0].content == pirate
-        assert (await prompt_of(bot, scope(world, world.random))).messages[0].content == bot.ctx.settings.system_prompt
-        shown = await command(world, "system", world.mod, world.general)
-        assert shown.embeds[0]["title"] == "System prompt here" and shown.embeds[0]["description"] == pirate
-        world.fake.set_command_permissions(world.guild, "system", {world.guild["id"]: True})  # shown to everyone...
-        refused = await command(world, "system", world.ann, world.general, text="You are a cat.")
-        assert refused.ephemeral and refused.content == NEED_ADMIN.format(name="system")  # ...still checked by the bot
-        back = await command(world, "system", world.mod, world.general, text="reset")
-        assert back.content == "System prompt here is back to the default."
-        assert (await prompt_of(bot, scope(world, world.general))).messages[0].content == bot.ctx.settings.system_prompt
-
-
-async def test_settings_refuse_bad_values_and_a_change_shapes_the_next_reply(world: World, start_bot) -> None:
-    async with start_bot(stream=False, n_predict=40) as bot:
-        hot = await command(world, "settings", world.mod, world.general, temperature=7)
-        assert hot.ephemeral and hot.content == "Not changed: temperature must be from 0 to 5 (0 always picks the likeliest word), not 7."
-        long = await command(world, "settings", world.mod, world.general, reply_length=5000)
-        assert long.content == "Not changed: reply length must be from 1 to 40 tokens (LLAMA_N_PREDICT), not 5000."
-        refused = await command(world, "settings", world.ann, world.general, reply_length=3)
-        assert refused.content == NEED_ADMIN.format(name="settings")
-        conversation = await bot.ctx.chat.store.conversation(scope(world, world.general))
-        assert (conversation.temperature, conversation.n_predict) == (None, None)  # nothing stored by the refusals
-
-        changed = await command(world, "settings", world.mod, world.general, reply_length=3, temperature=0.5, thinking="show")
-        assert changed.content.startswith("Changed. Settings here:\n- temperature: 0.5 (set here)\n- top_p: 0.9 (default)\n- reply length: 3 tokens (set here); at most 40\n- thinking: show (set here)")
-        await ask(world, bot, world.general, world.ann, "Tell me a long story about the sea and the stars.")
-        await ask(world, bot, world.random, world.ann, "Tell me a long story about the sea and the stars.")
-        with sqlite3.connect(bot.ctx.settings.database_path) as conn:
-            counts = dict(conn.execute("SELECT c.scope, m.token_count FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.role = 'assistant'").fetchall())
-        assert counts[scope(world, world.general)] <= 3 < counts[scope(world, world.random)]
-        assert bot.ctx.chat.last_replies[scope(world, world.general)].generation.n_generated <= 3
-
-        shown = await command(world, "settings", world.ann, world.general)  # anyone may look
-        assert "reply length: 3 tokens (set here)" in shown.content
-        back = await command(world, "settings", world.mod, world.general, reset=True)
-        assert back.content.startswith("Changed. Settings here:\n- temperature: 0 (default)")
-        dm = world.fake.dm_channel(world.ann)
-        mine = await command(world, "settings", world.ann, dm, top_p=0.5)  # anyone in their own DM
-        assert "- top_p: 0.5 (set here)" in mine.content
-
-
 # --- 5. /status ------------------------------------------------------------------------------
 
 
-async def test_status_answers_in_time_while_four_channels_generate(world: World, start_bot) -> None:
-    channels = [world.general, world.random] + [world.fake.add_channel(world.guild, f"room-{i}") for i in range(2)]
-    async with start_bot(stream=True, n_predict=400) as bot:
-        await ask(world, bot, world.general, world.ann, "Hi!")
-        sent = [
-            await world.fake.send_message(c, world.ann, f"{mention(world.fake)} Write a very long essay about the history of bread.") for c in channels
-        ]
-        engine = bot.ctx.chat.backend.engine  # type: ignore[attr-defined]
-        await world.fake.wait_for(lambda: engine.busy_slots == 4, timeout=120)
-        status = await command(world, "status", world.ann, world.general)
-        busy = engine.busy_slots
-        assert status.ephemeral and status.latency is not None and status.latency < 3
-        fields = {f["name"]: f["value"] for f in status.embeds[0]["fields"]}
-        info = bot.ctx.chat.backend.info
-        assert fields["Model"].startswith(f"{info.path.name}\n{info.description}, ")
-        assert f"context: {bot.ctx.chat.backend.n_ctx} tokens per conversation" in fields["Model"]
-        assert fields["Backend"] == bot.ctx.chat.backend.describe()
-        assert fields["Load"].startswith("slots busy: ") and " of 4\n" in fields["Load"] and busy >= 1
-        assert fields["KV cache"].endswith(" of 64.0 MB")
-        assert fields["This channel"].startswith("last prompt: ") and " of the 624 tokens its window holds" in fields["This channel"]
-        assert "Last reply here" in fields
-        gens = [bot.ctx.chat.last_replies[scope(world, c)].generation for c in channels]
-        await world.fake.wait_for(lambda: all(g.first_token_at is not None for g in gens), timeout=120)
-        for c in channels:  # enough: stop the essays
-            if (reply := bot.ctx.replies.reply_in(scope(world, c))) is not None:
-                reply.stop()
-        await idle(world, bot)
-        assert all(await asyncio.gather(*(world.fake.wait_for_bot_message(c, after=s) for c, s in zip(channels, sent))))
-        done = await command(world, "status", world.mod, world.random)
-        fields = {f["name"]: f["value"] for f in done.embeds[0]["fields"]}
-        assert "prompt: " in fields["Last reply here"] and "tokens/s" in fields["Last reply here"]
-        quiet = world.fake.add_channel(world.guild, "quiet")
-        never = await command(world, "status", world.ann, quiet)
-        fields = {f["name"]: f["value"] for f in never.embeds[0]["fields"]}
-        assert fields["This channel"] == "no reply here since the bot started" and "Last reply (any channel)" in fields
-
-
 # --- 6. /export ------------------------------------------------------------------------------
-
-
-async def test_export_holds_this_channels_messages_only(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        await ask(world, bot, world.general, world.ann, "My cat is called Pixel.", attachments=[{"filename": "pixel.txt", "data": b"tabby, 4 years\n", "content_type": "text/plain"}])
-        await ask(world, bot, world.general, world.mod, "Nice cat.")
-        await ask(world, bot, world.random, world.ann, "The secret password is swordfish.")
-        waiting = await bot.ctx.chat.receive(UserMessage(scope(world, world.general), "Still waiting for an answer.", author_name="Ann"))
-        assert waiting is not None  # a turn stored but not yet answered
-        with pytest.raises(PermissionError):  # hidden from members without Manage Messages
-            await world.fake.invoke_command("export", user=world.ann, channel=world.general)
-        export = await command(world, "export", world.mod, world.general)
-        assert export.ephemeral
-        assert export.content == "This conversation: 4 messages (messages still waiting for an answer are not included)."
-        [(name, data)] = export.files
-        text = data.decode()
-        assert name.startswith("conversation-general-in-town-") and name.endswith(".md")
-        assert text.startswith("# Conversation: #general in town\n")
-        assert "- Prompt template: auto" in text and "- Messages: 4 (1 still waiting for an answer are not included)" in text
-        assert "### Ann \u2014 " in text and "### Mod \u2014 " in text and f"### {world.fake.bot_user['username']} \u2014 " in text
-        assert "> My cat is called Pixel." in text and "> tabby, 4 years" in text and "> Nice cat." in text
-        assert "swordfish" not in text and "Still waiting" not in text
-        dm = world.fake.dm_channel(world.ann)
-        await ask(world, bot, dm, world.ann, "Remember: blue.")
-        mine = await command(world, "export", world.ann, dm)  # anyone exports their own DM
-        dm_text = mine.files[0][1].decode()
-        assert dm_text.startswith("# Conversation: direct messages with Ann\n") and "> Remember: blue." in dm_text
-        assert "Pixel" not in dm_text and "swordfish" not in dm_text
 
 
 # --- 7. who may talk to the bot --------------------------------------------------------------
@@ -336,14 +216,6 @@ async def test_allowed_channels_and_roles_are_enforced(world: World, start_bot) 
         await ask(world, bot, dm, world.ann, "And DMs are open (ALLOW_DMS=1).")
         assert not [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == refused["id"]]
         assert (await command(world, "status", world.mod, world.general)).content == REFUSED_ROLE
-
-
-async def test_admin_commands_are_hidden_by_default_member_permissions(world: World, start_bot) -> None:
-    async with start_bot():
-        synced = {c["name"]: c["default_member_permissions"] for c in world.fake.commands["global"]}
-    admin_only = str(Permissions.MANAGE_MESSAGES)
-    assert {name for name, perms in synced.items() if perms == admin_only} == {"reset", "chat", "system", "export"}
-    assert all(synced[name] is None for name in ("template", "settings", "status", "stop"))
 
 
 # --- pure pieces -------------------------------------------------------------------------------
