@@ -3,13 +3,19 @@ read the database, press a button. Shared so each test file reads as its scenari
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from bot.config import Settings
+from bot.conversations.service import ChatService
+from bot.conversations.store import Store
 from bot.discord_adapter.buttons import NOT_YOURS
-from bot.discord_adapter.client import LlamaBot
-from tests.conftest import JSON, World, mention
+from bot.discord_adapter.client import LlamaBot, create_bot
+from bot.engine.remote import RemoteBackend
+from tests.conftest import JSON, World, make_settings, mention
 from tests.fakediscord import FakeDiscord, Interaction
 
 STOP, REGENERATE, CONTINUE = "stop", "regen", "cont"  # what a button's custom_id says it does
@@ -123,3 +129,26 @@ def bob(world: World) -> JSON:
 def assert_refused(interaction: Interaction) -> None:
     assert interaction.response_types == [4] and interaction.ephemeral and interaction.content == NOT_YOURS
     assert interaction.latency is not None and interaction.latency < 3
+
+
+# --- the bot on a model server (BACKEND=openai) -----------------------------------------------
+
+
+def remote_settings(tmp_path: Path, base: str, **changes: Any) -> Settings:
+    return make_settings(tmp_path, backend="openai", openai_base_url=base, n_ctx=2048, **changes)
+
+
+@contextlib.asynccontextmanager
+async def remote_bot(world: World, settings: Settings, **connect: Any) -> AsyncIterator[Any]:
+    """The bot on `RemoteBackend` (a real or a scripted OpenAI-compatible server), against the fake Discord."""
+    backend = await RemoteBackend.connect(settings, **connect)
+    try:
+        async with await Store.open(settings.database_path) as store:
+            bot = create_bot(settings, ChatService(backend, store, settings), guild_ready_timeout=0.1)
+            async with world.fake.running(bot):
+                try:
+                    yield bot
+                finally:
+                    await bot.shutdown(grace=30)
+    finally:
+        await backend.close()

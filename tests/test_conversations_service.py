@@ -1,13 +1,23 @@
-"""Conversations end to end on the real model and a real SQLite file."""
+"""The conversation service (bot/conversations/service.py) on the real model and a real
+SQLite file: prompts from stored history, the context window, KV reuse; and Continue's
+open-answer prompts on every template."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
+from typing import Any
 
-from bot.conversations.service import CUT_NOTE, WINDOW_REFILL, ChatService, UserMessage
+import pytest
+
+from bot.conversations.service import CUT_NOTE, WINDOW_REFILL, ChatService, OpenAnswer, UserMessage
 from bot.config import Settings
 from bot.engine.local import Engine
 from bot.conversations.store import Store
+from bot.formats.templates import TEMPLATES, JinjaTemplate, Message, prompt_text
+from tests.references import HF_TEMPLATES
+
+REFERENCE_TEMPLATES = HF_TEMPLATES
 
 
 async def test_reply_is_generated_and_stored(chat: ChatService, settings: Settings) -> None:
@@ -106,3 +116,41 @@ async def test_window_keeps_its_start_so_the_kv_cache_is_reused(chat: ChatServic
     assert second.generation.n_cached >= len(first.prompt.prepared.tokens) - 1
     assert second.generation.n_evaluated < 64  # only the new turns were evaluated
     await second.save()
+
+
+# --- Continue: the prompt that leaves the answer open ---------------------------------------
+
+
+def _conversation() -> list[Message]:
+    return [Message("system", "Be brief."), Message("user", "Hello there"), Message("assistant", "The answer is")]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_open_answer_leaves_the_answer_turn_open(name: str) -> None:
+    """Continue's prompt is the conversation as the template writes it, cut right after the answer."""
+    template = TEMPLATES[name]
+    closed = prompt_text(template.render(_conversation(), add_generation_prompt=False))
+    opened = prompt_text(OpenAnswer(template).render(_conversation()))
+    assert opened.endswith("The answer is") and closed.startswith(opened) and len(closed) > len(opened)
+
+
+def _reference(path: Path) -> Any:
+    return JinjaTemplate(path.read_text(encoding="utf-8"), bos_token="<s>", eos_token="</s>", name=path.stem)
+
+
+@pytest.mark.parametrize("path", sorted(REFERENCE_TEMPLATES.glob("*.jinja")), ids=lambda p: p.stem)
+def test_open_answer_with_real_chat_templates(path: Path) -> None:
+    template = _reference(path)
+    opened = OpenAnswer(template).render(_conversation())
+    text = prompt_text(opened)
+    assert opened[-1].text == "The answer is" and not opened[-1].special  # people's text, never markup
+    try:
+        closed = prompt_text(template.render(_conversation(), add_generation_prompt=False))
+    except Exception:  # Mistral Nemo cannot end on an answer: its generation prompt, then the answer
+        asked = prompt_text(template.render(_conversation()[:-1], add_generation_prompt=True))
+        assert text == asked + "The answer is"
+        return
+    assert closed.startswith(text) and len(closed) > len(text)
+    if template.harmony:  # gpt-oss: inside the final channel, so the reply is plain text up to <|return|>
+        assert text.endswith("<|channel|>final<|message|>The answer is")
+        assert not OpenAnswer(template).harmony and "<|return|>" in OpenAnswer(template).stop

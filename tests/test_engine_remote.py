@@ -21,7 +21,6 @@ import pytest
 
 from bot.engine.backend import Generation
 from bot.conversations.service import ChatService, UserMessage
-from bot.config import Settings
 from bot.discord_adapter.client import ShardedLlamaBot, create_bot
 from bot.discord_adapter.replies import SORRY, STOPPED
 from bot.engine.local import Engine, LocalBackend
@@ -30,6 +29,7 @@ from bot.engine.remote import RemoteBackend, defang
 from bot.conversations.store import Store
 from bot.formats.templates import TEMPLATES, JinjaTemplate, Message, Template
 from tests.conftest import GREEDY, ROOT, World, make_settings, mention, rows, scope
+from tests.discord_helpers import remote_bot, remote_settings
 from tests.fakediscord import FakeDiscord
 from tests.references import HF_TEMPLATES
 from tests.sse_server import CLOSE, DONE, ScriptedServer, Step, chat_reply, delta, event, free_port, text
@@ -75,25 +75,6 @@ def server(model_path: Path) -> Iterator[LlamaServer]:
     srv = LlamaServer(model_path).start()
     yield srv
     srv.stop()
-
-
-def remote_settings(tmp_path: Path, base: str, **changes: Any) -> Settings:
-    return make_settings(tmp_path, backend="openai", openai_base_url=base, n_ctx=2048, **changes)
-
-
-@contextlib.asynccontextmanager
-async def remote_bot(world: World, settings: Settings, **connect: Any) -> AsyncIterator[Any]:
-    backend = await RemoteBackend.connect(settings, **connect)
-    try:
-        async with await Store.open(settings.database_path) as store:
-            bot = create_bot(settings, ChatService(backend, store, settings), guild_ready_timeout=0.1)
-            async with world.fake.running(bot):
-                try:
-                    yield bot
-                finally:
-                    await bot.shutdown(grace=30)
-    finally:
-        await backend.close()
 
 
 def replies_to(world: World, channel: dict, message: dict) -> list[dict]:
