@@ -24,33 +24,6 @@ async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: st
     return [m for m in world.fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
 
 
-async def test_long_reply_is_split_with_code_fences_intact(world: World, start_bot) -> None:
-    async with start_bot(n_predict=700, stream=False) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")
-        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 2, timeout=120)
-        pages = [m["content"] for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
-        full = rows(bot.ctx.settings.database_path)[1][2]
-    assert len(full) > LIMIT and len(pages) >= 2
-    assert all(len(p) <= LIMIT for p in pages)
-    assert pages == split_message(full)
-    for page in pages:  # every page opens and closes its code blocks
-        assert sum(1 for line in page.split("\n") if line.lstrip().startswith("```")) % 2 == 0
-    assert _same_words(pages, full)
-
-
-def _same_words(pages: list[str], full: str) -> bool:
-    """The pages hold the reply's words in order, plus only the fence lines added at cuts."""
-    words = [w for p in pages for w in p.split()]
-    original = full.split()
-    i = 0
-    for w in words:
-        if i < len(original) and w == original[i]:
-            i += 1
-        elif not w.startswith("```"):
-            return False
-    return i == len(original)
-
-
 async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Tell me a fact about the moon.")

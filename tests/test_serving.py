@@ -26,38 +26,6 @@ def statuses(db) -> list[tuple[str, str]]:
         return conn.execute("SELECT role, status FROM messages ORDER BY id").fetchall()
 
 
-async def test_streamed_reply_appears_early_respects_edit_rate_and_ends_exact(world: World, start_bot) -> None:
-    async with start_bot(n_predict=700, stream=True) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long Python program with many functions for a to-do list app.")
-        [first] = await world.fake.wait_for_bot_message(world.general, after=sent, timeout=60)
-        assert bot.ctx.scheduler.running == 1  # visible while still being generated
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, timeout=180)
-        final = rows(bot.ctx.settings.database_path)[1][2]
-        pages = [m for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
-    assert len(final) > LIMIT
-    assert [p["content"] for p in pages] == split_message(final)  # the final text is exact, page by page
-    assert len(first["_edits"]) >= 2  # it grew by edits
-    assert max_edits_in_window(world, world.general) <= EDITS_PER_WINDOW  # Discord's per-channel budget
-    edits = world.fake.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
-    assert edits and all(e["json"]["allowed_mentions"]["parse"] == [] for e in edits), [e["json"].get("allowed_mentions") for e in edits]
-
-
-async def test_edit_budget_with_four_channels_streaming(world: World, start_bot) -> None:
-    channels = [world.general, world.random] + [world.fake.add_channel(world.guild, f"extra-{i}") for i in range(2)]
-    async with start_bot(n_predict=250, stream=True, parallel=4) as bot:
-        for channel in channels:
-            await world.fake.send_message(channel, world.ann, f"{mention(world.fake)} {STORY}")
-        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path)) == 8, timeout=180)
-        assert bot.ctx.chat.backend.engine.batched_steps > 0  # the four were decoded together
-    edits = world.fake.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
-    times = sorted(e["time"] for e in edits)
-    assert max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times)) <= BOT_EDITS_PER_S  # bot-wide
-    for channel in channels:  # each channel within its own budget, and every reply still ends exact
-        assert max_edits_in_window(world, channel) <= EDITS_PER_WINDOW
-        stored = [r[2] for r in rows(bot.ctx.settings.database_path, scope(world, channel)) if r[1] == "assistant"]
-        assert [m["content"] for m in world.fake.bot_messages(channel)] == split_message(stored[0])
-
-
 async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> None:
     first = await chat.respond(UserMessage("dm:cache", "Hello there"))
     await first.save()
