@@ -40,37 +40,6 @@ async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot)
         assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
 
 
-async def test_edits_and_deletes_are_followed(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} My secret word is apple.")
-        await world.fake.wait_for_bot_message(world.general, after=first)
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
-        db = bot.ctx.settings.database_path
-        await world.fake.edit_message(first, f"{mention(world.fake)} My secret word is banana.")
-        await world.fake.wait_for(lambda: rows(db)[0][2] == "My secret word is banana.")
-        await world.fake.delete_message(first)
-        await world.fake.wait_for(lambda: [r[1] for r in rows(db)] == ["assistant"])
-        prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
-        assert not any("apple" in m.content or "banana" in m.content for m in prompt.messages)
-
-
-async def test_an_edit_is_stored_as_a_new_message_would_be(world: World, start_bot) -> None:
-    """Mentions in edited text become names, exactly as in a new message, not raw <@id> markup."""
-    text = f"{mention(world.fake)} Say hi to <@{world.mod['id']}>."
-    async with start_bot(stream=False) as bot:
-        first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Say hi.")
-        await world.fake.wait_for_bot_message(world.general, after=first)
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
-        await world.fake.edit_message(first, text)
-        db = bot.ctx.settings.database_path
-        await world.fake.wait_for(lambda: rows(db)[0][2] != "Say hi.")
-        second = await world.fake.send_message(world.general, world.ann, text)
-        await world.fake.wait_for_bot_message(world.general, after=second)
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0)
-        edited, fresh = [r[2] for r in rows(db) if r[1] == "user"]
-        assert edited == fresh and edited.startswith("Say hi to @") and "<@" not in edited
-
-
 async def test_text_with_attachment_is_answered_with_a_note(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         sent = await world.fake.send_message(

@@ -153,55 +153,6 @@ async def test_too_old_to_resume_gets_a_note_and_is_never_answered(world: World,
 # --- edits and deletes while waiting or being answered ---------------------------------------
 
 
-async def test_edit_while_queued_is_answered_in_its_edited_form(world: World, start_bot) -> None:
-    async with start_bot(stream=False, n_predict=200, parallel=1) as bot:
-        await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} {LONG}")  # holds the only slot
-        await world.fake.wait_for(lambda: len(bot.ctx.replies), 60)
-        queued = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} What is the capital of Spain?")
-        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, queued), 60)  # "#1 in line"
-        assert bot.ctx.scheduler.waiting == 1
-        await world.fake.edit_message(queued, f"{mention(world.fake)} What is the capital of France?")
-        await world.fake.wait_for(lambda: bot.ctx.chat.store is not None and "France" in everything_stored(bot.ctx.settings.database_path), 30)
-        await world.fake.wait_for(lambda: len(rows(bot.ctx.settings.database_path, scope(world, world.general))) == 2, 120)
-        await idle(world.fake, bot)
-        db = bot.ctx.settings.database_path
-    assert [r[2] for r in rows(db, scope(world, world.general))][0] == "What is the capital of France?"
-    assert "Spain" not in everything_stored(db)
-    [reply] = replies_to(world.fake, world.general, queued)
-    assert "Paris" in reply["content"]
-
-
-async def test_delete_while_queued_is_never_answered(world: World, start_bot) -> None:
-    async with start_bot(stream=False, n_predict=200, parallel=1) as bot:
-        await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} {LONG}")
-        await world.fake.wait_for(lambda: len(bot.ctx.replies), 60)
-        queued = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Tell me a secret.")
-        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, queued), 60)
-        await world.fake.delete_message(queued)
-        await idle(world.fake, bot)
-        db = bot.ctx.settings.database_path
-    assert rows(db, scope(world, world.general)) == []
-    assert "secret" not in everything_stored(db)
-    assert world.fake.bot_messages(world.general) == []  # the waiting note went with it
-
-
-async def test_delete_during_generation_stops_it_and_stores_nothing(world: World, start_bot) -> None:
-    async with start_bot(stream=True, n_predict=600) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {LONG}")
-        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, sent), 60)  # it is being written
-        generation = bot.ctx.replies.reply_in(scope(world, world.general)).generation
-        await world.fake.delete_message(sent)
-        await idle(world.fake, bot)
-        assert generation.finish_reason == "cancelled" and generation.n_generated < 600
-        db = bot.ctx.settings.database_path
-        assert rows(db) == []
-        assert world.fake.bot_messages(world.general) == []  # the half-written reply is gone too
-        [after] = await asyncio.gather(world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Hi again"))
-        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, after), 60)
-        await idle(world.fake, bot)
-        assert [r[2] for r in rows(db) if r[1] == "user"] == ["Hi again"]
-
-
 # --- attached files: the message is stored before they are downloaded ------------------------
 
 NOTE = {"filename": "note.txt", "data": b"The meeting is on Tuesday.\n", "content_type": "text/plain"}
