@@ -202,11 +202,3 @@ def test_every_sql_statement_uses_parameters() -> None:
                 passed_on = id(node) in inside_helper and isinstance(first, ast.Name) and first.id == "sql"
                 assert literal or migration or passed_on, f"{path.name}:{node.lineno}: SQL built at run time: {ast.unparse(first)}"
 
-
-async def test_token_never_logged_even_with_llama_log_and_debug(tmp_path: Path) -> None:
-    async with FakeDiscord() as fake:
-        code, log = await one_reply_then_sigterm(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_LOG="1")
-    assert code == 0
-    assert "llama_model_loader" in log and "timings guild:" in log  # LLAMA_LOG=1 really logged
-    assert fake.token not in log and fake.token.split(".")[-1] not in log  # nor its secret part
-    assert (tmp_path / "bot.sqlite3").stat().st_mode & 0o777 == 0o600
