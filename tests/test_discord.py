@@ -24,22 +24,6 @@ async def ask(world: World, bot: LlamaBot, channel: JSON, author: JSON, text: st
     return [m for m in world.fake.bot_messages(channel) if int(m["id"]) > int(sent["id"])]
 
 
-async def test_reconnect_mid_conversation_loses_nothing(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Tell me a fact about the moon.")
-        await world.fake.request_reconnect()  # op 7 while the reply is being generated
-        second = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} And one about the sun.")
-        replies = await world.fake.wait_for_bot_message(world.general, after=sent, count=2, timeout=120)
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
-        await asyncio.sleep(1.0)
-        replies = [m for m in world.fake.bot_messages(world.general) if int(m["id"]) > int(sent["id"])]
-        assert len(replies) == 2  # each message answered exactly once
-        assert {r["message_reference"]["message_id"] for r in replies} == {sent["id"], second["id"]}
-        assert world.fake.resume_count >= 1
-        stored = rows(bot.ctx.settings.database_path)
-        assert [r[1] for r in stored] == ["user", "assistant", "user", "assistant"]
-
-
 async def test_text_with_attachment_is_answered_with_a_note(world: World, start_bot) -> None:
     async with start_bot(stream=False) as bot:
         sent = await world.fake.send_message(

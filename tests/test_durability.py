@@ -65,91 +65,6 @@ async def run_until(fake: FakeDiscord, tmp_path: Path, *conditions: Callable[[],
 # --- real restarts ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-async def test_queued_message_survives_a_restart(tmp_path: Path, how: str) -> None:
-    """A message waiting behind a long reply is answered after the bot comes back, once,
-    in the message that said "you're #1 in line"; after SIGKILL the reply being written
-    when the process died is finished too, in the message it had started."""
-    async with FakeDiscord() as fake:
-        _, general, ann = one_channel(fake)
-        env = {"LLAMA_N_PREDICT": "500", "STREAM": "1", "USER_COOLDOWN_S": "0"}
-        process = await start_process(fake, tmp_path, **env)
-        try:
-            await fake.wait_ready(timeout=60)
-            story = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> {LONG}")
-            await fake.wait_for(lambda: replies_to(fake, general, story), 60)  # being written
-            queued = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> What is two plus two?")
-            [note] = await fake.wait_for(lambda: replies_to(fake, general, queued), 60)
-            assert note["content"].startswith("\u23f3")
-            if how == "SIGTERM":
-                process.send_signal(signal.SIGTERM)
-                code, log = await finish(process)
-                assert code == 0 and "Traceback" not in log
-            else:
-                process.kill()
-                await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-        db = tmp_path / "bot.sqlite3"
-        with sqlite3.connect(db) as conn:  # a clean database, whatever the way it stopped
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        statuses = {content: status for role, status, content in table(db) if role == "user"}
-        assert statuses["What is two plus two?"] == "pending"  # on disk, waiting
-        assert statuses[LONG] == ("ok" if how == "SIGTERM" else "pending")
-        await fake.drop_connections()
-
-        await run_until(
-            fake, tmp_path,
-            lambda: not replies_to(fake, general, queued)[0]["content"].startswith("\u23f3"),
-            lambda: all(s != "pending" for _, s, _ in table(db)),
-            LLAMA_N_PREDICT="24", STREAM="1",
-        )
-        assert [m["id"] for m in replies_to(fake, general, queued)] == [note["id"]]  # answered once, in place
-        assert len(replies_to(fake, general, story)) == 1  # never answered twice
-        roles = [(role, status) for role, status, _ in table(db)]
-        assert roles == [("user", "ok"), ("assistant", "ok")] * 2
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-
-
-async def test_message_sent_while_the_bot_is_down_is_answered_once(world: World, start_bot, tmp_path: Path) -> None:
-    db = tmp_path / "kept.sqlite3"
-    async with start_bot(db=db, stream=False) as bot:
-        first = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Hello!")
-        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, first), 60)
-        await idle(world.fake, bot)
-    # the bot is stopped: these arrive while nobody listens
-    missed = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Are you there?")
-    chatter = await world.fake.send_message(world.general, world.mod, "just talking among ourselves")
-    async with start_bot(db=db, stream=False) as bot:
-        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, missed), 60)
-        await idle(world.fake, bot)
-    async with start_bot(db=db, stream=False) as bot:  # and once more: nothing is answered twice
-        await asyncio.sleep(1.0)
-        await idle(world.fake, bot)
-    assert len(replies_to(world.fake, world.general, missed)) == 1
-    assert replies_to(world.fake, world.general, chatter) == []  # not addressed to the bot
-    assert [r[2] for r in rows(db) if r[1] == "user"] == ["Hello!", "Are you there?"]
-
-
-async def test_too_old_to_resume_gets_a_note_and_is_never_answered(world: World, start_bot, tmp_path: Path) -> None:
-    db = tmp_path / "kept.sqlite3"
-    waiting = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Remember me?")
-    async with await Store.open(db) as store:  # what an earlier run stored before it went down
-        conversation = await store.conversation(scope(world, world.general), channel_id=world.general["id"])
-        await store.receive(conversation.id, "Remember me?", author_id=world.ann["id"], author_name="Ann", platform_message_id=waiting["id"])
-    async with start_bot(db=db, stream=False, resume_max_age_s=0.0, catchup_max_messages=0) as bot:
-        [note] = await world.fake.wait_for(lambda: replies_to(world.fake, world.general, waiting), 60)
-        await idle(world.fake, bot)
-    assert note["content"] == RESTARTED
-    assert table(db) == [("user", "expired", "Remember me?")]
-    async with start_bot(db=db, stream=False) as bot:  # later starts leave it alone
-        await asyncio.sleep(1.0)
-        await idle(world.fake, bot)
-    assert len(replies_to(world.fake, world.general, waiting)) == 1
-
-
 # --- edits and deletes while waiting or being answered ---------------------------------------
 
 
@@ -192,40 +107,6 @@ async def test_delete_while_its_file_downloads_is_never_answered(world: World, s
         await asyncio.sleep(1.0)
         await idle(world.fake, bot)
         assert rows(db) == [] and world.fake.bot_messages(world.general) == []
-
-
-async def test_killed_while_a_file_downloads_answers_it_with_the_file_after_the_restart(tmp_path: Path) -> None:
-    """SIGKILL while a message's file is downloading, after a later message was stored: the
-    restart answers both, the first with its file (read again), each once."""
-    async with FakeDiscord() as fake:
-        _, general, ann = one_channel(fake)
-        process = await start_process(fake, tmp_path, LLAMA_N_PREDICT="16", USER_COOLDOWN_S="0")
-        db = tmp_path / "bot.sqlite3"
-        try:
-            await fake.wait_ready(timeout=60)
-            fake.hold_attachments = asyncio.Event()
-            slow = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> When is the meeting?", attachments=[NOTE])
-            await fake.wait_for(lambda: fake.attachment_downloads == 1, 60)
-            later = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Hello!")
-            await fake.wait_for(lambda: db.exists() and len(attachments_of(db)) == 2, 60)
-            process.kill()
-            await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-        assert attachments_of(db) == [("pending", "When is the meeting?", None), ("pending", "Hello!", None)]
-        fake.hold_attachments.set()
-        await fake.drop_connections()
-        await run_until(
-            fake, tmp_path,
-            lambda: all(s != "pending" for s, _, _ in attachments_of(db)),
-            lambda: replies_to(fake, general, slow) and replies_to(fake, general, later),
-            LLAMA_N_PREDICT="16",
-        )
-        statuses = {content: (status, attached) for status, content, attached in attachments_of(db)}
-        assert statuses["Hello!"] == ("ok", None)
-        assert statuses["When is the meeting?"][0] == "ok" and "Tuesday" in statuses["When is the meeting?"][1]
-        assert len(replies_to(fake, general, slow)) == 1 and len(replies_to(fake, general, later)) == 1
 
 
 # --- faults in the engine --------------------------------------------------------------------
@@ -287,41 +168,3 @@ async def test_engine_that_cannot_go_on_fails_every_request_at_once(own_engine: 
 
 # --- stopping on time ------------------------------------------------------------------------
 
-
-async def test_sigterm_while_reconnecting_to_an_unreachable_discord(tmp_path: Path) -> None:
-    fake = FakeDiscord()
-    await fake.start()
-    _, general, ann = one_channel(fake)
-    process = await start_process(fake, tmp_path)
-    try:
-        await fake.wait_ready(timeout=60)
-        await fake.close()  # Discord goes away: discord.py backs off and retries
-        await asyncio.sleep(4.0)
-        assert process.returncode is None
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        code, log = await finish(process, timeout=25)
-        took = time.monotonic() - started
-    finally:
-        if process.returncode is None:
-            process.kill()
-    assert code == 0, log
-    assert took < 25 and "Traceback" not in log and "stopped" in log
-
-
-async def test_sigterm_while_discord_cannot_be_reached_at_start(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    async with FakeDiscord() as fake:
-        process = await start_process(fake, tmp_path, DISCORD_API_BASE=f"http://127.0.0.1:{port}/api/v10", DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{port}")
-        try:
-            await asyncio.sleep(3.0)
-            assert process.returncode is None  # it keeps trying, it does not crash
-            process.send_signal(signal.SIGTERM)
-            code, log = await finish(process, timeout=25)
-        finally:
-            if process.returncode is None:
-                process.kill()
-    assert code == 0, log
-    assert "cannot reach Discord" in log and "Traceback" not in log

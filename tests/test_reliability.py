@@ -86,19 +86,6 @@ async def test_a_flood_from_one_user_neither_starves_others_nor_grows_memory(wor
 # --- faults --------------------------------------------------------------------------------
 
 
-async def test_gateway_drop_while_generating_delivers_once(world: World, start_bot) -> None:
-    async with start_bot(stream=True, n_predict=200) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a story about a cat.")
-        await world.fake.wait_for(lambda: len(bot.ctx.replies))
-        await world.fake.drop_connections(abrupt=True)
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 120)
-        await world.fake.wait_for(lambda: world.fake.connections == 1, 30)
-        assert len(replies_to(world, world.general, sent)) == 1
-        after = await send_and_wait(world, bot, world.general, f"{mention(world.fake)} Are you back?")
-        assert len(after) == 1
-        assert [r[1] for r in statuses(bot.ctx.settings.database_path)] == ["ok"] * 4
-
-
 def test_unusable_database_is_a_clear_error_at_start(tmp_path: Path) -> None:
     not_sqlite = tmp_path / "notes.sqlite3"
     not_sqlite.write_text("shopping list: milk, eggs\n" * 50)
