@@ -78,37 +78,6 @@ def attachments_of(db: Path) -> list[tuple[str, str, str | None]]:
         return conn.execute("SELECT status, content, attachments FROM messages WHERE role = 'user' ORDER BY id").fetchall()
 
 
-async def test_edit_while_its_file_downloads_is_answered_in_its_edited_form_with_the_file(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        db = bot.ctx.settings.database_path
-        world.fake.hold_attachments = asyncio.Event()  # a slow download
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} When is it?", attachments=[NOTE])
-        await world.fake.wait_for(lambda: world.fake.attachment_downloads == 1, 30)
-        assert attachments_of(db) == [("pending", "When is it?", None)]  # on disk before its file arrived
-        await world.fake.edit_message(sent, f"{mention(world.fake)} On which day is the meeting?")
-        await world.fake.wait_for(lambda: attachments_of(db)[0][1] == "On which day is the meeting?", 30)
-        world.fake.hold_attachments.set()
-        await world.fake.wait_for(lambda: replies_to(world.fake, world.general, sent), 120)
-        await idle(world.fake, bot)
-    [(status, content, attached)] = attachments_of(db)
-    assert (status, content) == ("ok", "On which day is the meeting?") and "Tuesday" in attached
-    assert "When is it" not in everything_stored(db)
-
-
-async def test_delete_while_its_file_downloads_is_never_answered(world: World, start_bot) -> None:
-    async with start_bot(stream=False) as bot:
-        db = bot.ctx.settings.database_path
-        world.fake.hold_attachments = asyncio.Event()
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Read this.", attachments=[NOTE])
-        await world.fake.wait_for(lambda: world.fake.attachment_downloads == 1, 30)
-        await world.fake.delete_message(sent)
-        await world.fake.wait_for(lambda: attachments_of(db) == [], 30)
-        world.fake.hold_attachments.set()
-        await asyncio.sleep(1.0)
-        await idle(world.fake, bot)
-        assert rows(db) == [] and world.fake.bot_messages(world.general) == []
-
-
 # --- faults in the engine --------------------------------------------------------------------
 
 
