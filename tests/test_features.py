@@ -83,61 +83,7 @@ async def test_a_file_with_template_markup_does_not_forge_turns(world: World, st
 # --- 7. who may talk to the bot --------------------------------------------------------------
 
 
-async def test_a_blocked_user_gets_no_answer_at_all(world: World, start_bot) -> None:
-    async with start_bot(stream=False, blocked_user_ids=frozenset({int(world.ann["id"])})) as bot:
-        ignored = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Hello?")
-        dm = world.fake.dm_channel(world.ann)
-        in_dm = await world.fake.send_message(dm, world.ann, "Hello in private?")
-        await ask(world, bot, world.general, world.mod, "Hello from mod.")  # answered, and after ann's message
-        assert not [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == ignored["id"]]
-        assert world.fake.bot_messages(dm) == [] and in_dm["channel_id"] == dm["id"]
-        assert [r[0] for r in user_rows(bot.ctx.settings.database_path)] == ["Hello from mod."]
-        status = await command(world, "status", world.ann, world.general)
-        assert status.ephemeral and status.content == REFUSED_BLOCKED
-
-
-async def test_allowed_channels_and_roles_are_enforced(world: World, start_bot) -> None:
-    thread = world.fake.add_channel(world.guild, "a-thread", type=11, parent_id=world.general["id"])
-    dm = world.fake.dm_channel(world.ann)
-    async with start_bot(stream=False, allowed_channel_ids=frozenset({int(world.general["id"])})) as bot:
-        outside = await world.fake.send_message(world.random, world.ann, f"{mention(world.fake)} Hello from random.")
-        private = await world.fake.send_message(dm, world.ann, "Hello in a DM.")
-        await ask(world, bot, world.general, world.ann, "Hello from general.")
-        await ask(world, bot, thread, world.ann, "Hello from the thread.")  # its parent is allowed
-        await asyncio.sleep(0.5)
-        assert world.fake.bot_messages(world.random) == [] and world.fake.bot_messages(dm) == []
-        assert [r[0] for r in user_rows(bot.ctx.settings.database_path)] == ["Hello from general.", "Hello from the thread."]
-        assert int(outside["id"]) and int(private["id"])
-        assert (await command(world, "status", world.ann, world.random)).content == REFUSED_CHANNEL
-        assert (await command(world, "settings", world.ann, dm)).content == REFUSED_DMS
-        assert (await command(world, "settings", world.ann, thread)).content.startswith("Settings here:")
-
-    members = world.fake.add_role(world.guild, "llm-users")
-    world.fake.add_member(world.guild, world.ann, roles=[members])
-    async with start_bot(stream=False, allowed_role_ids=frozenset({int(members["id"])}), allow_dms=True) as bot:
-        refused = await world.fake.send_message(world.general, world.mod, f"{mention(world.fake)} I lack the role.")
-        await ask(world, bot, world.general, world.ann, "I have the role.")
-        await ask(world, bot, dm, world.ann, "And DMs are open (ALLOW_DMS=1).")
-        assert not [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == refused["id"]]
-        assert (await command(world, "status", world.mod, world.general)).content == REFUSED_ROLE
-
-
 # --- pure pieces -------------------------------------------------------------------------------
-
-
-def test_refusal_rules() -> None:
-    s = make_settings(Path("/tmp"), allowed_channel_ids=frozenset({10}), allowed_role_ids=frozenset({7}), admin_role_ids=frozenset({8}), blocked_user_ids=frozenset({666}))
-    assert refusal(s, user_id=1, channel_ids={10}, role_ids={7}, in_dm=False) is None
-    assert refusal(s, user_id=1, channel_ids={55, 10}, role_ids={8}, in_dm=False) is None  # a thread of #10; an admin role
-    assert refusal(s, user_id=1, channel_ids={11}, role_ids={7}, in_dm=False) == REFUSED_CHANNEL
-    assert refusal(s, user_id=1, channel_ids={10}, role_ids={9}, in_dm=False) == REFUSED_ROLE
-    assert refusal(s, user_id=1, channel_ids={10}, role_ids=None, in_dm=False) is None  # roles not known: not checked
-    assert refusal(s, user_id=666, channel_ids={10}, role_ids={7}, in_dm=False) == REFUSED_BLOCKED
-    assert refusal(s, user_id=1, channel_ids={99}, role_ids=set(), in_dm=True) == REFUSED_DMS
-    open_dms = make_settings(Path("/tmp"), allowed_channel_ids=frozenset({10}), allow_dms=True)
-    assert refusal(open_dms, user_id=1, channel_ids={99}, role_ids=set(), in_dm=True) is None
-    nothing = make_settings(Path("/tmp"))
-    assert nothing.dms_open and refusal(nothing, user_id=1, channel_ids={1}, role_ids=set(), in_dm=False) is None
 
 
 def test_new_variables_parse_and_refuse_bad_values() -> None:

@@ -64,25 +64,6 @@ async def test_typed_template_markup_stays_text(world: World, start_bot, engine)
         assert control[0] == control[1]  # the same turns, so the same control tokens: none came from the user
 
 
-async def test_a_flood_from_one_user_neither_starves_others_nor_grows_memory(world: World, start_bot) -> None:
-    async with start_bot(stream=False, user_cooldown_s=2.0, max_queue=8) as bot:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        flood = [await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} spam {i}") for i in range(200)]
-        quiet = await world.fake.send_message(world.random, world.mod, f"{mention(world.fake)} What is 2+2?")
-        answer = await world.fake.wait_for(lambda: replies_to(world, world.random, quiet), timeout=30)
-        assert answer[0]["content"] != SORRY
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 60)
-        users = [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"]
-        assert users.count("spam 0") == 1 and len([u for u in users if u.startswith("spam")]) <= 2
-        slow_notes = [m for m in world.fake.bot_messages(world.general) if m["content"] == SLOW_DOWN.format(s=2.0)]
-        assert len(slow_notes) == 1  # said once, not 199 times
-        answered = sum(1 for m in flood if replies_to(world, world.general, m))
-        assert answered <= 3
-        assert len(bot.access._accepted_at) <= 2 and bot.ctx.scheduler.waiting == 0
-        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-        assert grown_mb < 64
-
-
 # --- faults --------------------------------------------------------------------------------
 
 
@@ -129,46 +110,6 @@ def test_truncated_model_is_a_clear_error_at_start(tmp_path: Path, model_path: P
 
 
 # --- security ------------------------------------------------------------------------------
-
-
-async def test_two_guilds_and_two_dms_are_isolated(world: World, start_bot) -> None:
-    other_guild = world.fake.add_guild("village")
-    lobby = world.fake.add_channel(other_guild, "lobby")
-    world.fake.add_member(other_guild, world.ann)
-    bob = world.fake.add_user("bob")
-    places = {
-        "town": world.general,
-        "village": lobby,
-        "dm-ann": world.fake.dm_channel(world.ann),
-        "dm-bob": world.fake.dm_channel(bob),
-    }
-    authors = {"town": world.ann, "village": world.ann, "dm-ann": world.ann, "dm-bob": bob}
-    async with start_bot(stream=False) as bot:
-        for name, channel in places.items():
-            content = f"The secret word is {name.upper()}-WORD."
-            sent = await world.fake.send_message(channel, authors[name], content if "guild_id" not in channel else f"{mention(world.fake)} {content}")
-            await world.fake.wait_for(lambda: world.fake.bot_messages(channel) and bot.ctx.scheduler.running == 0, 60)
-            assert sent
-        set_template = await world.fake.invoke_command("template", user=world.fake.guild_members(other_guild)[other_guild["owner_id"]]["user"], channel=lobby, options={"name": "zephyr"})
-        await set_template.wait_done()
-        scopes = {
-            "town": scope(world, world.general),
-            "village": f"guild:{other_guild['id']}:channel:{lobby['id']}",
-            "dm-ann": f"dm:{world.ann['id']}",
-            "dm-bob": f"dm:{bob['id']}",
-        }
-        for name, key in scopes.items():
-            prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(key))
-            text = " ".join(m.content for m in prompt.messages)
-            assert f"{name.upper()}-WORD" in text
-            assert not any(f"{other.upper()}-WORD" in text for other in scopes if other != name)
-            shown = await (await world.fake.invoke_command("template", user=authors[name], channel=places[name])).wait_done()
-            assert shown.content.startswith("Template here: **zephyr**" if name == "village" else "Template here: **auto**")
-        for name, channel in places.items():  # each reply went only where it was asked
-            assert all(m["channel_id"] == channel["id"] for m in world.fake.bot_messages(channel))
-        reset = await (await world.fake.invoke_command("reset", user=bob, channel=places["dm-bob"])).wait_done()
-        assert reset.content == "Conversation cleared (2 messages)."
-        assert len(rows(bot.ctx.settings.database_path, scopes["dm-ann"])) == 2
 
 
 def test_every_sql_statement_uses_parameters() -> None:
