@@ -1,6 +1,6 @@
 """A small OpenAI-compatible server that sends exactly the bytes a test scripts.
 
-The real `llama_cpp.server` in tests/test_remote.py shows the bot working
+The real `llama_cpp.server` in tests/test_engine_remote.py shows the bot working
 against a real model; this one shows what a real server cannot be made to do
 on demand: SSE `event:`/`id:`/`retry:` fields and multi-line `data:`, an error
 payload in the middle of a stream, a 429 with `Retry-After`, an over-long line,

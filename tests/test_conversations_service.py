@@ -118,6 +118,48 @@ async def test_window_keeps_its_start_so_the_kv_cache_is_reused(chat: ChatServic
     await second.save()
 
 
+async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> None:
+    first = await chat.respond(UserMessage("dm:cache", "Hello there"))
+    await first.save()
+    follow = await chat.respond(UserMessage("dm:cache", "And again"))
+    await follow.save()
+    assert follow.generation.n_cached > 0
+    await chat.reset("dm:cache")
+    after_reset = await chat.respond(UserMessage("dm:cache", "Hello there"))
+    await after_reset.save()
+    assert after_reset.generation.n_cached == 0
+    await chat.set_template("dm:cache", "chatml")
+    after_switch = await chat.respond(UserMessage("dm:cache", "Hi"))
+    await after_switch.save()
+    assert after_switch.generation.n_cached == 0
+
+
+async def test_conversation_settings_in_the_chat_layer(chat, engine) -> None:
+    from bot.conversations.service import SettingError
+
+    options = await chat.change_options("terminal:a", n_predict=2, top_p=0.5)
+    assert (options.n_predict, options.sampling.top_p, options.own) == (2, 0.5, frozenset({"n_predict", "top_p"}))
+    reply = await chat.respond(UserMessage("terminal:a", "Tell me a long story."))
+    await reply.save()
+    assert reply.generation.n_generated <= 2
+    other = await chat.respond(UserMessage("terminal:b", "Tell me a long story."))
+    await other.save()
+    assert other.generation.n_generated > 2  # another conversation keeps the defaults
+    with pytest.raises(SettingError, match="top_p must be from 0 to 1, not 1.5"):
+        await chat.change_options("terminal:a", top_p=1.5, n_predict=5)
+    assert chat.options(await chat.store.conversation("terminal:a")).n_predict == 2  # a refused change changes nothing
+    with pytest.raises(SettingError, match="here it may be at most"):
+        await chat.set_system_prompt("terminal:a", "You are a very verbose assistant. " * 300)
+    with pytest.raises(SettingError, match="cannot be empty"):
+        await chat.set_system_prompt("terminal:a", "   ")
+    await chat.set_system_prompt("terminal:a", "You are a cat.")
+    prompt = await chat.build_prompt(await chat.store.conversation("terminal:a"))
+    assert prompt.messages[0].content == "You are a cat."
+    await chat.set_system_prompt("terminal:a", None)
+    prompt = await chat.build_prompt(await chat.store.conversation("terminal:a"))
+    assert prompt.messages[0].content == chat.settings.system_prompt
+
+
 # --- Continue: the prompt that leaves the answer open ---------------------------------------
 
 

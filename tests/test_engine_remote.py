@@ -33,7 +33,7 @@ from tests.discord_helpers import remote_bot, remote_settings
 from tests.fakediscord import FakeDiscord
 from tests.references import HF_TEMPLATES
 from tests.sse_server import CLOSE, DONE, ScriptedServer, Step, chat_reply, delta, event, free_port, text
-from tests.test_templates import EVIL
+from tests.test_formats_templates import EVIL
 
 GPT_OSS = HF_TEMPLATES / "openai-gpt-oss-120b.jinja"
 

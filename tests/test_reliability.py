@@ -22,7 +22,7 @@ from bot.discord_adapter.replies import SORRY, UNDELIVERED
 from tests.conftest import ROOT, World, mention, rows, run_cli, scope
 from tests.fakediscord import FakeDiscord
 from tests.test_discord_process import one_reply_then_sigterm
-from tests.test_templates import EVIL
+from tests.test_formats_templates import EVIL
 
 
 def replies_to(world: World, channel: dict, message: dict) -> list[dict]:

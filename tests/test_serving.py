@@ -12,7 +12,7 @@ from bot.discord_adapter.output import BOT_EDITS_PER_S, EDITS_PER_WINDOW, LIMIT,
 from bot.engine.local import Engine
 from tests.conftest import World, mention, rows, scope
 from tests.test_discord_output import max_edits_in_window
-from tests.test_engine import GREEDY, chat_tokens
+from tests.test_engine_local import GREEDY, chat_tokens
 
 STORY = "Write a long story about a dragon."
 
@@ -24,22 +24,6 @@ def replies_to(world: World, channel: dict, message: dict) -> list[dict]:
 def statuses(db) -> list[tuple[str, str]]:
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT role, status FROM messages ORDER BY id").fetchall()
-
-
-async def test_reset_and_template_invalidate_the_cache(chat: ChatService) -> None:
-    first = await chat.respond(UserMessage("dm:cache", "Hello there"))
-    await first.save()
-    follow = await chat.respond(UserMessage("dm:cache", "And again"))
-    await follow.save()
-    assert follow.generation.n_cached > 0
-    await chat.reset("dm:cache")
-    after_reset = await chat.respond(UserMessage("dm:cache", "Hello there"))
-    await after_reset.save()
-    assert after_reset.generation.n_cached == 0
-    await chat.set_template("dm:cache", "chatml")
-    after_switch = await chat.respond(UserMessage("dm:cache", "Hi"))
-    await after_switch.save()
-    assert after_switch.generation.n_cached == 0
 
 
 async def test_a_long_prompt_shares_steps_with_a_generating_channel_one_micro_batch_at_a_time(engine: Engine) -> None:
