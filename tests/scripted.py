@@ -132,6 +132,9 @@ class ScriptedBackend:
             for piece in script.reasoning:
                 if await self._pause(gen, changed, script.every_s):
                     return
+                if gen.n_generated >= max_tokens:
+                    gen._deliver("", "length")
+                    return
                 self._token(gen)
                 gen._deliver("", reasoning=piece, thinking=True)
             for i, piece in enumerate(script.pieces):
