@@ -196,3 +196,22 @@ def test_open_answer_with_real_chat_templates(path: Path) -> None:
     if template.harmony:  # gpt-oss: inside the final channel, so the reply is plain text up to <|return|>
         assert text.endswith("<|channel|>final<|message|>The answer is")
         assert not OpenAnswer(template).harmony and "<|return|>" in OpenAnswer(template).stop
+
+
+async def test_odd_but_real_text_is_read_by_the_real_tokenizer_and_answered(chat: ChatService, settings: Settings) -> None:
+    """Emoji, zalgo, right-to-left text, 4,000 characters, a huge code block: tokenized (and cut
+    to fit) by the real vocabulary, answered, stored whole. (Through Discord: test_discord_intake.py.)"""
+    from dataclasses import replace
+
+    from tests.test_discord_intake import ODD
+
+    chat.settings = replace(chat.settings, n_predict=4)
+    for name, content in ODD.items():
+        reply = await chat.respond(UserMessage(f"dm:odd-{name}", content, author_name="Ann"))
+        assert reply.prompt.prepared.tokens and len(reply.prompt.prepared.tokens) <= chat.backend.n_ctx - 4
+        assert (CUT_NOTE in reply.notes) == reply.prompt.cut  # cut only to fit, and then the reply says so
+        await reply.save()
+        assert reply.finish_reason in ("stop", "length")
+    with sqlite3.connect(settings.database_path) as db:
+        stored = db.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id").fetchall()
+    assert [r[0] for r in stored] == list(ODD.values())  # stored whole, even when the prompt had to cut it
