@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ENGINE_THREADS, ROOT
 from tests.fakediscord import FakeDiscord
 from tests.sse_server import ScriptedServer
 
@@ -32,6 +32,7 @@ async def start_process(fake: FakeDiscord, tmp_path: Path, *args: str, server: S
         LLAMA_N_PREDICT="48",
         TEMPERATURE="0",
         USER_COOLDOWN_S="0",
+        N_THREADS=str(ENGINE_THREADS),
     )
     if server is not None:
         full.update(BACKEND="openai", OPENAI_BASE_URL=server.base)

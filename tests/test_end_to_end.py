@@ -21,7 +21,7 @@ from bot.discord_adapter.client import LlamaBot
 from bot.discord_adapter.output import split_message
 from bot.discord_adapter.replies import SORRY
 from bot.engine.local import Engine, EngineOptions, LocalBackend
-from tests.conftest import World, make_settings, rows, scope
+from tests.conftest import ENGINE_THREADS, World, make_settings, rows, scope
 from tests.discord_helpers import CONTINUE, answers, ask, command, custom_ids, idle, pages_after, press, prompt_of, replies_to, send
 from tests.test_formats_templates import EVIL
 
@@ -149,7 +149,7 @@ async def test_a_decode_error_apologises_and_the_engine_keeps_serving(world: Wor
 @pytest.fixture
 async def own_engine(model_path: Path) -> AsyncIterator[Engine]:
     """A small engine of its own (one slot), for faults the shared one must not see."""
-    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=2, parallel=1, kv_cache_mb=64))
+    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=ENGINE_THREADS, parallel=1, kv_cache_mb=64))
     yield engine
     await engine.close()
 

@@ -23,10 +23,10 @@ from bot.config import ConfigError, Sampling, load_settings
 from bot.engine.local import Engine, EngineOptions
 from bot.engine.kvdisk import SUFFIX, key_name
 from bot.formats.templates import Message, get_template
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ENGINE_THREADS, ROOT, run_cli
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
-THREADS = len(os.sched_getaffinity(0))
+THREADS = ENGINE_THREADS
 
 
 def options(folder: Path | None, **changes: object) -> EngineOptions:

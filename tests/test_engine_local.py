@@ -14,6 +14,7 @@ from bot.engine.backend import PromptTooLong
 from bot.engine.local import Engine, EngineDead, EngineOptions
 from bot.formats.reasoning import ReplyFormat, find_stop, held_back
 from bot.formats.templates import Message, get_template
+from tests.conftest import ENGINE_THREADS
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 
@@ -149,7 +150,7 @@ async def test_a_long_prompt_shares_steps_with_a_generating_channel_one_micro_ba
 @pytest.fixture
 async def own_engine(model_path: Path) -> AsyncIterator[Engine]:
     """A small engine of its own (one slot), for faults the shared one must not see."""
-    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=2, parallel=1, kv_cache_mb=64))
+    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=ENGINE_THREADS, parallel=1, kv_cache_mb=64))
     yield engine
     await engine.close()
 

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from bot.engine.local import Engine, LocalBackend
 from bot.config import redact_url
 from bot.engine.remote import RemoteBackend, defang
 from bot.formats.templates import TEMPLATES, JinjaTemplate, Message, Template
-from tests.conftest import GREEDY, ROOT, World, mention, rows, scope
+from tests.conftest import ENGINE_THREADS, GREEDY, ROOT, World, mention, rows, scope
 from tests.discord_helpers import remote_bot, remote_settings
 from tests.references import HF_TEMPLATES
 from tests.sse_server import CLOSE, DONE, ScriptedServer, Step, chat_reply, delta, event, free_port, text
@@ -45,7 +44,7 @@ class LlamaServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LlamaServer:
-        threads = str(len(os.sched_getaffinity(0)))
+        threads = str(ENGINE_THREADS)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
              "--n_ctx", "2048", "--n_threads", threads, "--n_threads_batch", threads],
