@@ -287,7 +287,7 @@ CHILD = textwrap.dedent(
     from bot.engine.local import Engine, EngineOptions
 
     async def main():
-        opts = EngineOptions(n_ctx=512, n_threads=2, parallel=1, kv_cache_mb=0, kv_disk_dir=Path(sys.argv[1]), kv_disk_mb=64)
+        opts = EngineOptions(n_ctx=512, n_threads=int(sys.argv[4]), parallel=1, kv_cache_mb=0, kv_disk_dir=Path(sys.argv[1]), kv_disk_mb=64)
         engine = await Engine.load(bundled_model_path(), opts)
         replies = []
         for turn in range(2):
@@ -307,7 +307,7 @@ CHILD = textwrap.dedent(
 def run_child(folder: Path, *, fsize: int = 0, drop_caps: bool = False) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(fsize), "1" if drop_caps else "0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+        [sys.executable, "-c", CHILD, str(folder), str(fsize), "1" if drop_caps else "0", str(THREADS)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr, out.stderr

@@ -130,7 +130,7 @@ async def test_a_long_prompt_shares_steps_with_a_generating_channel_one_micro_ba
     """Alone, a prompt is read in one decode (n_batch 2048). While another channel generates,
     it goes at most n_ubatch (512) tokens a step, so that channel's next token never waits
     for more than one micro-batch."""
-    long = chat_tokens(engine, "Please summarise: " + "the history of the world in many words " * 90)
+    long = chat_tokens(engine, "Please summarise: " + "the history of the world in many words " * 70)
     assert engine.n_ubatch < len(long) <= engine.n_batch
     before = engine.steps
     alone = await engine.generate("micro-alone", long, max_tokens=1, sampling=GREEDY).wait()
