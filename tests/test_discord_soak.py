@@ -1,4 +1,4 @@
-"""Soak of the Discord adapter: 500 messages in 20 channels and 2 DMs, with random reconnects,
+"""Soak of the Discord adapter: 330 messages in 20 channels and 2 DMs, with random reconnects,
 dropped connections and injected 500s; every message answered exactly once, the database
 matching what Discord shows, nothing left running, the process's memory flat.
 
@@ -26,7 +26,7 @@ from tests.fakediscord import FakeDiscord
 from tests.scripted import ScriptedBackend, echo
 from tests.test_engine_memory import peak_rss_mib, reset_peak_rss
 
-MESSAGES = 500
+MESSAGES = 330
 WARM_UP = MESSAGES // 2
 
 
