@@ -28,6 +28,11 @@ JSON = dict[str, Any]
 ROOT = Path(__file__).resolve().parent.parent
 TEST_N_CTX = 1024
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.1)
+ENGINE_THREADS = max(1, len(os.sched_getaffinity(0)) - 1)
+"""Threads for the tests' llama.cpp engines (and N_THREADS for the bot and CLI they start): one core
+is left to the event loop, the fake Discord and the processes a test runs beside the engine. On 2
+shared cores, llama.cpp's 2 threads wait on each other whenever one is descheduled (decoding 64
+tokens took 2 to 22 s with 2 threads, 0.9 s with 1, under load); pinned to one core, 1 thread."""
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +43,7 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def engine(model_path: Path) -> Iterator[Engine]:
     """One engine for the whole session, as in the bot: loading is the slow part."""
-    eng = Engine.load_sync(model_path, EngineOptions(n_ctx=TEST_N_CTX, n_threads=len(os.sched_getaffinity(0)), parallel=4, kv_cache_mb=64))
+    eng = Engine.load_sync(model_path, EngineOptions(n_ctx=TEST_N_CTX, n_threads=ENGINE_THREADS, parallel=4, kv_cache_mb=64))
     yield eng
     eng.close_sync()
 
@@ -77,6 +82,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = N
     """The real command line in a subprocess, with a clean environment plus `env`."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_", "MODEL_PATH", "PROMPT_TEMPLATE", "DATABASE_PATH"))}
     full_env["PYTHONPATH"] = str(ROOT)
+    full_env["N_THREADS"] = str(ENGINE_THREADS)
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "bot", *args],

@@ -8,9 +8,10 @@ what the test scripted, at the pace the test sets, and a reply that must still b
 running when something happens is held open by the script (`Script.hold`), never by
 asking a model for many tokens: so no outcome depends on the CPU's speed.
 
-Without a script, a reply is `You said: <the newest user message>` (the prompt is
-rendered by the conversation's template as for the real model, and recorded in
-`prompts`), so a test can see which message was answered with which history.
+Without a script, a reply is `You said: <the newest user message>` (`echo`; a test may set
+`default` to pace it), so a test can see which message was answered. Every prompt is
+rendered by the conversation's template as for the real model and recorded in `calls`,
+so a test can see what the model was asked, with which history.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Call:
 
 @dataclass
 class ScriptedBackend:
-    """Replies from a queue of scripts (`then`), or `You said: …` when the queue is empty."""
+    """Replies from a queue of scripts (`then`), or `default(call)` (`You said: …`) when it is empty."""
 
     n_ctx: int = 1024
     applies_template: bool = False
@@ -86,6 +87,7 @@ class ScriptedBackend:
     sees: bool = True  # False: a model without a vision projector
     on_fatal: Callable[[str], None] | None = None
     dead: str | None = None
+    default: Callable[[Call], Script] = field(default=lambda call: echo(call))
     calls: list[Call] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
     _scripts: collections.deque[Script | Callable[[Call], Script]] = field(default_factory=collections.deque)
@@ -122,7 +124,7 @@ class ScriptedBackend:
         messages = [Message(m["role"], m["content"], m.get("images", ())) for m in prompt.messages or []]
         call = Call(key, prompt.text or "", messages, max_tokens, sampling, gen)
         self.calls.append(call)
-        script = self._scripts.popleft() if self._scripts else _echo
+        script = self._scripts.popleft() if self._scripts else self.default
         if callable(script):
             script = script(call)
         task = asyncio.ensure_future(self._run(gen, script, max_tokens))
@@ -139,6 +141,9 @@ class ScriptedBackend:
             await asyncio.sleep(0)
             for piece in script.reasoning:
                 if await self._pause(gen, changed, script.every_s):
+                    return
+                if gen.n_generated >= max_tokens:
+                    gen._deliver("", "length")
                     return
                 self._token(gen)
                 gen._deliver("", reasoning=piece, thinking=True)
@@ -223,6 +228,7 @@ def tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def _echo(call: Call) -> Script:
+def echo(call: Call, **options: object) -> Script:
+    """`You said: <the newest user message>`, one word a piece (`options`: Script's, e.g. `every_s`)."""
     said = next((m.content for m in reversed(call.messages) if m.role == "user"), "")
-    return Script.text(f"You said: {said}")
+    return Script.text(f"You said: {said}", **options)

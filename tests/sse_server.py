@@ -1,6 +1,6 @@
 """A small OpenAI-compatible server that sends exactly the bytes a test scripts.
 
-The real `llama_cpp.server` in tests/test_remote.py shows the bot working
+The real `llama_cpp.server` in tests/test_engine_remote.py shows the bot working
 against a real model; this one shows what a real server cannot be made to do
 on demand: SSE `event:`/`id:`/`retry:` fields and multi-line `data:`, an error
 payload in the middle of a stream, a 429 with `Retry-After`, an over-long line,
@@ -31,10 +31,11 @@ class Step:
     """One scripted answer to a completion request.
 
     `pieces` are written in order: bytes as they are, a float sleeps that many
-    seconds, CLOSE drops the connection. A status other than 200 answers with
-    `text` and `headers` instead of a stream."""
+    seconds, an asyncio.Event holds the stream open until the test sets it, CLOSE
+    drops the connection. A status other than 200 answers with `text` and `headers`
+    instead of a stream."""
 
-    pieces: Sequence[bytes | float | str] = ()
+    pieces: Sequence[bytes | float | str | asyncio.Event] = ()
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     text: str = ""
@@ -163,7 +164,7 @@ class ScriptedServer:
                 assert request.transport is not None
                 request.transport.close()
                 return response
-            if isinstance(piece, float):
+            if isinstance(piece, (float, asyncio.Event)):
                 if not await self._sleep(request, piece):
                     recorded.closed_at = time.monotonic()
                     return response
@@ -176,10 +177,12 @@ class ScriptedServer:
                 return response
         return response
 
-    async def _sleep(self, request: web.Request, seconds: float) -> bool:
-        """Wait, watching the connection; False as soon as the client has closed it."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+    async def _sleep(self, request: web.Request, until: float | asyncio.Event) -> bool:
+        """Wait `until` seconds have passed or the event is set, watching the connection;
+        False as soon as the client has closed it."""
+        deadline = time.monotonic() + until if isinstance(until, float) else float("inf")
+        held = until if isinstance(until, asyncio.Event) else asyncio.Event()
+        while not held.is_set() and time.monotonic() < deadline:
             if request.transport is None or request.transport.is_closing():
                 return False
             await asyncio.sleep(0.02)

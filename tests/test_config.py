@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,64 @@ def test_credentials_in_the_base_url_never_show(tmp_path) -> None:
     with pytest.raises(ConfigError) as error:
         load_settings({"OPENAI_BASE_URL": "ftp://bob:hunter2@gpu-box/v1"})
     assert "hunter2" not in str(error.value) and "OPENAI_BASE_URL must be a URL" in str(error.value)
+
+
+def test_new_variables_parse_and_refuse_bad_values() -> None:
+    s = load_settings({"ALLOWED_CHANNEL_IDS": "1, 2", "ALLOWED_ROLE_IDS": "3", "BLOCKED_USER_IDS": "4 5", "ATTACHMENT_MAX_KB": "64", "ATTACHMENT_MAX_FILES": "2"})
+    assert (s.allowed_channel_ids, s.allowed_role_ids, s.blocked_user_ids) == ({1, 2}, {3}, {4, 5})
+    assert (s.attachment_max_kb, s.attachment_max_files, s.dms_open) == (64, 2, False)
+    assert load_settings({"ALLOWED_CHANNEL_IDS": "1", "ALLOW_DMS": "1"}).dms_open
+    for name, value, words in [
+        ("BLOCKED_USER_IDS", "bob", "BLOCKED_USER_IDS must be a comma-separated list of numeric Discord ids"),
+        ("ALLOWED_CHANNEL_IDS", "#general", "ALLOWED_CHANNEL_IDS must be a comma-separated list"),
+        ("ATTACHMENT_MAX_KB", "-1", "ATTACHMENT_MAX_KB must be a whole number from 0 to 8192"),
+        ("ATTACHMENT_MAX_FILES", "11", "ATTACHMENT_MAX_FILES must be a whole number from 0 to 10"),
+        ("ALLOW_DMS", "perhaps", "ALLOW_DMS must be 1 or 0"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            load_settings({name: value})
+
+
+# --- what cannot be used at start: one line, exit 2 ---------------------------------------------
+
+
+def test_unusable_database_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    not_sqlite = tmp_path / "notes.sqlite3"
+    not_sqlite.write_text("shopping list: milk, eggs\n" * 50)
+    result = run_cli("chat", "--db", str(not_sqlite), stdin="hi\n", cwd=tmp_path)
+    assert result.returncode == 2 and "is not a SQLite database" in result.stderr and "Traceback" not in result.stderr
+    assert not_sqlite.read_text().startswith("shopping list")  # left untouched
+
+    read_only = tmp_path / "ro.sqlite3"
+    assert run_cli("chat", "--db", str(read_only), stdin="", cwd=tmp_path).returncode == 0  # create it
+    with _read_only(read_only):
+        result = run_cli("chat", "--db", str(read_only), stdin="hi\n", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "is read-only" in result.stderr and "Traceback" not in result.stderr
+
+
+class _read_only:
+    """Make a file read-only for this process, root included (root ignores mode bits, not chattr +i)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.immutable = os.geteuid() == 0 and shutil.which("chattr") is not None
+
+    def __enter__(self) -> None:
+        self.path.chmod(0o444)
+        if self.immutable:
+            subprocess.run(["chattr", "+i", str(self.path)], check=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.immutable:
+            subprocess.run(["chattr", "-i", str(self.path)], check=True)
+        self.path.chmod(0o600)
+
+
+def test_truncated_model_is_a_clear_error_at_start(tmp_path: Path, model_path: Path) -> None:
+    truncated = tmp_path / "truncated.gguf"
+    with model_path.open("rb") as src:
+        truncated.write_bytes(src.read(20_000_000))
+    result = run_cli("chat", "--model", str(truncated), stdin="hi\n", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: llama.cpp could not load {truncated}: the file is truncated, corrupt or of an unsupported architecture (LLAMA_LOG=1 shows why)"

@@ -1,20 +1,27 @@
-"""`python -m bot run` as a real process, pointed at the local fake Discord API through
-DISCORD_API_BASE / DISCORD_GATEWAY_URL, the way a REST proxy would be configured."""
+"""`python -m bot run` as a real process (bot/discord_adapter/runner.py, bot/cli.py): start-up,
+the errors Discord can answer with, and stopping on time in every state.
+
+Pointed at the local fake Discord API (tests/bot_process.py). One run is on the bundled
+model, start-up through a real reply; the others run on a scripted OpenAI-compatible
+server (tests/sse_server.py), whose reply stays open until the test lets it end."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
+import socket
 import sqlite3
-import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.bot_process import finish, one_channel, one_reply_then_sigterm, start_process
 from tests.fakediscord import FakeDiscord
+from tests.sse_server import DONE, ScriptedServer, Step, chat_reply, delta, event
+
+STORY = ["Once upon a time, ", "a dragon named Ember ", "lived on a hill. ", "The end."]
 
 
 @pytest.fixture
@@ -23,103 +30,132 @@ async def fake() -> AsyncIterator[FakeDiscord]:
         yield f
 
 
-async def start_process(fake: FakeDiscord, tmp_path: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
-    """`python -m bot run` (or `python -m bot *args`) pointed at the fake; its log goes to a file."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_"))}
-    full.update(
-        PYTHONPATH=str(ROOT),
-        DISCORD_TOKEN=fake.token,
-        DISCORD_API_BASE=fake.api_base,
-        DISCORD_GATEWAY_URL=fake.gateway_url,
-        DATABASE_PATH=str(tmp_path / "bot.sqlite3"),
-        LLAMA_N_CTX="1024",
-        LLAMA_N_PREDICT="48",
-        TEMPERATURE="0",
-    )
-    full.update(env)
-    log_path = tmp_path / f"bot-{len(list(tmp_path.glob('bot-*.log')))}.log"
-    with log_path.open("wb") as log:  # a file, not a pipe: a chatty log must never block the bot
-        command = args or ("run",)
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", *command, cwd=tmp_path, env=full, stdout=log, stderr=log)
-    process.log_path = log_path  # type: ignore[attr-defined]
-    return process
+@pytest.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    """A model server that answers "Hello there!" (BACKEND=openai): no model to load."""
+    async with ScriptedServer([chat_reply("Hello ", "there!")]) as s:
+        yield s
 
 
-async def finish(process: asyncio.subprocess.Process, timeout: float = 60) -> tuple[int, str]:
-    """Wait for the process to end; returns its exit code and everything it logged."""
-    await asyncio.wait_for(process.wait(), timeout)
-    assert process.returncode is not None
-    return process.returncode, process.log_path.read_text()  # type: ignore[attr-defined]
-
-
-def one_channel(fake: FakeDiscord) -> tuple[dict, dict, dict]:
-    """A guild with one channel and one member: (guild, channel, member)."""
-    guild = fake.add_guild("town")
-    channel = fake.add_channel(guild, "general")
-    user = fake.add_user("ann")
-    fake.add_member(guild, user)
-    return guild, channel, user
+async def test_run_on_the_bundled_model_answers_and_never_logs_the_token(tmp_path: Path) -> None:
+    """Start-up through a real reply on the bundled model, with every log turned up: the token
+    (and its secret part) is never in the log, the database is private."""
+    async with FakeDiscord() as fake:
+        code, log = await one_reply_then_sigterm(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_LOG="1", LLAMA_N_PREDICT="8")
+    assert code == 0 and "Traceback" not in log, log
+    assert "llama_model_loader" in log and "timings guild:" in log  # the real engine, LLAMA_LOG=1 really logged
+    assert "shutting down: finishing replies in progress" in log and "stopped" in log
+    assert fake.token not in log and fake.token.split(".")[-1] not in log  # nor its secret part
+    db = tmp_path / "bot.sqlite3"
+    assert db.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT role, status, content FROM messages ORDER BY id").fetchall()
+    assert [(r[0], r[1]) for r in stored] == [("user", "ok"), ("assistant", "ok")] and stored[0][2] == "hi" and stored[1][2].strip()
 
 
 async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord, tmp_path: Path) -> None:
+    """SIGTERM while a reply is being written: the reply in progress is finished (in one
+    message), stored, and the process exits 0. The reply is held open by the scripted
+    server until the bot has begun shutting down."""
     guild, general, ann = one_channel(fake)
-    process = await start_process(fake, tmp_path, LOG_LEVEL="DEBUG", LLAMA_N_PREDICT="500", DEV_GUILD_ID=guild["id"])
+    hold = asyncio.Event()
+    story = Step([event(delta(STORY[0])), event(delta(STORY[1])), hold, *(event(delta(p)) for p in STORY[2:]), event(delta(None, finish="stop")), DONE])
+    async with ScriptedServer([story]) as server:
+        process = await start_process(fake, tmp_path, server=server, LOG_LEVEL="DEBUG", DEV_GUILD_ID=guild["id"], LLAMA_N_PREDICT="500")
+        try:
+            await fake.wait_ready(timeout=60)
+            await fake.wait_for(lambda: fake.commands.get(guild["id"]), 30)  # DEV_GUILD_ID: synced to that guild
+            assert {c["name"] for c in fake.commands[guild["id"]]} == {"reset", "template", "chat", "stop", "system", "settings", "status", "export"}
+            sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Write a long story about a dragon.")
+            [shown] = await fake.wait_for_bot_message(general, after=sent, timeout=60)  # streaming: the reply is being written
+            assert shown["content"] == "".join(STORY[:2]).strip()
+            process.send_signal(signal.SIGTERM)
+            await fake.wait_for(lambda: "shutting down: finishing replies in progress" in process.log_path.read_text(), 30)  # type: ignore[attr-defined]
+            hold.set()  # the reply in progress may end now
+            code, log = await finish(process)
+        finally:
+            if process.returncode is None:
+                process.kill()
+    assert code == 0, log
+    assert "Traceback" not in log and "stopped" in log
+    assert fake.token not in log  # the token never reaches the log, even at DEBUG
+    replies = [m for m in fake.bot_messages(general) if int(m["id"]) > int(sent["id"])]
+    assert [r["content"] for r in replies] == ["".join(STORY)]  # finished before the exit, in its one message
+    with sqlite3.connect(tmp_path / "bot.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = db.execute("SELECT role, status, content FROM messages ORDER BY id").fetchall()
+    assert stored == [("user", "ok", "Write a long story about a dragon."), ("assistant", "ok", "".join(STORY))]
+
+
+async def test_plain_python_m_bot_starts_discord_when_a_token_is_set(fake: FakeDiscord, server: ScriptedServer, tmp_path: Path) -> None:
+    _, general, ann = one_channel(fake)
+    process = await start_process(fake, tmp_path, "--env-file", str(tmp_path / "none"), server=server)
     try:
         await fake.wait_ready(timeout=60)
-        await fake.wait_for(lambda: fake.commands.get(guild["id"]), 30)  # DEV_GUILD_ID: synced to that guild
-        assert {c["name"] for c in fake.commands[guild["id"]]} == {"reset", "template", "chat", "stop", "system", "settings", "status", "export"}
-        sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Write a long story about a dragon.")
-        await fake.wait_for_bot_message(general, after=sent, timeout=60)  # streaming: the reply is being written
+        sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")
+        [reply] = await fake.wait_for_bot_message(general, after=sent, timeout=60)
         process.send_signal(signal.SIGTERM)
         code, log = await finish(process)
     finally:
         if process.returncode is None:
             process.kill()
     assert code == 0, log
-    assert "Traceback" not in log
-    assert "shutting down: finishing replies in progress" in log and "stopped" in log
-    assert fake.token not in log  # the token never reaches the log, even at DEBUG
-    replies = [m for m in fake.bot_messages(general) if int(m["id"]) > int(sent["id"])]
-    assert len(replies) == 1 and replies[0]["content"]
-    with sqlite3.connect(tmp_path / "bot.sqlite3") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        stored = db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
-    assert [r[0] for r in stored] == ["user", "assistant"]
-    assert replies[0]["content"].startswith(stored[1][1][:50])
+    assert "[INFO] DISCORD_TOKEN is set: starting the Discord bot." in log
+    assert reply["content"] == "Hello there!"
 
 
-async def test_refused_message_content_intent_is_explained(fake: FakeDiscord, tmp_path: Path) -> None:
+async def test_refused_message_content_intent_is_explained(fake: FakeDiscord, server: ScriptedServer, tmp_path: Path) -> None:
     fake.refuse_privileged_intents = True
-    code, log = await finish(await start_process(fake, tmp_path))
+    code, log = await finish(await start_process(fake, tmp_path, server=server))
     assert code == 2
     assert "Turn on 'Message Content Intent'" in log
     assert "Traceback" not in log
 
 
-async def test_rejected_token_is_explained(fake: FakeDiscord, tmp_path: Path) -> None:
-    process = await start_process(fake, tmp_path, DISCORD_TOKEN="not-the-token")
+async def test_rejected_token_is_explained(fake: FakeDiscord, server: ScriptedServer, tmp_path: Path) -> None:
+    process = await start_process(fake, tmp_path, server=server, DISCORD_TOKEN="not-the-token")
     code, log = await finish(process)
     assert code == 2
     assert "Discord rejected DISCORD_TOKEN" in log
     assert "not-the-token" not in log and "Traceback" not in log
 
 
-async def one_reply_then_sigterm(fake: FakeDiscord, tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
-    """Start the bot process, get one reply in a fresh channel, stop it with SIGTERM."""
-    _, general, ann = one_channel(fake)
-    process = await start_process(fake, tmp_path, *args, **env)
+# --- stopping on time ------------------------------------------------------------------------
+
+
+async def test_sigterm_while_reconnecting_to_an_unreachable_discord(server: ScriptedServer, tmp_path: Path) -> None:
+    fake = FakeDiscord()
+    await fake.start()
+    one_channel(fake)
+    process = await start_process(fake, tmp_path, server=server)
     try:
         await fake.wait_ready(timeout=60)
-        sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")
-        await fake.wait_for_bot_message(general, after=sent, timeout=60)
+        await fake.close()  # Discord goes away: discord.py backs off and retries
+        await asyncio.sleep(4.0)
+        assert process.returncode is None
+        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        return await finish(process)
+        code, log = await finish(process, timeout=25)
+        took = time.monotonic() - started
     finally:
         if process.returncode is None:
             process.kill()
+    assert code == 0, log
+    assert took < 25 and "Traceback" not in log and "stopped" in log
 
 
-async def test_plain_python_m_bot_starts_discord_when_a_token_is_set(fake: FakeDiscord, tmp_path: Path) -> None:
-    code, log = await one_reply_then_sigterm(fake, tmp_path, "--env-file", str(tmp_path / "none"))
-    assert code == 0
-    assert "[INFO] DISCORD_TOKEN is set: starting the Discord bot." in log
+async def test_sigterm_while_discord_cannot_be_reached_at_start(fake: FakeDiscord, server: ScriptedServer, tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = await start_process(fake, tmp_path, server=server, DISCORD_API_BASE=f"http://127.0.0.1:{port}/api/v10", DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{port}")
+    try:
+        await asyncio.sleep(3.0)
+        assert process.returncode is None  # it keeps trying, it does not crash
+        process.send_signal(signal.SIGTERM)
+        code, log = await finish(process, timeout=25)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0, log
+    assert "cannot reach Discord" in log and "Traceback" not in log

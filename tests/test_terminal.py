@@ -1,11 +1,28 @@
-"""The terminal chat, through the real command line in a subprocess."""
+"""The terminal chat (bot/terminal.py), through the real command line in a subprocess.
+
+One chat runs on the bundled model, end to end. The others run on a scripted model server
+(BACKEND=openai, tests/sse_server.py, OPENAI_MODE=completions so the bot's own templates
+apply): what they check is the chat's commands, history and Ctrl-C, and a reply the
+server holds open is still running when Ctrl-C arrives, whatever the CPU."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import pty
+import select
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from tests.conftest import run_cli
+import pytest
+
+from tests.conftest import ENGINE_THREADS, ROOT, run_cli
+from tests.sse_server import DONE, ScriptedServer, Step, event, text
 
 ARGS = ("--n-predict", "24", "--ctx-size", "1024")
 
@@ -15,44 +32,68 @@ def rows(db: Path) -> list[tuple[str, str]]:
         return conn.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
 
 
-def test_piped_chat_replies_and_exits_at_end_of_input(tmp_path: Path) -> None:
+def reply(*pieces: str) -> Step:
+    """A /v1/completions stream of these pieces."""
+    return Step([*(event(text(p)) for p in pieces), event(text("", finish="stop")), DONE])
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    async with ScriptedServer([reply("Hello ", "there!")]) as s:
+        yield s
+
+
+def on(server: ScriptedServer) -> dict[str, str]:
+    return {"BACKEND": "openai", "OPENAI_BASE_URL": server.base, "OPENAI_MODE": "completions"}
+
+
+async def chat(*args: str, **options: object) -> subprocess.CompletedProcess[str]:
+    """`python -m bot *args` in a thread, so the scripted server in this loop can answer it."""
+    return await asyncio.to_thread(run_cli, *args, **options)  # type: ignore[arg-type]
+
+
+def test_piped_chat_on_the_bundled_model_replies_and_exits_at_end_of_input(tmp_path: Path) -> None:
     db = tmp_path / "chat.sqlite3"
     result = run_cli("chat", "--db", str(db), *ARGS, stdin="What is the capital of France?\n", cwd=tmp_path, env={"TEMPERATURE": "0"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("[USER]:\nWhat is the capital of France?\n[ASSISTANT]:\n")
     assert "Paris" in out and out.endswith("[USER]:\n")
-    assert [r[0] for r in rows(db)] == ["user", "assistant"]
+    [(_, question), (_, answer)] = rows(db)
+    assert question == "What is the capital of France?" and answer.strip() and answer in out
     assert "Traceback" not in result.stderr
 
 
-def test_history_survives_a_restart(tmp_path: Path) -> None:
+async def test_history_survives_a_restart(server: ScriptedServer, tmp_path: Path) -> None:
     db = tmp_path / "chat.sqlite3"
-    first = run_cli("chat", "--db", str(db), *ARGS, stdin="My name is Zanzibar.\n", cwd=tmp_path)
+    first = await chat("chat", "--db", str(db), *ARGS, stdin="My name is Zanzibar.\n", cwd=tmp_path, env=on(server))
     assert first.returncode == 0, first.stderr
-    second = run_cli("chat", "--db", str(db), *ARGS, stdin="What is my name?\n", cwd=tmp_path, env={"LOG_LEVEL": "DEBUG"})
+    second = await chat("chat", "--db", str(db), *ARGS, stdin="What is my name?\n", cwd=tmp_path, env={**on(server), "LOG_LEVEL": "DEBUG"})
     assert second.returncode == 0, second.stderr
     assert "prompt for terminal:default:" in second.stderr and "3 history messages" in second.stderr  # the first run's turns
-    assert [r[1] for r in rows(db)][::2] == ["My name is Zanzibar.", "What is my name?"]
+    assert rows(db) == [("user", "My name is Zanzibar."), ("assistant", "Hello there!"), ("user", "What is my name?"), ("assistant", "Hello there!")]
+    prompt = server.completions[1].body["prompt"]  # what the second run asked: the first run's turns, then the new one
+    assert prompt.index("My name is Zanzibar.") < prompt.index("Hello there!") < prompt.index("What is my name?")
 
 
-def test_reset_and_template_commands(tmp_path: Path) -> None:
+async def test_reset_and_template_commands(server: ScriptedServer, tmp_path: Path) -> None:
     db = tmp_path / "chat.sqlite3"
     script = "Hello there\n/template vicuna-chat\n/template nonsense\n/reset\n/template\n"
-    result = run_cli("chat", "--db", str(db), *ARGS, stdin=script, cwd=tmp_path)
+    result = await chat("chat", "--db", str(db), *ARGS, stdin=script, cwd=tmp_path, env=on(server))
     assert result.returncode == 0, result.stderr
     assert "[INFO] Prompt template: vicuna-chat\n" in result.stdout
     assert "[ERROR] unknown prompt template 'nonsense'; valid: auto," in result.stdout
     assert "[INFO] Conversation cleared (2 messages).\n" in result.stdout
     assert "[INFO] Prompt template: vicuna-chat; available: auto," in result.stdout
     assert rows(db) == []
-    # the template choice is stored with the conversation and survives a restart
-    again = run_cli("chat", "--db", str(db), *ARGS, stdin="/template\n", cwd=tmp_path)
+    # the template choice is stored with the conversation, survives a restart, and shapes the next prompt
+    again = await chat("chat", "--db", str(db), *ARGS, stdin="/template\nHi\n", cwd=tmp_path, env=on(server))
     assert "[INFO] Prompt template: vicuna-chat; available:" in again.stdout
+    assert server.completions[-1].body["prompt"].endswith("USER: Hi ASSISTANT:")
 
 
-def test_no_token_starts_terminal_chat_and_says_why(tmp_path: Path) -> None:
-    result = run_cli(*(), stdin="", cwd=tmp_path)
+async def test_no_token_starts_terminal_chat_and_says_why(server: ScriptedServer, tmp_path: Path) -> None:
+    result = await chat(*(), stdin="", cwd=tmp_path, env=on(server))
     assert result.returncode == 0, result.stderr
     assert "No DISCORD_TOKEN" in result.stderr and "starting the terminal chat" in result.stderr
     assert result.stdout == "[USER]:\n"
@@ -66,21 +107,23 @@ def test_run_without_token_explains_how_to_get_one(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_ctrl_c_stops_a_reply_then_leaves_at_the_prompt(tmp_path: Path) -> None:
-    """In a real terminal (a pty): the first Ctrl-C stops the reply, one at the prompt leaves."""
-    import os
-    import pty
-    import select
-    import signal
-    import subprocess
-    import sys
-    import time
+async def test_ctrl_c_stops_a_reply_then_leaves_at_the_prompt(tmp_path: Path) -> None:
+    """In a real terminal (a pty): the first Ctrl-C stops the reply (held open by the server),
+    one at the prompt leaves."""
+    held = asyncio.Event()  # never set: only the Ctrl-C ends this reply
+    async with ScriptedServer([Step([event(text("Once upon ")), event(text("a time")), held, DONE])]) as server:
+        await asyncio.to_thread(_ctrl_c_session, tmp_path, on(server))
+        await asyncio.sleep(0)
+        assert server.completions[0].closed_at is not None  # the stop closed the stream
+    with sqlite3.connect(tmp_path / "chat.sqlite3") as conn:
+        stored = conn.execute("SELECT role, status, content FROM messages ORDER BY id").fetchall()
+    assert stored == [("user", "ok", "Write a very long story about a dragon, a knight and a wizard."), ("assistant", "stopped", "Once upon a time")]
 
-    from tests.conftest import ROOT
 
+def _ctrl_c_session(tmp_path: Path, backend: dict[str, str]) -> None:
     master, slave = pty.openpty()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env.update(PYTHONPATH=str(ROOT), N_THREADS=str(ENGINE_THREADS), **backend)
     process = subprocess.Popen(
         [sys.executable, "-m", "bot", "chat", "--db", str(tmp_path / "chat.sqlite3"), "--n-predict", "2000", "--ctx-size", "4096"],
         stdin=slave, stdout=slave, stderr=(tmp_path / "stderr.log").open("w"), cwd=tmp_path, env=env, start_new_session=True,
@@ -105,7 +148,7 @@ def test_ctrl_c_stops_a_reply_then_leaves_at_the_prompt(tmp_path: Path) -> None:
         os.write(master, b"Write a very long story about a dragon, a knight and a wizard.\n")
         read_until(b"[ASSISTANT]:\r\n")
         seen = b""
-        read_until(b" ", timeout=30)  # the reply's own text is arriving
+        read_until(b"a time", timeout=30)  # the reply's own text is arriving; the server holds the rest
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         read_until(b" [stopped]")
         seen = b""
@@ -116,5 +159,3 @@ def test_ctrl_c_stops_a_reply_then_leaves_at_the_prompt(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
         os.close(master)
-    with sqlite3.connect(tmp_path / "chat.sqlite3") as conn:
-        assert conn.execute("SELECT role, status FROM messages ORDER BY id").fetchall() == [("user", "ok"), ("assistant", "stopped")]

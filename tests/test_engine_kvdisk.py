@@ -23,10 +23,10 @@ from bot.config import ConfigError, Sampling, load_settings
 from bot.engine.local import Engine, EngineOptions
 from bot.engine.kvdisk import SUFFIX, key_name
 from bot.formats.templates import Message, get_template
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ENGINE_THREADS, ROOT, run_cli
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
-THREADS = len(os.sched_getaffinity(0))
+THREADS = ENGINE_THREADS
 
 
 def options(folder: Path | None, **changes: object) -> EngineOptions:
@@ -287,7 +287,7 @@ CHILD = textwrap.dedent(
     from bot.engine.local import Engine, EngineOptions
 
     async def main():
-        opts = EngineOptions(n_ctx=512, n_threads=2, parallel=1, kv_cache_mb=0, kv_disk_dir=Path(sys.argv[1]), kv_disk_mb=64)
+        opts = EngineOptions(n_ctx=512, n_threads=int(sys.argv[4]), parallel=1, kv_cache_mb=0, kv_disk_dir=Path(sys.argv[1]), kv_disk_mb=64)
         engine = await Engine.load(bundled_model_path(), opts)
         replies = []
         for turn in range(2):
@@ -307,7 +307,7 @@ CHILD = textwrap.dedent(
 def run_child(folder: Path, *, fsize: int = 0, drop_caps: bool = False) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(fsize), "1" if drop_caps else "0"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+        [sys.executable, "-c", CHILD, str(folder), str(fsize), "1" if drop_caps else "0", str(THREADS)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr, out.stderr

@@ -1,5 +1,5 @@
 """Prompt templates: the command line, token-level injection safety, the Jinja sandbox, and how
-`auto` renders real messages (references for every template: test_template_references.py)."""
+`auto` renders real messages (references for every template: test_formats_template_references.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def conversation_file(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", NAMES)
 def test_render_prompt_prints_what_the_template_renders(name: str, conversation_file: Path, tmp_path: Path, model_path: Path) -> None:
     """`render-prompt` prints the prompt text, generation prompt included, nothing else
-    (what each template renders is checked against references in test_template_references.py)."""
+    (what each template renders is checked against references in test_formats_template_references.py)."""
     result = run_cli("render-prompt", "--template", name, "--messages", str(conversation_file), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     if name == AUTO:  # the bundled model's own template

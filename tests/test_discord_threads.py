@@ -1,7 +1,9 @@
-"""/chat threads, end to end: a mention in such a channel starts a thread, the reply goes
-there, and the thread is a conversation of its own where every message is answered.
-The real discord.py client against the local fake Discord API, the real model and a
-real SQLite file."""
+"""/chat threads: a mention in such a channel starts a thread, the reply goes there, and the
+thread is a conversation of its own where every message is answered.
+
+The real discord.py client against the local Discord API and a real SQLite file, on the
+scripted model (tests/scripted.py); a reply that must keep the only slot busy is held open
+by its script."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from bot.discord_adapter.intake import NO_THREAD_PERMISSION
 from bot.discord_adapter.text import thread_name
 from bot.discord_adapter.commands import NEED_ADMIN, NO_THREADS_IN_THREADS
 from bot.conversations.store import ChatMode, Store
+from bot.formats.templates import Message
 from tests.conftest import JSON, World, mention, rows, scope
+from tests.discord_helpers import ask
 from tests.fakediscord import Permissions
-from tests.test_discord import ask
+from tests.scripted import Script, ScriptedBackend
 
 
 async def threads_on(world: World, channel: JSON) -> str:
@@ -26,7 +30,7 @@ async def threads_on(world: World, channel: JSON) -> str:
 
 
 async def idle(world: World, bot: LlamaBot) -> None:
-    await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 60)
+    await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0)
 
 
 async def start_conversation(world: World, bot: LlamaBot, text: str) -> tuple[JSON, JSON, list[JSON]]:
@@ -38,7 +42,8 @@ async def start_conversation(world: World, bot: LlamaBot, text: str) -> tuple[JS
     return sent, thread, reply
 
 
-async def test_a_mention_starts_a_thread_that_is_its_own_conversation(world: World, start_bot) -> None:
+async def test_a_mention_starts_a_thread_that_is_its_own_conversation(world: World, start_bot, scripted: ScriptedBackend) -> None:
+    scripted.then("Mango is sweet.", "Mango.", "Yellow.")
     async with start_bot(stream=False) as bot:
         db = bot.ctx.settings.database_path
         await ask(world, bot, world.general, world.ann, "My favourite fruit is mango.")  # before: answered in the channel
@@ -49,7 +54,7 @@ async def test_a_mention_starts_a_thread_that_is_its_own_conversation(world: Wor
         assert thread["name"] == "What is my favourite fruit?" and thread["owner_id"] == world.fake.bot_user["id"]
         assert thread["parent_id"] == world.general["id"]
         assert len(world.fake.bot_messages(world.general)) == in_channel  # nothing more in the channel itself
-        assert reply["content"] and not reply.get("message_reference")  # the thread is the context
+        assert reply["content"] == "Mango." and not reply.get("message_reference")  # the thread is the context
 
         # In the thread every message is answered, without a mention.
         follow = await world.fake.send_message(thread, world.ann, "And what colour is it?")
@@ -69,9 +74,14 @@ async def test_a_mention_starts_a_thread_that_is_its_own_conversation(world: Wor
         assert not any("mango" in m.content for m in prompt.messages)  # the channel's history stays there
         # The thread's reply carries the same buttons as any other.
         assert any(c["custom_id"].startswith(f"llamabot:regen:{follow['id']}:") for row in world.fake.bot_messages(thread)[-1]["components"] for c in row["components"])
+    # What the model was asked in the thread: the thread's own history only.
+    assert [c.key for c in scripted.calls] == [scope(world, world.general), scope(world, thread), scope(world, thread)]
+    assert scripted.calls[2].messages[1:] == [
+        Message("user", "What is my favourite fruit?\nPlease answer briefly."), Message("assistant", "Mango."), Message("user", "And what colour is it?"),
+    ]
 
 
-async def test_threads_are_remembered_across_a_restart(world: World, start_bot, tmp_path: Path) -> None:
+async def test_threads_are_remembered_across_a_restart(world: World, start_bot, scripted: ScriptedBackend, tmp_path: Path) -> None:
     db = tmp_path / "kept.sqlite3"
     async with start_bot(db=db) as bot:
         await threads_on(world, world.general)
@@ -81,6 +91,9 @@ async def test_threads_are_remembered_across_a_restart(world: World, start_bot, 
         await world.fake.wait_for_bot_message(thread, after=sent)
         await idle(world, bot)
         assert [r[2] for r in rows(db, scope(world, thread)) if r[1] == "user"] == ["Hello there!", "Are you still there?"]
+        assert scripted.calls[-1].messages[1:] == [
+            Message("user", "Hello there!"), Message("assistant", "You said: Hello there!"), Message("user", "Are you still there?"),
+        ]  # the thread's history, from before the restart
         # A thread someone else started in that channel is theirs: only mentions are answered there.
         theirs = await world.fake.start_thread(world.general, world.ann, "my own thread")
         await world.fake.send_message(theirs, world.ann, "talking to myself")
@@ -93,16 +106,21 @@ async def test_threads_are_remembered_across_a_restart(world: World, start_bot, 
         assert answer["channel_id"] == world.general["id"] and len(world.fake.threads_of(world.general)) == 2
 
 
-async def test_a_waiting_thread_conversation_and_a_missed_mention_are_answered_after_a_restart(world: World, start_bot, tmp_path: Path) -> None:
+async def test_a_waiting_thread_conversation_and_a_missed_mention_are_answered_after_a_restart(
+    world: World, start_bot, scripted: ScriptedBackend, tmp_path: Path
+) -> None:
     db = tmp_path / "kept.sqlite3"
-    async with start_bot(db=db, parallel=1, n_predict=500) as bot:  # one reply at a time: the second waits
+    hold = asyncio.Event()
+    scripted.then(Script(["Once ", "upon ", "a ", "time."], hold=hold, hold_after=2))
+    async with start_bot(db=db, parallel=1) as bot:  # one reply at a time: the second waits
         await threads_on(world, world.general)
         busy = await world.fake.send_message(world.random, world.ann, f"{mention(world.fake)} Write a long story about a dragon.")
-        await world.fake.wait_for_bot_message(world.random, after=busy)
+        await world.fake.wait_for_bot_message(world.random, after=busy)  # held open: it keeps the only slot
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Hello from the waiting room!")
         [thread] = await world.fake.wait_for(lambda: world.fake.threads_of(world.general))
         [note] = await world.fake.wait_for_bot_message(thread)
         assert note["content"].startswith("\u23f3 Busy")
+        hold.set()  # the shutdown lets the story finish; the waiting one is not started
     # Stopped while it waited: it is stored, pending, in the thread's conversation.
     assert rows(db, scope(world, thread)) == [(scope(world, thread), "user", "Hello from the waiting room!")]
     missed = await world.fake.send_message(world.general, world.mod, f"{mention(world.fake)} Did I miss anything?")  # nobody connected
@@ -115,6 +133,10 @@ async def test_a_waiting_thread_conversation_and_a_missed_mention_are_answered_a
         assert [r[1] for r in rows(db, scope(world, thread))] == ["user", "assistant"]
         assert [r[1:] for r in rows(db, scope(world, late))][0] == ("user", "Did I miss anything?")
         assert sent["id"] == thread["id"]
+    assert note["content"] == "You said: Hello from the waiting room!"
+    assert {c.key: c.messages[-1].content for c in scripted.calls[1:]} == {
+        scope(world, thread): "Hello from the waiting room!", scope(world, late): "Did I miss anything?",
+    }
 
 
 async def test_after_a_crash_the_half_written_reply_in_a_thread_is_finished_in_place(world: World, start_bot, tmp_path: Path) -> None:
@@ -132,7 +154,7 @@ async def test_after_a_crash_the_half_written_reply_in_a_thread_is_finished_in_p
         await idle(world, bot)
     answer = rows(db, scope(world, thread))[1][2]
     assert [m["id"] for m in world.fake.bot_messages(thread)] == [half["id"]]  # finished in place, not posted again
-    assert world.fake.bot_messages(thread)[0]["content"] == answer != "The capital of"
+    assert world.fake.bot_messages(thread)[0]["content"] == answer == "You said: What is the capital of France?"
     assert world.fake.bot_messages(world.general) == []
 
 
@@ -144,7 +166,7 @@ async def test_without_the_thread_permission_the_answer_comes_in_the_channel(wor
         assert "Create Public Threads" in said
         [reply] = await ask(world, bot, world.general, world.ann, "Hello!")
         assert world.fake.threads_of(world.general) == []
-        assert reply["content"].endswith(f"-# {NO_THREAD_PERMISSION}")
+        assert reply["content"] == f"You said: Hello!\n-# {NO_THREAD_PERMISSION}"
         assert [r[1] for r in rows(bot.ctx.settings.database_path, scope(world, world.general))] == ["user", "assistant"]
 
 
@@ -165,7 +187,7 @@ async def test_a_long_message_names_its_thread_within_discords_limit(world: Worl
     name = thread_name(long)
     assert len(name) == 100 and name.endswith("\u2026") and long.startswith(name[:-1])
     assert thread_name("  Hi   there \n second line") == "Hi there"
-    async with start_bot(n_predict=8) as bot:
+    async with start_bot() as bot:
         await threads_on(world, world.general)
         _, thread, _ = await start_conversation(world, bot, long)
         assert thread["name"] == name

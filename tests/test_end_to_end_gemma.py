@@ -8,7 +8,6 @@ stored, and holds no turn markup.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from bot.discord_adapter.client import LlamaBot
 from bot.engine.local import Engine, EngineOptions, LocalBackend
 from bot.conversations.store import Store
 from bot.formats.templates import AUTO, FALLBACK, get_template
-from tests.conftest import World, make_settings, mention, rows, run_cli
+from tests.conftest import ENGINE_THREADS, World, make_settings, mention, rows, run_cli
 from tests.references import gemma3_path  # noqa: F401 (fixture)
 
 MARKUP = ("<end_of_turn>", "<start_of_turn>", "<bos>", "<eos>")
@@ -28,7 +27,7 @@ MARKUP = ("<end_of_turn>", "<start_of_turn>", "<bos>", "<eos>")
 
 @pytest.fixture(scope="module")
 def gemma_engine(gemma3_path: Path) -> Iterator[Engine]:
-    engine = Engine.load_sync(gemma3_path, EngineOptions(n_ctx=1024, n_threads=len(os.sched_getaffinity(0)), parallel=2, kv_cache_mb=16))
+    engine = Engine.load_sync(gemma3_path, EngineOptions(n_ctx=1024, n_threads=ENGINE_THREADS, parallel=2, kv_cache_mb=16))
     yield engine
     engine.close_sync()
 

@@ -1,7 +1,9 @@
-"""The SQLite store: migrations, upgrades, WAL, file mode, clear errors."""
+"""The SQLite store (bot/conversations/store.py): migrations, upgrades, WAL, file mode, clear
+errors, and SQL that never formats values in."""
 
 from __future__ import annotations
 
+import ast
 import sqlite3
 import stat
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.conversations.store import Store, StoreError, load_migrations
+from tests.conftest import ROOT
 
 
 async def test_migrations_run_twice_are_a_no_op(tmp_path: Path) -> None:
@@ -95,3 +98,38 @@ async def test_uncreatable_path_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("a file where a folder should be")
     with pytest.raises(StoreError, match="cannot create the database"):
         await Store.open(blocker / "bot.sqlite3")
+
+
+async def test_migration_4_keeps_old_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    async with await Store.open(path, upto=3) as old:
+        conv = await old.conversation("guild:1:channel:2")
+        await old.add_message(conv.id, "user", "hello", author_name="ann")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE conversations SET system_prompt = 'Be brief.'")
+    async with await Store.open(path) as store:
+        conv = await store.conversation("guild:1:channel:2")
+        assert (conv.system_prompt, conv.temperature, conv.top_p, conv.n_predict, conv.thinking) == ("Be brief.", None, None, None, None)
+        [message] = await store.messages(conv.id)
+        assert (message.content, message.attachments, message.full_text) == ("hello", None, "hello")
+
+
+def test_every_sql_statement_uses_parameters() -> None:
+    """No SQL is built by formatting: every execute() gets a literal string (values go in parameters).
+
+    The store's `_write(sql, params)` helper counts as an execute: its callers must pass
+    literals, and it hands its own `sql` parameter on unchanged."""
+    paths = sorted((ROOT / "bot").rglob("*.py"))
+    assert ROOT / "bot" / "conversations" / "store.py" in paths  # every layer's modules, in their folders
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        helpers = [n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef) and n.name == "_write"]
+        inside_helper = {id(c) for h in helpers for c in ast.walk(h)}
+        for node in ast.walk(tree):
+            sql_calls = ("execute", "execute_fetchall", "executemany", "executescript") + (("_write",) if path.name == "store.py" else ())
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in sql_calls:
+                first = node.args[0]
+                literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+                migration = isinstance(first, ast.BinOp) and isinstance(first.left, ast.Constant) and ast.unparse(first.right) == "m.sql"
+                passed_on = id(node) in inside_helper and isinstance(first, ast.Name) and first.id == "sql"
+                assert literal or migration or passed_on, f"{path.name}:{node.lineno}: SQL built at run time: {ast.unparse(first)}"

@@ -1,16 +1,20 @@
-"""The engine on the real model: stops, KV reuse, batching, cancellation, the state cache."""
+"""The engine on the real model (bot/engine/local.py): stops, KV reuse, batching and micro-batches,
+cancellation, the state cache, and giving up after repeated faults."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from bot.config import Sampling
 from bot.engine.backend import PromptTooLong
-from bot.engine.local import Engine
+from bot.engine.local import Engine, EngineDead, EngineOptions
 from bot.formats.reasoning import ReplyFormat, find_stop, held_back
 from bot.formats.templates import Message, get_template
+from tests.conftest import ENGINE_THREADS
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 
@@ -120,3 +124,48 @@ def test_stop_helpers() -> None:
     assert held_back("hello US", ["USER:"]) == 2
     assert held_back("hello", ["USER:"]) == 0
     assert held_back("x <|im", ["<|im_end|>", "<|im_start|>"]) == 4
+
+
+async def test_a_long_prompt_shares_steps_with_a_generating_channel_one_micro_batch_at_a_time(engine: Engine) -> None:
+    """Alone, a prompt is read in one decode (n_batch 2048). While another channel generates,
+    it goes at most n_ubatch (512) tokens a step, so that channel's next token never waits
+    for more than one micro-batch."""
+    long = chat_tokens(engine, "Please summarise: " + "the history of the world in many words " * 70)
+    assert engine.n_ubatch < len(long) <= engine.n_batch
+    before = engine.steps
+    alone = await engine.generate("micro-alone", long, max_tokens=1, sampling=GREEDY).wait()
+    assert alone.n_evaluated == len(long) and engine.steps - before == 1
+    story = engine.generate("micro-story", chat_tokens(engine, "Write a long story about a dragon."), max_tokens=300, sampling=GREEDY)
+    async for _ in story.stream():
+        break  # it is generating now
+    before = engine.batched_steps
+    read = await engine.generate("micro-read", long, max_tokens=1, sampling=GREEDY).wait()
+    batched = engine.batched_steps - before
+    story.cancel()
+    await story.wait()
+    assert read.n_evaluated == len(long)
+    assert batched == -(-len(long) // (engine.n_ubatch - 1))  # one step per micro-batch: the story's next token + 511 of the prompt
+
+
+@pytest.fixture
+async def own_engine(model_path: Path) -> AsyncIterator[Engine]:
+    """A small engine of its own (one slot), for faults the shared one must not see."""
+    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=ENGINE_THREADS, parallel=1, kv_cache_mb=64))
+    yield engine
+    await engine.close()
+
+
+async def test_engine_that_cannot_go_on_fails_every_request_at_once(own_engine: Engine) -> None:
+    """After repeated faults the engine gives up: waiting and later replies fail at once (no
+    hang), and `on_fatal` tells the process to exit so the service manager restarts it."""
+    fatal: list[str] = []
+    own_engine.on_fatal = fatal.append
+    tokens = own_engine.vocab.tokenize("Hello there, how are you?", special=False)
+    own_engine.inject_fault("admit", times=100)
+    generations = [own_engine.generate(f"k{i}", tokens, max_tokens=8, sampling=Sampling(temperature=0.0)) for i in range(8)]
+    done = await asyncio.wait_for(asyncio.gather(*(g.wait() for g in generations)), 30)
+    assert all(g.finish_reason == "error" for g in done)
+    await asyncio.sleep(0.1)
+    assert fatal and "faults in a row" in fatal[0] and own_engine.dead
+    with pytest.raises(EngineDead):
+        own_engine.generate("later", tokens, max_tokens=8, sampling=Sampling(temperature=0.0))

@@ -1,6 +1,6 @@
-"""BACKEND=openai against a real OpenAI-compatible server (llama-cpp-python's own, with the
-bundled model), against a scripted one for what a real server cannot be made to send
-(tests/sse_server.py), and sharding through the local Discord API."""
+"""BACKEND=openai (bot/engine/remote.py) against a real OpenAI-compatible server (llama-cpp-python's
+own, with the bundled model), and against a scripted one (tests/sse_server.py) for what a real
+server cannot be made to send on demand: errors, stalls, a stream held open for /stop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -21,19 +20,16 @@ import pytest
 
 from bot.engine.backend import Generation
 from bot.conversations.service import ChatService, UserMessage
-from bot.config import Settings
-from bot.discord_adapter.client import ShardedLlamaBot, create_bot
 from bot.discord_adapter.replies import SORRY, STOPPED
 from bot.engine.local import Engine, LocalBackend
 from bot.config import redact_url
 from bot.engine.remote import RemoteBackend, defang
-from bot.conversations.store import Store
 from bot.formats.templates import TEMPLATES, JinjaTemplate, Message, Template
-from tests.conftest import GREEDY, ROOT, World, make_settings, mention, rows, scope
-from tests.fakediscord import FakeDiscord
+from tests.conftest import ENGINE_THREADS, GREEDY, ROOT, World, mention, rows, scope
+from tests.discord_helpers import remote_bot, remote_settings
 from tests.references import HF_TEMPLATES
 from tests.sse_server import CLOSE, DONE, ScriptedServer, Step, chat_reply, delta, event, free_port, text
-from tests.test_templates import EVIL
+from tests.test_formats_templates import EVIL
 
 GPT_OSS = HF_TEMPLATES / "openai-gpt-oss-120b.jinja"
 
@@ -48,7 +44,7 @@ class LlamaServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LlamaServer:
-        threads = str(len(os.sched_getaffinity(0)))
+        threads = str(ENGINE_THREADS)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
              "--n_ctx", "2048", "--n_threads", threads, "--n_threads_batch", threads],
@@ -75,25 +71,6 @@ def server(model_path: Path) -> Iterator[LlamaServer]:
     srv = LlamaServer(model_path).start()
     yield srv
     srv.stop()
-
-
-def remote_settings(tmp_path: Path, base: str, **changes: Any) -> Settings:
-    return make_settings(tmp_path, backend="openai", openai_base_url=base, n_ctx=2048, **changes)
-
-
-@contextlib.asynccontextmanager
-async def remote_bot(world: World, settings: Settings, **connect: Any) -> AsyncIterator[Any]:
-    backend = await RemoteBackend.connect(settings, **connect)
-    try:
-        async with await Store.open(settings.database_path) as store:
-            bot = create_bot(settings, ChatService(backend, store, settings), guild_ready_timeout=0.1)
-            async with world.fake.running(bot):
-                try:
-                    yield bot
-                finally:
-                    await bot.shutdown(grace=30)
-    finally:
-        await backend.close()
 
 
 def replies_to(world: World, channel: dict, message: dict) -> list[dict]:
@@ -129,11 +106,15 @@ async def test_chat_mode_through_discord(world: World, server: LlamaServer, tmp_
             assert f"model server {server.base} is reachable and serves" in caplog.text
             assert "counts tokens with its llama-cpp-python tokenize endpoint" in caplog.text
             reply = await ask(world, bot, world.general, "What is the capital of France?")
-            assert "Paris" in reply["content"]
+            # (Not "Paris": llama_cpp.server 0.3.36 answers this prompt differently cold and from its
+            # prompt cache, and with 1 or 2 threads: "La femme de France..." or "The capital of France
+            # is Paris.", all greedy. The bundled model's answer through the bot's own engine:
+            # tests/test_end_to_end.py.)
+            assert reply["content"].strip() and reply["content"] != SORRY
             other = await ask(world, bot, world.random, "Name a colour.")
             assert other["content"] and other["content"] != SORRY
             db = settings.database_path
-            assert [r[1] for r in rows(db, scope(world, world.general))] == ["user", "assistant"]
+            assert [r[1:] for r in rows(db, scope(world, world.general))] == [("user", "What is the capital of France?"), ("assistant", reply["content"])]
             assert [r[1] for r in rows(db, scope(world, world.random))] == ["user", "assistant"]
             prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
             assert not any("Name a colour" in m.content for m in prompt.messages)  # histories kept apart
@@ -147,48 +128,57 @@ async def test_completions_mode_uses_this_bots_template(world: World, server: Ll
     settings = remote_settings(tmp_path, server.base, openai_mode="completions", prompt_template="chatml", stream=False, n_predict=32)
     async with remote_bot(world, settings) as bot:
         reply = await ask(world, bot, world.general, "What is the capital of France?")
-        assert "Paris" in reply["content"]
+        assert reply["content"].strip() and reply["content"] != SORRY  # (not "Paris": see test_chat_mode_through_discord)
+        assert [r[1:] for r in rows(settings.database_path, scope(world, world.general))] == [("user", "What is the capital of France?"), ("assistant", reply["content"])]
         prompt = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
         assert prompt.prepared.text is not None and prompt.prepared.text.startswith("<|im_start|>system\n")
         assert prompt.prepared.text.endswith("<|im_start|>assistant\n")
 
 
-async def test_stop_closes_the_stream(world: World, server: LlamaServer, tmp_path: Path) -> None:
-    settings = remote_settings(tmp_path, server.base, stream=True, n_predict=600)
-    async with remote_bot(world, settings) as bot:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long story about a dragon.")
-        await world.fake.wait_for(lambda: replies_to(world, world.general, sent), 60)
-        started = time.monotonic()
-        await (await world.fake.invoke_command("stop", user=world.ann, channel=world.general)).wait_done()
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 30)
-        assert time.monotonic() - started < 5  # at once, not after 600 tokens
-        [reply] = replies_to(world, world.general, sent)
-        assert reply["content"].endswith(STOPPED)
-        again = await ask_and_stop(world, bot, world.general, "Thanks!")
-        assert again["content"] != SORRY and again["content"].removesuffix(STOPPED).strip()
-
-
-async def test_server_killed_mid_stream_then_back(world: World, model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    srv = LlamaServer(model_path).start()
-    try:
-        settings = remote_settings(tmp_path, srv.base, stream=True, n_predict=600)
-        async with remote_bot(world, settings) as bot:
+async def test_stop_closes_the_stream(world: World, tmp_path: Path) -> None:
+    """/stop on a reply the server is still streaming (held open by the scripted server): the
+    bot closes the HTTP stream at once and keeps what was written."""
+    story = Step([event(delta("Once upon ")), event(delta("a time")), asyncio.Event(), event(delta(" there was a dragon.")), DONE])
+    async with ScriptedServer([story, chat_reply("You are welcome.")]) as server:
+        async with remote_bot(world, remote_settings(tmp_path, server.base, stream=True, n_predict=600)) as bot:
             sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long story about a dragon.")
             await world.fake.wait_for(lambda: replies_to(world, world.general, sent), 60)
+            started = time.monotonic()
+            await (await world.fake.invoke_command("stop", user=world.ann, channel=world.general)).wait_done()
+            await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 30)
+            assert time.monotonic() - started < 5  # at once, not when the server would have ended it
+            await world.fake.wait_for(lambda: server.completions[0].closed_at is not None, 10)  # the server saw the connection go
+            [reply] = replies_to(world, world.general, sent)
+            assert reply["content"] == "Once upon a time" + STOPPED
+            again = await ask(world, bot, world.general, "Thanks!")
+            assert again["content"] == "You are welcome."
+        assert server.completions[1].body["messages"][-2:] == [
+            {"role": "assistant", "content": "Once upon a time"}, {"role": "user", "content": "Thanks!"},
+        ]
+
+
+async def test_server_gone_mid_stream_then_back(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The server goes away while it streams (the connection drops), then nothing listens on its
+    port, then it is back on the same port: an apology each time, then answers again."""
+    dropped = Step([event(delta("Once upon ")), event(delta("a time")), 0.5, CLOSE])
+    server = ScriptedServer([dropped, chat_reply("Hello ", "again!")])
+    async with server:
+        settings = remote_settings(tmp_path, server.base, stream=True, n_predict=600)
+        async with remote_bot(world, settings) as bot:
             with caplog.at_level(logging.WARNING):
-                srv.stop()  # the server dies while it streams
-                await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 60)
+                sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} Write a long story about a dragon.")
+                await world.fake.wait_for(lambda: replies_to(world, world.general, sent) and bot.ctx.scheduler.running == 0, 60)
             [reply] = replies_to(world, world.general, sent)
             assert reply["content"] == SORRY
             assert f"model server request for {scope(world, world.general)} failed" in caplog.text
-            closed = await ask(world, bot, world.random, "Anyone there?")  # nothing listens now: retried, then an apology
+            await server.__aexit__(None, None, None)  # nothing listens now
+            closed = await ask(world, bot, world.random, "Anyone there?")  # retried, then an apology
             assert closed["content"] == SORRY
-            srv.start()  # it comes back on the same port: the bot serves again
-            back = await ask_and_stop(world, bot, world.general, "Hello again")
-            assert back["content"] != SORRY and back["content"].removesuffix(STOPPED).strip()
+            await server.__aenter__()  # it comes back on the same port: the bot serves again
+            back = await ask(world, bot, world.general, "Hello again")
+            assert back["content"] == "Hello again!"
             assert [r[1] for r in rows(settings.database_path, scope(world, world.general))] == ["user", "user", "assistant"]
-    finally:
-        srv.stop()
+    assert len(server.completions) == 2  # the stream that had begun was not retried
 
 
 async def test_closed_port_is_reported_at_start(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -503,38 +493,6 @@ def test_defang_keeps_text_readable_and_markup_inert(engine: Engine) -> None:
     assert safe.replace("\u2060", "") == EVIL
     assert not [t for t in engine.vocab.tokenize(safe, special=True) if engine.vocab.is_control(t)]  # even parsed as a server would
     assert [t for t in engine.vocab.tokenize(EVIL, special=True) if engine.vocab.is_control(t)]
-
-
-# --- sharding ----------------------------------------------------------------------------------
-
-
-async def test_two_shards_each_answer_their_guild(engine: Engine, tmp_path: Path) -> None:
-    async with FakeDiscord(shard_count=2) as fake:
-        ann = fake.add_user("ann")
-        guilds = [fake.add_guild(f"shard-{i}", shard=i) for i in range(2)]
-        channels = [fake.add_channel(g, "general") for g in guilds]
-        for g in guilds:
-            fake.add_member(g, ann)
-        settings = make_settings(tmp_path, discord_token=fake.token, shard_count=2, stream=False, user_cooldown_s=0.0)
-        async with await Store.open(settings.database_path) as store:
-            bot = create_bot(settings, ChatService(LocalBackend(engine), store, settings), guild_ready_timeout=0.1)
-            assert isinstance(bot, ShardedLlamaBot)
-            bot.before_identify_hook = _no_wait  # type: ignore[method-assign]
-            async with fake.running(bot):
-                for i, channel in enumerate(channels):
-                    sent = await fake.send_message(channel, ann, f"<@{fake.bot_user['id']}> My number is {i + 41}.")
-                    await fake.wait_for_bot_message(channel, after=sent, timeout=60)
-                    await fake.wait_for(lambda: bot.ctx.scheduler.running == 0, 60)
-                assert sorted(p["shard"] for p in fake.identify_payloads) == [[0, 2], [1, 2]]
-                assert {bot.get_guild(int(g["id"])).shard_id for g in guilds} == {0, 1}
-                for i, (g, channel) in enumerate(zip(guilds, channels)):
-                    stored = rows(settings.database_path, f"guild:{g['id']}:channel:{channel['id']}")
-                    assert [r[2] for r in stored if r[1] == "user"] == [f"My number is {i + 41}."]
-                await bot.shutdown(grace=30)
-
-
-async def _no_wait(shard_id: int | None, *, initial: bool = False) -> None:
-    return None
 
 
 async def test_local_chat_service_works_on_the_same_interface(chat: ChatService) -> None:

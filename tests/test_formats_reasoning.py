@@ -1,9 +1,10 @@
-"""Reasoning models: private thoughts kept apart from the answer, end to end.
+"""Reasoning models (bot/formats/reasoning.py): private thoughts split from the answer, piece
+by piece, then on a real model's output through the engine, the store and the terminal.
 
 The bundled model does not reason, so a llama.cpp grammar makes it: its replies are
 forced into `<think>…</think> answer` (or gpt-oss's harmony channels). Everything else
-is real: the engine, ReplyText, the store, the prompts, the Discord adapter against the
-local Discord API, and what Discord receives in every message and edit.
+is real: the engine, ReplyText, the store, the prompts. (How Discord shows reasoning:
+tests/test_discord_reasoning.py.)
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ import pytest
 
 from bot.conversations.service import ChatService, UserMessage
 from bot.config import Sampling
-from bot.discord_adapter.output import THOUGHT_NOTE
 from bot.engine.local import Engine
 from bot.formats.reasoning import ReplyFormat, ReplyText
 from bot.formats.templates import Message, get_template
 from bot.terminal import TerminalChat
-from tests.conftest import World, mention, scope
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.1)
 THINK = r'''root ::= "<think>" thought "</think>" " " answer
@@ -169,58 +168,3 @@ async def test_terminal_follows_thinking(chat: ChatService, mode: str) -> None:
         assert MARK not in text and "(thinking…)" in text and re.search(r"\(thought for \d+ s\)", text)
     else:
         assert "(thinking) " + MARK in text
-
-
-# --- through Discord -------------------------------------------------------------------------
-
-
-def shown_in(world: World, channel: dict) -> list[str]:
-    """Every text the bot ever put on screen in a channel: each message as posted and each edit."""
-    cid = channel["id"]
-    return [
-        str(r["json"].get("content") or "")
-        for r in world.fake.requests
-        if r["method"] in ("POST", "PATCH") and re.fullmatch(rf"/channels/{cid}/messages(/\d+)?", r["path"]) and isinstance(r["json"], dict)
-    ]
-
-
-async def ask_reasoning(world: World, bot, text: str) -> dict:
-    bot.ctx.chat.backend.grammar = THINK
-    try:
-        sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)} {text}")
-
-        def replies() -> list[dict]:
-            return [m for m in world.fake.bot_messages(world.general) if m.get("message_reference", {}).get("message_id") == sent["id"]]
-
-        await world.fake.wait_for(replies, 120)
-        await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 120)
-    finally:
-        bot.ctx.chat.backend.grammar = None
-    [reply] = replies()
-    return reply
-
-
-async def test_discord_hide_never_shows_a_thought(world: World, start_bot) -> None:
-    async with start_bot(n_predict=120, thinking="hide") as bot:  # streaming on: every edit is checked
-        reply = await ask_reasoning(world, bot, "What colour is grass?")
-        lines = reply["content"].split("\n")
-        assert re.fullmatch(r"[A-Z][a-z ,]{8,40}\.", lines[0]) and re.fullmatch(THOUGHT_NOTE.replace("{s:.0f}", r"\d+"), lines[1])
-        shown = shown_in(world, world.general)
-        assert not any(MARK in s or "think>" in s for s in shown), shown
-        with sqlite3.connect(bot.ctx.settings.database_path) as db:
-            stored = db.execute("SELECT content, reasoning FROM messages WHERE role = 'assistant'").fetchone()
-        assert stored[0] == lines[0] and stored[1].startswith(MARK)
-        follow = await bot.ctx.chat.build_prompt(await bot.ctx.chat.store.conversation(scope(world, world.general)))
-        assert not any(MARK in m.content for m in follow.messages)
-
-
-async def test_discord_spoiler_and_show(world: World, start_bot) -> None:
-    async with start_bot(n_predict=120, thinking="spoiler", stream=False) as bot:
-        reply = await ask_reasoning(world, bot, "What colour is snow?")
-        assert re.search(r"\|\|" + MARK + r"[a-z ]+\|\|", reply["content"])  # inside a spoiler
-        assert reply["content"].index("||") < reply["content"].rindex("\n\n")  # reasoning first, then the answer
-        assert reply["content"].startswith("-# \U0001f4ad reasoning")  # clearly marked
-    async with start_bot(n_predict=120, thinking="show", stream=False) as bot:
-        reply = await ask_reasoning(world, bot, "What colour is coal?")
-        assert "> " + MARK in reply["content"]
-        assert not any("||" in s for s in shown_in(world, world.general)[-1:])
