@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.health import read_beat
 from tests.conftest import ROOT
 from tests.fakediscord import FakeDiscord
 
@@ -86,6 +87,31 @@ async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord
         stored = db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
     assert [r[0] for r in stored] == ["user", "assistant"]
     assert replies[0]["content"].startswith(stored[1][1][:50])
+
+
+async def test_run_keeps_a_heartbeat_while_connected_and_removes_it_on_sigterm(fake: FakeDiscord, tmp_path: Path) -> None:
+    """The file `python -m bot health` (a container's HEALTHCHECK) reads: <DATABASE_PATH>.health."""
+    _, general, ann = one_channel(fake)
+    heartbeat = tmp_path / "bot.sqlite3.health"
+    process = await start_process(fake, tmp_path)
+    try:
+        await fake.wait_ready(timeout=60)
+        beat = await fake.wait_for(lambda: heartbeat.exists() and read_beat(heartbeat).connected and read_beat(heartbeat), 30)
+        assert beat.pid == process.pid and beat.backend_alive
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_"))}
+        env.update(PYTHONPATH=str(ROOT), DATABASE_PATH=str(tmp_path / "bot.sqlite3"))
+        health = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "health", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(health.communicate(), 60)
+        assert health.returncode == 0, out
+        sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")  # the health check took nothing from the bot
+        await fake.wait_for_bot_message(general, after=sent, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        code, log = await finish(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0, log
+    assert not heartbeat.exists()
 
 
 async def test_refused_message_content_intent_is_explained(fake: FakeDiscord, tmp_path: Path) -> None:

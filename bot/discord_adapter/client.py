@@ -30,6 +30,7 @@ from bot.conversations.service import EMPTY_NOTE, NO_CONTINUE, TOO_LONG_TO_CONTI
 from bot.config import Settings
 from bot.discord_adapter.commands import register_commands
 from bot.discord_adapter.output import NO_PINGS, EditBudget, ReplyStreamer, reply_view
+from bot.health import Heartbeat, heartbeat_path
 from bot.discord_adapter.views import CONTINUE, REGENERATE, STOP, ReplyButton, finished_view, has_button, writing_view
 from bot.conversations.scheduler import FairScheduler, Job, QueueFull
 from bot.conversations.store import CHAT_ON, CHAT_THREADS, EXPIRED, STOPPED as STOPPED_STATUS, StoredMessage
@@ -1035,6 +1036,9 @@ async def run_bot(settings: Settings) -> int:
                 return 0
             chat.on_backend_fatal(engine_gave_up)
             bot = create_bot(settings, chat)
+            # <DATABASE_PATH>.health, read by `python -m bot health` (a container's HEALTHCHECK)
+            beat = Heartbeat(heartbeat_path(settings.database_path), lambda: (bot.is_ready() and not bot.is_closed(), not chat.backend_dead()))
+            beat.start()
             runner = asyncio.ensure_future(_serve_discord(bot, settings.discord_token, stop))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -1059,6 +1063,7 @@ async def run_bot(settings: Settings) -> int:
                 log.error("Discord rejected DISCORD_TOKEN. Copy a fresh token from the Developer Portal (Bot > Reset Token) into .env.")
                 return 2
             finally:
+                beat.stop()
                 if not bot.is_closed():
                     await bot.close()
     except ModelError:
