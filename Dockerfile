@@ -10,10 +10,11 @@
 #
 # Build arguments:
 #   BASE        the Debian-family base image; Python comes from its packages.
-#   CMAKE_ARGS  how llama.cpp is compiled. The default runs on any CPU of the
-#               build's architecture: one CPU backend per instruction-set level,
-#               the best one picked at start-up. For a faster build that only runs
-#               on CPUs like the build machine's: --build-arg CMAKE_ARGS="-DGGML_NATIVE=ON"
+#   CMAKE_ARGS  how llama.cpp is compiled. Empty (the default): an image that runs on
+#               any CPU of the build's architecture (see below). For a quicker build
+#               that only runs on CPUs like the build machine's:
+#                 --build-arg CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
+#   UID, GID    the user the bot runs as (1000:1000)
 
 ARG BASE=debian:bookworm-slim
 
@@ -28,15 +29,20 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The slow step (llama.cpp's compile) first, in a layer of its own that only a new
-# version pin in pyproject.toml invalidates. What the RUN adds to CMAKE_ARGS:
-#  - with GGML_BACKEND_DL=ON, GGML_BACKEND_DIR = the folder the wheel puts its libraries
-#    in, compiled in, so that llama_backend_init() finds the CPU backends there;
-#  - on x86-64, the README's -mno-amx flags first (a CMAKE_ARGS of your own can still
-#    override them): ggml's AMX kernels crash the first reply on CPUs that report AMX.
-#    The one CPU variant built for AMX (sapphirerapids) gets its -mamx flags after
-#    them, so its library is deleted: AMX CPUs load the next best variant instead.
+# version pin in pyproject.toml invalidates. An empty CMAKE_ARGS means the portable
+# build for the architecture being built:
+#  - x86-64: one CPU backend per instruction-set level (GGML_CPU_ALL_VARIANTS, loaded
+#    at run time: GGML_BACKEND_DL, from GGML_BACKEND_DIR = the wheel's library folder),
+#    the best one for the CPU picked when the bot starts;
+#  - ARM64: the ARMv8.0 baseline (Raspberry Pi 4 and up). All the variants need a
+#    compiler that knows ARMv9.2, which Debian 12's GCC 12 does not;
+#  - anything else: llama.cpp's generic build (GGML_NATIVE=OFF).
+# On x86-64 the README's -mno-amx flags come first (a CMAKE_ARGS of your own can still
+# override them): ggml's AMX kernels crash the first reply on CPUs that report AMX. The
+# one CPU variant built for AMX (sapphirerapids) gets its -mamx flags after them, so its
+# library is deleted: AMX CPUs load the next best variant instead.
 # The last line fails the build if no CPU backend can be loaded.
-ARG CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DLLAVA_BUILD=OFF"
+ARG CMAKE_ARGS=""
 ARG CMAKE_BUILD_PARALLEL_LEVEL=2
 COPY pyproject.toml /src/pyproject.toml
 RUN --mount=type=secret,id=ca,required=false \
@@ -45,6 +51,14 @@ RUN --mount=type=secret,id=ca,required=false \
     version=$(grep -o 'llama-cpp-python==[0-9.]*' /src/pyproject.toml | head -n 1); \
     lib=$(python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/llama_cpp/lib; \
     args="$CMAKE_ARGS"; \
+    if [ -z "$args" ]; then \
+        case "$(uname -m)" in \
+            x86_64) args="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" ;; \
+            aarch64) args="-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a" ;; \
+            *) args="-DGGML_NATIVE=OFF" ;; \
+        esac; \
+        args="$args -DLLAVA_BUILD=OFF"; \
+    fi; \
     case "$args" in *GGML_BACKEND_DL=ON*) args="$args -DGGML_BACKEND_DIR=$lib" ;; esac; \
     amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; \
     case "$(uname -m)" in x86_64) args="-DCMAKE_C_FLAGS='$amx' -DCMAKE_CXX_FLAGS='$amx' $args" ;; esac; \
