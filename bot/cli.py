@@ -1,4 +1,4 @@
-"""The command line: `python -m bot [run | chat | render-prompt]`.
+"""The command line: `python -m bot [run | chat | render-prompt | health]`.
 
 Plain `python -m bot` starts the Discord bot when a token is configured, and
 the terminal chat otherwise. Every known mistake (configuration, model file,
@@ -18,6 +18,7 @@ from bot.config import ConfigError, Settings, load_env, load_settings
 from bot.engine.backend import ModelError
 from bot.conversations.records import StoreError
 from bot.formats.templates import NAMES, AUTO, Message, TemplateError, get_template, prompt_text
+from bot.health import MAX_AGE_S, check, heartbeat_path
 
 log = logging.getLogger("bot")
 
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--template", required=True, metavar="NAME", help=f"one of: {', '.join(NAMES)}")
     render.add_argument("--messages", required=True, metavar="FILE.json", help='a JSON list of {"role": ..., "content": ...}')
     render.add_argument("--model", metavar="PATH", help="model whose embedded template `auto` uses")
+    health = sub.add_parser("health", help="exit 0 if `python -m bot run` is serving (reads its heartbeat file, never the database)")
+    health.add_argument("--max-age", type=float, default=MAX_AGE_S, metavar="SECONDS", help=f"oldest acceptable heartbeat (default: {MAX_AGE_S:.0f})")
     return parser
 
 
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None:
                 values[variable] = value
         settings = load_settings(values)
+        if args.command == "health":
+            return health(settings, args.max_age)
         if args.command == "render-prompt":
             return render_prompt(args.template, Path(args.messages), settings)
         if args.command == "run":
@@ -156,6 +161,13 @@ def start_discord(settings: Settings) -> int:
 
     setup_logging(settings, quiet=False)
     return asyncio.run(run_bot(settings))
+
+
+def health(settings: Settings, max_age: float) -> int:
+    """A container's HEALTHCHECK: one line, exit 0 when the serving bot's heartbeat is fresh and good."""
+    ok, why = check(heartbeat_path(settings.database_path), max_age)
+    print(why)
+    return 0 if ok else 1
 
 
 def render_prompt(template_name: str, messages_file: Path, settings: Settings) -> int:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.health import read_beat
 from tests.bot_process import finish, one_channel, one_reply_then_sigterm, start_process
+from tests.conftest import ROOT
 from tests.fakediscord import FakeDiscord
 from tests.sse_server import DONE, ScriptedServer, Step, chat_reply, delta, event
 
@@ -102,6 +104,31 @@ async def test_plain_python_m_bot_starts_discord_when_a_token_is_set(fake: FakeD
     assert code == 0, log
     assert "[INFO] DISCORD_TOKEN is set: starting the Discord bot." in log
     assert reply["content"] == "Hello there!"
+
+
+async def test_run_keeps_a_heartbeat_while_connected_and_removes_it_on_sigterm(fake: FakeDiscord, server: ScriptedServer, tmp_path: Path) -> None:
+    """The file `python -m bot health` (a container's HEALTHCHECK) reads: <DATABASE_PATH>.health."""
+    _, general, ann = one_channel(fake)
+    heartbeat = tmp_path / "bot.sqlite3.health"
+    process = await start_process(fake, tmp_path, server=server)
+    try:
+        await fake.wait_ready(timeout=60)
+        beat = await fake.wait_for(lambda: heartbeat.exists() and read_beat(heartbeat).connected and read_beat(heartbeat), 30)
+        assert beat.pid == process.pid and beat.backend_alive
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "DISCORD_"))}
+        env.update(PYTHONPATH=str(ROOT), DATABASE_PATH=str(tmp_path / "bot.sqlite3"))
+        health = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "health", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(health.communicate(), 60)
+        assert health.returncode == 0, out
+        sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> hi")  # the health check took nothing from the bot
+        await fake.wait_for_bot_message(general, after=sent, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        code, log = await finish(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert code == 0, log
+    assert not heartbeat.exists()
 
 
 async def test_refused_message_content_intent_is_explained(fake: FakeDiscord, server: ScriptedServer, tmp_path: Path) -> None:

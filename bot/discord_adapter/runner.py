@@ -18,6 +18,7 @@ import yarl
 
 from bot.config import Settings
 from bot.conversations.service import open_chat
+from bot.health import Heartbeat, heartbeat_path
 from bot.discord_adapter.client import LlamaBot, create_bot
 from bot.engine.backend import ModelError
 
@@ -62,32 +63,35 @@ async def run_bot(settings: Settings) -> int:
                 return 0
             chat.on_backend_fatal(engine_gave_up)
             bot = create_bot(settings, chat)
-            runner = asyncio.ensure_future(_serve_discord(bot, settings.discord_token, stop))
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if stopper.done():
-                log.info("shutting down: finishing replies in progress")
-                await bot.shutdown(grace=0.0 if fatal else 20.0)
-            stopper.cancel()
-            try:
-                # After close(), discord.py may still be asleep in its reconnect back-off: don't wait for it.
-                await asyncio.wait_for(asyncio.shield(runner), 5.0)
-            except asyncio.TimeoutError:
-                runner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await runner
-            except discord.PrivilegedIntentsRequired:
-                log.error(
-                    "Discord refused the Message Content intent. Turn on 'Message Content Intent' on your "
-                    "application's Bot page (https://discord.com/developers/applications), then start the bot again."
-                )
-                return 2
-            except discord.LoginFailure:
-                log.error("Discord rejected DISCORD_TOKEN. Copy a fresh token from the Developer Portal (Bot > Reset Token) into .env.")
-                return 2
-            finally:
-                if not bot.is_closed():
-                    await bot.close()
+            # <DATABASE_PATH>.health for `python -m bot health` (a container's HEALTHCHECK)
+            probe = lambda: (bot.is_ready() and not bot.is_closed(), not chat.backend_dead())  # noqa: E731
+            async with Heartbeat(heartbeat_path(settings.database_path), probe):
+                runner = asyncio.ensure_future(_serve_discord(bot, settings.discord_token, stop))
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if stopper.done():
+                    log.info("shutting down: finishing replies in progress")
+                    await bot.shutdown(grace=0.0 if fatal else 20.0)
+                stopper.cancel()
+                try:
+                    # After close(), discord.py may still be asleep in its reconnect back-off: don't wait for it.
+                    await asyncio.wait_for(asyncio.shield(runner), 5.0)
+                except asyncio.TimeoutError:
+                    runner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await runner
+                except discord.PrivilegedIntentsRequired:
+                    log.error(
+                        "Discord refused the Message Content intent. Turn on 'Message Content Intent' on your "
+                        "application's Bot page (https://discord.com/developers/applications), then start the bot again."
+                    )
+                    return 2
+                except discord.LoginFailure:
+                    log.error("Discord rejected DISCORD_TOKEN. Copy a fresh token from the Developer Portal (Bot > Reset Token) into .env.")
+                    return 2
+                finally:
+                    if not bot.is_closed():
+                        await bot.close()
     except ModelError:
         if stop.is_set():
             log.info("stopped while loading the model")
