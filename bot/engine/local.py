@@ -46,7 +46,7 @@ import numpy as np
 
 from bot.engine.backend import EngineStats, Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
-from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
+from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, StateBuffers, common_prefix, model_identity
 from bot.formats.reasoning import ReplyFormat, ReplyText
 from bot.formats.templates import Message, Template, reply_format
 from bot.engine.vocab import Vocab, check_model_file, init_backend
@@ -127,6 +127,13 @@ class _Slot:
     last_used: float = 0.0
     request: _Request | None = None
     born: int = 0  # ForgetClock time when its content began (see bot.engine.kvdisk)
+    # Its first `stored` tokens are a prefix of the disk file whose tokens have digest `disk_digest`:
+    # while no token is added, evicting it needs no save (the file has it all).
+    disk_digest: str | None = None
+    stored: int = 0
+
+    def unchanged_on_disk(self) -> bool:
+        return self.disk_digest is not None and len(self.tokens) <= self.stored
 
 
 class _StateCache:
@@ -137,18 +144,25 @@ class _StateCache:
         self.used = 0
         self._entries: collections.OrderedDict[str, SavedState] = collections.OrderedDict()
 
-    def put(self, key: str, state: SavedState) -> list[tuple[str, SavedState]]:
-        """Keep a state; returns the ones pushed out to make room (oldest first)."""
-        self.drop(key)
-        if len(state.data) > self.limit:
+    def put(self, key: str, state: SavedState, protect: frozenset[str] = frozenset()) -> list[tuple[str, SavedState]]:
+        """Keep a state; returns the ones pushed out to make room (oldest first), or the state
+        itself when it does not fit (without pushing out the `protect`ed keys). The caller
+        takes out any older state of `key` first."""
+        assert key not in self._entries
+        size = len(state.data)
+        movable = sum(len(s.data) for k, s in self._entries.items() if k not in protect)
+        if self.used - movable + size > self.limit:
             return [(key, state)]
         out = []
-        while self.used + len(state.data) > self.limit:
-            old_key, old = self._entries.popitem(last=False)
-            self.used -= len(old.data)
-            out.append((old_key, old))
+        for old_key in list(self._entries):
+            if self.used + size <= self.limit:
+                break
+            if old_key not in protect:
+                old = self._entries.pop(old_key)
+                self.used -= len(old.data)
+                out.append((old_key, old))
         self._entries[key] = state
-        self.used += len(state.data)
+        self.used += size
         return out
 
     def take(self, key: str) -> SavedState | None:
@@ -162,9 +176,6 @@ class _StateCache:
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
-
-    def drop(self, key: str) -> None:
-        self.take(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -197,7 +208,11 @@ class Engine:
         self.batched_steps = 0  # steps that decoded more than one sequence
         self.tokens_evaluated = 0
         self.disk_restores = 0  # states restored from the disk tier
+        self.saves = 0  # slot states copied out of llama.cpp (evictions, shutdown)
+        self.saves_skipped = 0  # evictions that needed no copy: the disk held the slot's state unchanged
+        self.spent: collections.Counter[str] = collections.Counter()  # seconds in "save" and "restore" (state copies)
         self._clock = ForgetClock()
+        self._buffers = StateBuffers()
         self._disk: KVDisk | None = None
 
     # --- loading -----------------------------------------------------------------------
@@ -273,7 +288,7 @@ class Engine:
         log.info("model loaded: %s (%s), context %d tokens x %d slots, %d threads", path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads)
         if options.kv_disk_dir is not None and options.kv_disk_mb > 0 and options.reuse:
             identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=options.flash_attn, llama_cpp=L.__version__)
-            self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock)
+            self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock, self._buffers)
 
     def _warm_up(self) -> None:
         """One real decode, so the first user does not pay for page faults and graph setup."""
@@ -417,9 +432,11 @@ class Engine:
         wanted: list[tuple[float, str, _Slot | SavedState]] = []
         for slot in self._slots:
             if slot.key is not None and slot.tokens and slot.request is None and not self._clock.stale(slot.key, slot.born):
-                wanted.append((slot.last_used, slot.key, slot))
+                if not (slot.unchanged_on_disk() and disk.holds_digest(slot.key, slot.disk_digest or "")):
+                    wanted.append((slot.last_used, slot.key, slot))
         for key, state in self._states.items():
             if not self._clock.stale(key, state.born) and not disk.holds(key, state):
+                state.shared = True  # the RAM cache keeps it while the writer reads it
                 wanted.append((state.used_at, key, state))
         wanted.sort(key=lambda w: w[0], reverse=True)
         room = disk.limit
@@ -540,7 +557,7 @@ class Engine:
         return taken
 
     def _drop_key(self, key: str) -> None:
-        self._states.drop(key)
+        self._buffers.give(self._states.take(key))
         for slot in self._slots:
             if slot.key == key and slot.request is None:
                 self._clear(slot)
@@ -583,24 +600,33 @@ class Engine:
                 self._lock.notify()
 
     def _to_disk(self, key: str, state: SavedState) -> None:
-        """A state leaves memory: write it unless the disk has it already."""
+        """A state leaves memory: write it unless the disk has it already (the writer then
+        recycles its buffer; otherwise it is recycled here)."""
         if self._disk is not None and not self._clock.stale(key, state.born) and not self._disk.holds(key, state):
-            self._disk.write(key, state)
+            if self._disk.write(key, state):
+                return
+        self._buffers.give(state)
 
     def _save_slot(self, slot: _Slot) -> SavedState | None:
         """Copy a slot's KV state out of llama.cpp (None if it cannot be)."""
+        started = time.perf_counter()
         size = L.llama_state_seq_get_size(self._ctx, slot.seq)
         if size <= 0:
             return None
-        data = state_buffer(size)
+        data, mapping = self._buffers.take(size)
+        state = SavedState(data, list(slot.tokens), slot.born, used_at=slot.last_used, mapping=mapping)  # its age: when its channel last spoke
         if L.llama_state_seq_get_data(self._ctx, data, size, slot.seq) != size:
+            self._buffers.give(state)
             return None
-        return SavedState(data, list(slot.tokens), slot.born, used_at=slot.last_used)  # its age: when its channel last spoke
+        self.saves += 1
+        self.spent["save"] += time.perf_counter() - started
+        return state
 
     def _clear(self, slot: _Slot) -> None:
         L.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
         slot.tokens = []
         slot.key = None
+        slot.disk_digest, slot.stored = None, 0
 
     def _admit(self, request: _Request) -> None:
         """Give a request a slot, reusing as much cached KV as possible."""
@@ -639,6 +665,7 @@ class Engine:
                 slot.key = key
                 keep = 0
             del slot.tokens[keep:]
+            slot.stored = min(slot.stored, keep)
         request.pending = prompt[keep:]
         request.gen.n_cached = keep
         request.gen.n_evaluated = len(request.pending)
@@ -646,15 +673,27 @@ class Engine:
 
     def _evict(self, slot: _Slot) -> None:
         """Save an idle slot's KV state to the RAM cache (what that pushes out, and what does
-        not fit, goes to disk), then empty the slot."""
+        not fit, goes to disk), then empty the slot. A state the disk holds unchanged (restored
+        from there, nothing added since) needs no copy: the file has it."""
         key = slot.key
         assert key is not None
         if self.options.reuse and slot.tokens and (self._states.limit or self._disk is not None) and not self._clock.stale(key, slot.born):
-            state = self._save_slot(slot)
-            if state is not None:
-                for old_key, old in self._states.put(key, state):
-                    self._to_disk(old_key, old)
+            if slot.unchanged_on_disk() and self._disk is not None and self._disk.holds_digest(key, slot.disk_digest or ""):
+                self.saves_skipped += 1
+            else:
+                state = self._save_slot(slot)
+                if state is not None:
+                    self._keep(key, state)
         self._clear(slot)
+
+    def _keep(self, key: str, state: SavedState, protect: frozenset[str] = frozenset()) -> bool:
+        """Put a state in the RAM cache; what that pushes out (or the state itself, if it does
+        not fit) goes to disk. True if the state is in RAM now."""
+        self._buffers.give(self._states.take(key))  # an older state of the same conversation
+        pushed = self._states.put(key, state, protect)
+        for old_key, old in pushed:
+            self._to_disk(old_key, old)
+        return not any(old is state for _, old in pushed)
 
     def _restore(self, slot: _Slot, key: str, request: _Request) -> None:
         """Put the conversation's saved state into the slot: from RAM, from a write still
@@ -664,23 +703,38 @@ class Engine:
             saved = self._disk.pending(key)
         if saved is None and request.saved is not None:
             saved, source = request.saved, "disk"
+        if request.saved is not None and request.saved is not saved:
+            self._buffers.give(request.saved)  # read from disk, but a newer state was in memory
         request.saved = None
-        if saved is None or self._clock.stale(key, saved.born) or not self.options.reuse:
+        if saved is None:
             return
+        try:
+            if not self._clock.stale(key, saved.born) and self.options.reuse:
+                self._restore_state(slot, key, saved, source)
+        finally:
+            self._buffers.give(saved)  # copied into the slot (or unusable): its buffer is free
+
+    def _restore_state(self, slot: _Slot, key: str, saved: SavedState, source: str) -> bool:
+        """Copy a saved state into a slot (which must be empty); False if llama.cpp refused it."""
         if self._fault("restore"):
             raise RuntimeError("injected fault while restoring a cached state")
+        started = time.perf_counter()
         if L.llama_state_seq_set_data(self._ctx, saved.data, len(saved.data), slot.seq) == len(saved.data):
+            self.spent["restore"] += time.perf_counter() - started
             slot.tokens = list(saved.tokens)
             slot.born = saved.born
+            if source == "disk" or (self._disk is not None and self._disk.holds(key, saved)):
+                slot.disk_digest, slot.stored = saved.digest, len(saved.tokens)
             if source == "disk":
                 self.disk_restores += 1
                 log.debug("restored %s from disk: %d tokens", key, len(saved.tokens))
-        else:
-            log.warning("could not restore the saved state of %s from %s; evaluating its prompt again", key, source)
-            if source == "disk" and self._disk is not None:
-                self._disk.discard(key)
-            self._clear(slot)
-            slot.key = key
+            return True
+        log.warning("could not restore the saved state of %s from %s; evaluating its prompt again", key, source)
+        if source == "disk" and self._disk is not None:
+            self._disk.discard(key)
+        self._clear(slot)
+        slot.key = key
+        return False
 
     def _make_sampler(self, s: Sampling, prompt: list[int], grammar: str | None = None) -> int:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
