@@ -44,6 +44,7 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
+from bot.engine import flashattn
 from bot.engine.backend import EngineStats, Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
 from bot.config import Sampling
 from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, StateBuffers, common_prefix, model_identity
@@ -75,7 +76,10 @@ class EngineOptions:
     n_batch: int = 2048
     n_ubatch: int = 512
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
-    flash_attn: str = "auto"  # "auto" (llama.cpp decides; on for CPUs), "on" or "off" (see bench/)
+    flash_attn: str = "auto"  # "on", "off", or "auto": measured once per CPU (bot.engine.flashattn)
+    flash_attn_cache: Path | None = None  # where auto keeps its measurement; None: ~/.cache/llamabot/flash-attn.json
+    n_predict: int = 512  # the configured reply length (auto weighs generating speed by it)
+    warm_ttl_s: float = 30.0  # a warm-up no reply followed within this long is dropped (see Engine.warm)
     llama_log: bool = False
     kv_type: str = "f16"  # "f16" or "q8_0" (half the bytes per token; needs flash attention)
     kv_disk_dir: Path | None = None  # the disk tier's folder; None: no disk tier
@@ -211,6 +215,7 @@ class Engine:
         self.saves = 0  # slot states copied out of llama.cpp (evictions, shutdown)
         self.saves_skipped = 0  # evictions that needed no copy: the disk held the slot's state unchanged
         self.spent: collections.Counter[str] = collections.Counter()  # seconds in "save" and "restore" (state copies)
+        self.flash_attn: flashattn.Choice  # FLASH_ATTN as resolved at load
         self._clock = ForgetClock()
         self._buffers = StateBuffers()
         self._disk: KVDisk | None = None
@@ -262,9 +267,11 @@ class Engine:
         cparams.n_ubatch = min(options.n_ubatch, options.n_batch)
         cparams.n_threads = cparams.n_threads_batch = options.n_threads
         cparams.no_perf = not options.llama_log
-        cparams.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}.get(
-            options.flash_attn, L.LLAMA_FLASH_ATTN_TYPE_AUTO
+        self.flash_attn = flashattn.resolve(
+            options.flash_attn, model, path, n_threads=options.n_threads, kv_type=options.kv_type, type_kv=KV_TYPES[options.kv_type],
+            n_predict=options.n_predict, cache_path=options.flash_attn_cache,
         )
+        cparams.flash_attn_type = flashattn.FLASH_TYPES[self.flash_attn.setting]
         cparams.type_k = cparams.type_v = KV_TYPES[options.kv_type]
         ctx = L.llama_init_from_model(model, cparams)
         if not ctx:
@@ -285,10 +292,30 @@ class Engine:
         self._vocab = L.llama_model_get_vocab(model)
         self.info = self.vocab.info
         self._warm_up()
-        log.info("model loaded: %s (%s), context %d tokens x %d slots, %d threads", path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads)
+        log.info(
+            "model loaded: %s (%s), context %d tokens x %d slots, %d threads, flash attention %s",
+            path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads, self._describe_flash_attn(),
+        )
         if options.kv_disk_dir is not None and options.kv_disk_mb > 0 and options.reuse:
-            identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=options.flash_attn, llama_cpp=L.__version__)
+            # the setting in use, not "auto": its states differ in layout (V transposed without flash attention)
+            identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=self.flash_attn.setting, llama_cpp=L.__version__)
             self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock, self._buffers)
+
+    def _describe_flash_attn(self) -> str:
+        choice = self.flash_attn
+        why = {
+            "setting": "(FLASH_ATTN)",
+            "kv_type": "(KV_TYPE=q8_0 needs it)",
+            "unmeasured": "(FLASH_ATTN=auto: llama.cpp decides; it could not be measured with this model)",
+        }.get(choice.source)
+        if why is None:
+            when = "measured now" if choice.source == "measured" else "measured at an earlier start"
+            cache = self.options.flash_attn_cache or flashattn.default_cache_path()
+            why = f"(FLASH_ATTN=auto, {when} on this CPU and kept in {cache}, safe to delete"
+            if choice.timings:
+                why += f": {flashattn.describe(choice.timings, self.options.n_predict)}"
+            why += ")"
+        return f"{choice.setting} {why}"
 
     def _warm_up(self) -> None:
         """One real decode, so the first user does not pay for page faults and graph setup."""
