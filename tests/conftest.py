@@ -25,6 +25,11 @@ from tests.fakediscord import FakeDiscord, Permissions
 JSON = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The bot's FLASH_ATTN=auto measures this CPU and picks on or off, and the two compute slightly
+# different numbers (greedy replies can differ). So the bots the tests start in subprocesses run
+# with it on, as the tests' own engines do (EngineOptions' default); tests/test_flashattn.py is about auto.
+os.environ.setdefault("FLASH_ATTN", "on")
 TEST_N_CTX = 1024
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.1)
 

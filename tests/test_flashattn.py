@@ -44,6 +44,9 @@ def test_the_rule_weighs_reading_against_generating() -> None:
     assert flashattn.choose(timings, 512) == "off"  # a long reply: the faster generation wins
     assert flashattn.choose({"on": FAST_READ, "off": FAST_READ}, 16) == "on"  # a tie keeps llama.cpp's default
     assert FAST_GEN.reply_s(10) == pytest.approx(0.3 + 10 * 0.011 + 0.7 + 10 * 0.020)
+    # off computes attention in lower precision: if its greedy tokens stray from on's, on it stays
+    assert flashattn.choose(timings, 512, agreement=0.97) == "off"
+    assert flashattn.choose(timings, 512, agreement=flashattn.MIN_AGREEMENT - 0.01) == "on"
 
 
 def test_the_cache_key_follows_the_cpu_threads_model_and_build(model_path: Path, tmp_path: Path) -> None:
@@ -72,7 +75,7 @@ async def test_auto_measures_once_and_the_next_start_reads_the_cache(model_path:
         timings = first.flash_attn.timings
         assert timings is not None and set(timings) == {"on", "off"}
         assert all(t.read_deep > 0 and t.decode_deep > 0 and t.read_near > 0 and t.decode_near > 0 for t in timings.values())
-        assert first.flash_attn.setting == flashattn.choose(timings, 16)
+        assert first.flash_attn.setting == flashattn.choose(timings, 16, first.flash_attn.agreement)
         gen = await first.generate("fa", chat_tokens(first, "Name a color."), max_tokens=4, sampling=GREEDY).wait()
         assert gen.text.strip()
     finally:
@@ -81,6 +84,7 @@ async def test_auto_measures_once_and_the_next_start_reads_the_cache(model_path:
     assert f"flash attention {first.flash_attn.setting} (FLASH_ATTN=auto, measured now" in caplog.text
     [entry] = json.loads(cache.read_text())["entries"].values()
     assert entry["key"]["n_threads"] == THREADS and set(entry["timings"]) == {"on", "off"}
+    assert 0 <= entry["agreement"] <= 1 and entry["agreement"] == first.flash_attn.agreement
     assert oct(cache.stat().st_mode & 0o777) == "0o600"
 
     caplog.clear()

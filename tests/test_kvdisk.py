@@ -159,7 +159,7 @@ async def test_a_damaged_state_is_detected_deleted_and_logged(
         await engine.close()
 
 
-@pytest.mark.parametrize("change", ["model mtime", "model header", "context size", "kv type"])
+@pytest.mark.parametrize("change", ["model mtime", "model header", "context size", "kv type", "slots"])
 async def test_a_state_made_for_something_else_is_deleted_unused(
     change: str, model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -180,6 +180,8 @@ async def test_a_state_made_for_something_else_is_deleted_unused(
         assert model.stat().st_size == before.st_size
     elif change == "context size":
         changes["n_ctx"] = 640
+    elif change == "slots":  # a sequence's state holds one KV stream per slot: PARALLEL=1's cannot be restored with 2
+        changes["parallel"] = 2
     else:
         changes["kv_type"] = "q8_0"
 

@@ -22,6 +22,16 @@ empty context and one after DEPTH tokens, each being the 32-token read plus
 adding their times lets each count by how much time it actually costs, so the long
 history, where the two settings differ most, weighs the most, and a reply length
 of a few tokens still lets a faster read win.
+
+The two settings do not compute the same numbers: without flash attention llama.cpp's
+CPU path rounds attention scores to f16, and greedy replies can differ (SmolLM2 agreed
+with itself on 97.5% of next tokens over a 121-token text; the first token of "What is
+the capital of France?" flips). That is the same order as KV_TYPE=q8_0's 97%. As a
+guard against a broken kernel, the measurement also compares both settings' greedy
+next tokens over the 32-token read of a real text: below MIN_AGREEMENT, auto keeps
+flash attention on. Each value is the best of two rounds (the second is skipped when the first is
+clear: one setting's expected reply time CLEAR times the other's), against other
+work on a shared CPU; the log line at start shows what was measured.
 """
 
 from __future__ import annotations
@@ -40,13 +50,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import llama_cpp as L
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 DEPTH = 1536  # tokens of history for the "long conversation" case
 READ = 32  # tokens of a follow-up message
 DECODE = 6  # generated tokens timed per case
-ROUNDS = 2  # best of this many, alternating the settings
+ROUNDS = 2  # best of this many, alternating the settings (one when the first is CLEAR)
+CLEAR = 2.0  # one setting's expected reply this many times the other's: the second round is skipped
+MIN_AGREEMENT = 0.8  # off is chosen only if its greedy next tokens match on's this often
+TEXT = (
+    "The capital of France is Paris. It lies on the Seine, and people visit it for its museums, "
+    "its old streets and its food. In the evening the cafes fill up and the river is full of light."
+)
 MAX_ENTRIES = 32  # cache entries kept (one per CPU, thread count, model and build)
 SETTINGS = ("on", "off")
 FLASH_TYPES = {"on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO}
@@ -72,16 +89,26 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Measurement:
+    timings: dict[str, Timings]
+    agreement: float | None  # share of the text's positions where both settings' greedy next token is the same
+
+
+@dataclass(frozen=True)
 class Choice:
     """What FLASH_ATTN resolved to, and how."""
 
     setting: str  # "on", "off", or "auto" when it could not be measured (llama.cpp decides)
     source: str  # "setting" (on/off given), "kv_type" (q8_0 needs it), "cache", "measured", "unmeasured"
     timings: dict[str, Timings] | None = None
+    agreement: float | None = None
 
 
-def choose(timings: dict[str, Timings], n_predict: int) -> str:
-    """The setting with the shorter expected reply time (see the module's docstring)."""
+def choose(timings: dict[str, Timings], n_predict: int, agreement: float | None = None) -> str:
+    """The setting with the shorter expected reply time (see the module's docstring); on
+    when off's greedy tokens agree with on's less than MIN_AGREEMENT."""
+    if agreement is not None and agreement < MIN_AGREEMENT and "on" in timings:
+        return "on"
     return min(timings, key=lambda s: (timings[s].reply_s(n_predict), s != "on"))
 
 
@@ -143,24 +170,32 @@ def resolve(
     if isinstance(entry, dict):
         try:
             timings = {s: Timings(**entry["timings"][s]) for s in entry["timings"]}
+            agreement = entry.get("agreement")
         except (KeyError, TypeError):
             timings = {}
-        if timings:
-            return Choice(choose(timings, n_predict), "cache", timings)
+        if timings and (agreement is None or isinstance(agreement, float)):
+            return Choice(choose(timings, n_predict, agreement), "cache", timings, agreement)
     started = time.perf_counter()
-    timings = measure(model, n_threads=n_threads, type_kv=type_kv)
-    if not timings:
+    measured = measure(model, n_threads=n_threads, type_kv=type_kv, n_predict=n_predict)
+    if measured is None:
         log.warning("flash attention could not be measured with this model; llama.cpp decides (FLASH_ATTN=on or off chooses)")
         return Choice("auto", "unmeasured")
-    log.info("measured flash attention in %.1f s: %s", time.perf_counter() - started, describe(timings, n_predict))
-    entries[ident] = {"key": key, "timings": {s: asdict(t) for s, t in timings.items()}, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    timings, agreement = measured.timings, measured.agreement
+    setting = choose(timings, n_predict, agreement)
+    log.info("measured flash attention in %.1f s: %s", time.perf_counter() - started, describe(timings, n_predict, agreement))
+    if agreement is not None and agreement < MIN_AGREEMENT:
+        log.warning("without flash attention the model's greedy next tokens matched those with it only %.0f%% of the time: keeping it on", 100 * agreement)
+    entries[ident] = {
+        "key": key, "timings": {s: asdict(t) for s, t in timings.items()}, "agreement": agreement,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     _write_cache(cache_path, entries)
-    return Choice(choose(timings, n_predict), "measured", timings)
+    return Choice(setting, "measured", timings, agreement)
 
 
-def describe(timings: dict[str, Timings], n_predict: int) -> str:
+def describe(timings: dict[str, Timings], n_predict: int, agreement: float | None = None) -> str:
     """One line: each setting's read and decode speed and expected reply time."""
-    parts = []
+    parts = [] if agreement is None else [f"greedy next tokens agree {100 * agreement:.0f}%"]
     for s, t in timings.items():
         parts.append(
             f"{s}: read {READ / t.read_near:.0f} / {READ / t.read_deep:.0f} tok/s, generate {1 / t.decode_near:.0f} / {1 / t.decode_deep:.0f} tok/s "
@@ -200,42 +235,62 @@ def _write_cache(path: Path, entries: dict[str, object]) -> None:
 # --- the measurement -----------------------------------------------------------------------
 
 
-def measure(model: ctypes.c_void_p, *, n_threads: int, type_kv: int) -> dict[str, Timings]:
+def measure(model: ctypes.c_void_p, *, n_threads: int, type_kv: int, n_predict: int = 512) -> Measurement | None:
     """Time both settings (best of ROUNDS, alternating), with KV cells of ggml type `type_kv`.
-    Empty if the model's state cannot be laid out at DEPTH (not a plain KV cache); a setting
+    None if the model's state cannot be laid out at DEPTH (not a plain KV cache); a setting
     whose context cannot be made is left out."""
+    text = (_tokenize(model, TEXT) * 2)[: READ + DECODE]
+    if len(text) < READ + DECODE:
+        return None
     contexts: dict[str, _Bench] = {}
     try:
         for setting in SETTINGS:
-            bench = _Bench.make(model, setting, n_threads=n_threads, type_kv=type_kv)
+            bench = _Bench.make(model, setting, text, n_threads=n_threads, type_kv=type_kv)
             if bench is not None:
                 contexts[setting] = bench
         if not contexts or not all(b.ready for b in contexts.values()):
-            return {}
-        best: dict[str, list[float]] = {}
+            return None
+        rounds: dict[str, list[list[float]]] = {s: [] for s in contexts}
         for _ in range(ROUNDS):
             for setting, bench in contexts.items():
-                times = bench.run()
-                best[setting] = [min(a, b) for a, b in zip(best[setting], times)] if setting in best else times
-        return {s: Timings(*t) for s, t in best.items()}
+                rounds[setting].append(bench.run())
+            timings = {s: Timings(*(min(column) for column in zip(*r))) for s, r in rounds.items()}
+            replies = sorted(t.reply_s(n_predict) for t in timings.values())
+            if replies[-1] > CLEAR * replies[0]:
+                break  # clear already: a second round would not change the choice
+        agreement = None
+        if len(contexts) == 2:
+            on, off = contexts["on"].greedy, contexts["off"].greedy
+            agreement = sum(a == b for a, b in zip(on, off)) / max(1, len(on))
+        return Measurement(timings, agreement)
     finally:
         for bench in contexts.values():
             bench.free()
 
 
+def _tokenize(model: ctypes.c_void_p, text: str) -> list[int]:
+    vocab = L.llama_model_get_vocab(model)
+    raw = text.encode()
+    out = (L.llama_token * (len(raw) + 8))()
+    n = L.llama_tokenize(vocab, raw, len(raw), out, len(out), False, False)
+    return list(out[: max(0, n)])
+
+
 class _Bench:
     """One measuring context (one sequence, DEPTH + READ + a few cells) and its deep state."""
 
-    def __init__(self, ctx: ctypes.c_void_p, n_vocab: int) -> None:
+    def __init__(self, ctx: ctypes.c_void_p, text: list[int], n_vocab: int) -> None:
         self.ctx = ctx
         self.mem = L.llama_get_memory(ctx)
         self.batch = L.llama_batch_init(READ, 0, 1)
-        self.tokens = [(i * 7919) % n_vocab for i in range(1, READ + DECODE + 2)]  # any ids: speed does not depend on them
+        self.tokens = text  # a real text: its greedy next tokens compare the two settings' numbers
+        self.n_vocab = n_vocab
+        self.greedy: list[int] = []  # the next token after each of the read's positions (near an empty context)
         self.deep: ctypes.Array[ctypes.c_uint8] | None = None
         self.ready = False
 
     @classmethod
-    def make(cls, model: ctypes.c_void_p, setting: str, *, n_threads: int, type_kv: int) -> _Bench | None:
+    def make(cls, model: ctypes.c_void_p, setting: str, text: list[int], *, n_threads: int, type_kv: int) -> _Bench | None:
         params = L.llama_context_default_params()
         params.n_ctx = DEPTH + 256
         params.n_seq_max = 1
@@ -248,12 +303,18 @@ class _Bench:
         if not ctx:
             log.info("flash attention %s: llama.cpp cannot make a context with it for this model", setting)
             return None
-        bench = cls(ctx, L.llama_vocab_n_tokens(L.llama_model_get_vocab(model)))
+        bench = cls(ctx, text, L.llama_vocab_n_tokens(L.llama_model_get_vocab(model)))
         bench.ready = bench._prepare()
         return bench
 
     def _prepare(self) -> bool:
-        """Decode one token (also the first, untimed decode), then lay out its cell at DEPTH positions."""
+        """Read the text once, untimed (the first decode of that size sets llama.cpp's graph up),
+        keeping its greedy next tokens; then lay one token's cell out at DEPTH positions."""
+        if not self._decode(self.tokens[:READ], 0, every=True):
+            return False
+        logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(READ, self.n_vocab))
+        self.greedy = logits.argmax(axis=1).tolist()
+        L.llama_memory_seq_rm(self.mem, 0, -1, -1)
         if not self._decode(self.tokens[:1], 0):
             return False
         size = L.llama_state_seq_get_size(self.ctx, 0)
@@ -292,14 +353,15 @@ class _Bench:
         t2 = time.perf_counter()
         return t1 - t0, (t2 - t1) / DECODE
 
-    def _decode(self, tokens: list[int], start: int) -> bool:
+    def _decode(self, tokens: list[int], start: int, *, every: bool = False) -> bool:
+        """Decode `tokens` from position `start` (`every`: logits for each of them, not only the last)."""
         b = self.batch
         for i, token in enumerate(tokens):
             b.token[i] = token
             b.pos[i] = start + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = i == len(tokens) - 1
+            b.logits[i] = every or i == len(tokens) - 1
         b.n_tokens = len(tokens)
         return L.llama_decode(self.ctx, b) == 0
 

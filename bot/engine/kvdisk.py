@@ -338,6 +338,11 @@ class KVDisk:
         entry = self._index.get(key_name(key))
         return self.enabled and entry is not None and entry.digest == digest
 
+    def queued(self, key: str) -> bool:
+        """A state of this conversation waits to be written (see `pending`)."""
+        with self._lock:
+            return key in self._pending
+
     def pending(self, key: str) -> SavedState | None:
         """A state queued for writing: it is still in memory and can be used as it is
         (marked shared: the writer no longer recycles its buffer)."""

@@ -38,16 +38,16 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import llama_cpp as L
 import numpy as np
 
 from bot.engine import flashattn
-from bot.engine.backend import EngineStats, Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
+from bot.engine.backend import EngineStats, Generation, ModelError, ModelInfo, PreparedPrompt, PromptTooLong, WarmStats
 from bot.config import Sampling
-from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, StateBuffers, common_prefix, model_identity
+from bot.engine.kvdisk import SPARE_IDLE_S, ForgetClock, KVDisk, SavedState, StateBuffers, common_prefix, model_identity
 from bot.formats.reasoning import ReplyFormat, ReplyText
 from bot.formats.templates import Message, Template, reply_format
 from bot.engine.vocab import Vocab, check_model_file, init_backend
@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 
 FATAL_AFTER = 5
 """Faults in a row (with no successful step between them) after which the engine gives up."""
+
+WARM_MIN_TOKENS = 32
+"""A warm-up evaluates what a restored state lacks only from this many tokens up: the last
+turn's closing markup (2-3 tokens) is left to the reply, so the slot stays what the disk
+holds and can be given up without a save."""
 
 
 class EngineDead(RuntimeError):
@@ -76,7 +81,9 @@ class EngineOptions:
     n_batch: int = 2048
     n_ubatch: int = 512
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
-    flash_attn: str = "auto"  # "on", "off", or "auto": measured once per CPU (bot.engine.flashattn)
+    # "on", "off", or "auto": measured once per CPU (bot.engine.flashattn). The bot passes FLASH_ATTN (auto by
+    # default); code that builds options itself gets on, llama.cpp's choice for CPUs, unless it asks to measure.
+    flash_attn: str = "on"
     flash_attn_cache: Path | None = None  # where auto keeps its measurement; None: ~/.cache/llamabot/flash-attn.json
     n_predict: int = 512  # the configured reply length (auto weighs generating speed by it)
     warm_ttl_s: float = 30.0  # a warm-up no reply followed within this long is dropped (see Engine.warm)
@@ -138,6 +145,26 @@ class _Slot:
 
     def unchanged_on_disk(self) -> bool:
         return self.disk_digest is not None and len(self.tokens) <= self.stored
+
+
+@dataclass
+class _Warm:
+    """A warm-up (see `Engine.warm`): a conversation's state being made ready for the message
+    its member is typing."""
+
+    key: str
+    tokens: list[int]  # the prompt the next message will extend
+    born: int  # ForgetClock time when asked: forgotten since, it is dropped
+    deadline: float  # perf_counter: dropped (wasted) if no reply of `key` started by then
+    started: bool = False  # it did work (restore, read, evaluation)
+    done: bool = False  # nothing more to do: the state is as ready as it gets
+    seq: int | None = None  # the slot it restored into or evaluates in
+    reading: bool = False  # its state is being read from disk
+    result: SavedState | None = None  # ... and this is what was read, not yet placed
+    read_done: bool = False  # a read finished (None: the file was unusable)
+    waiters: list[tuple[_Request, bool]] = field(default_factory=list)  # replies waiting for that read (with `first`)
+    evaluated: int = 0  # tokens it evaluated
+    cpu_s: float = 0.0
 
 
 class _StateCache:
@@ -216,6 +243,11 @@ class Engine:
         self.saves_skipped = 0  # evictions that needed no copy: the disk held the slot's state unchanged
         self.spent: collections.Counter[str] = collections.Counter()  # seconds in "save" and "restore" (state copies)
         self.flash_attn: flashattn.Choice  # FLASH_ATTN as resolved at load
+        self.warm_stats = WarmStats()  # what warm-ups cost and brought (changed under the lock)
+        self._warms: dict[str, _Warm] = {}  # live warm-ups, oldest first (under the lock)
+        self._warm_due = False  # a warm-up may have work: look when idle
+        self._warm_decoding: str | None = None  # the conversation a warm-up decode is running for (under the lock)
+        self._reads: collections.Counter[str] = collections.Counter()  # replies whose state is being read from disk
         self._clock = ForgetClock()
         self._buffers = StateBuffers()
         self._disk: KVDisk | None = None
@@ -298,7 +330,10 @@ class Engine:
         )
         if options.kv_disk_dir is not None and options.kv_disk_mb > 0 and options.reuse:
             # the setting in use, not "auto": its states differ in layout (V transposed without flash attention)
-            identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=self.flash_attn.setting, llama_cpp=L.__version__)
+            # (and the slot count: a sequence's state holds one stream per slot, so PARALLEL=1's do not load into PARALLEL=4)
+            identity = model_identity(
+                path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=self.flash_attn.setting, parallel=options.parallel, llama_cpp=L.__version__
+            )
             self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock, self._buffers)
 
     def _describe_flash_attn(self) -> str:
@@ -313,7 +348,7 @@ class Engine:
             cache = self.options.flash_attn_cache or flashattn.default_cache_path()
             why = f"(FLASH_ATTN=auto, {when} on this CPU and kept in {cache}, safe to delete"
             if choice.timings:
-                why += f": {flashattn.describe(choice.timings, self.options.n_predict)}"
+                why += f": {flashattn.describe(choice.timings, self.options.n_predict, choice.agreement)}"
             why += ")"
         return f"{choice.setting} {why}"
 
@@ -352,13 +387,48 @@ class Engine:
                 raise EngineDead(self._dead)
             if self._stopping:
                 raise RuntimeError("engine is closed")
-            fetch = self._only_on_disk(key)
+            self._preempt_warm_up(key)
+            fetch = self._only_on_disk(key) or key in self._warms and self._warms[key].reading
             if not fetch:
                 self._incoming.append(request)
                 self._lock.notify()
         if fetch:  # read it now, on the I/O thread; the request queues once the bytes are in memory
             self._fetch(request)
         return gen
+
+    def warm(self, key: str, tokens: Sequence[int]) -> bool:
+        """Someone is typing in conversation `key`: make its state ready for a message that
+        will extend `tokens`, so that reply only evaluates the new message. Call on the event
+        loop; returns at once, True if a warm-up is on its way.
+
+        The engine thread does it when it has nothing else to do, at most one warm-up per
+        slot: an idle slot that holds the state already needs nothing; a state in RAM goes
+        into a free slot; one on disk is read (then into a free slot, or RAM); one that is
+        nowhere is evaluated in an idle slot, a micro-batch per step. A reply arriving for
+        another conversation aborts a warm-up's decode at once and takes what it needs; none
+        starts while replies are waiting. A warm-up no reply of `key` follows within
+        WARM_TTL_S is dropped, and counted as wasted (`warm_stats`)."""
+        if not self.options.reuse or not tokens or len(tokens) >= self.n_ctx:
+            return False
+        deadline = time.perf_counter() + self.options.warm_ttl_s
+        with self._lock:
+            if self._dead is not None or self._stopping:
+                return False
+            if self._reads[key] or any(r.gen.key == key for r in self._incoming) or any(s.key == key and s.request is not None for s in self._slots):
+                return False  # a reply of this conversation is on its way: its state will be where it is needed
+            w = self._warms.get(key)
+            if w is not None:
+                w.deadline = deadline  # still typing
+                if not w.started:
+                    w.tokens = list(tokens)
+                return True
+            if len(self._warms) >= self.options.parallel:
+                return False  # at most one warm-up per slot
+            self._warms[key] = _Warm(key, list(tokens), self._clock.now(), deadline)
+            self.warm_stats.asked += 1
+            self._warm_due = True
+            self._lock.notify()
+        return True
 
     def forget(self, key: str) -> None:
         """Drop a conversation's cached KV state, in RAM and on disk (after /reset, /template,
@@ -368,6 +438,8 @@ class Engine:
             self._disk.forget(key)
         with self._lock:
             self._forget.add(key)
+            if self._warm_decoding == key:  # stop building the old history's state now
+                self._abort_flag[0] = b"\x01"
             self._lock.notify()
 
     def inject_fault(self, where: str, times: int = 1) -> None:
@@ -397,6 +469,17 @@ class Engine:
             self._abort_flag[0] = b"\x01"
         with self._lock:
             self._lock.notify()
+
+    @property
+    def warming(self) -> int:
+        """Warm-ups with work left (reading, restoring or evaluating)."""
+        with self._lock:
+            return sum(1 for w in self._warms.values() if not w.done or w.reading or w.read_done)
+
+    @property
+    def warm_decoding(self) -> str | None:
+        """The conversation a warm-up is evaluating tokens for right now (None: none is)."""
+        return self._warm_decoding
 
     @property
     def busy_slots(self) -> int:
@@ -492,8 +575,9 @@ class Engine:
         FATAL_AFTER faults in a row the engine gives up (see `_give_up`)."""
         while True:
             with self._lock:
-                while not self._stopping and not self._incoming and not self._forget and not self._active():
-                    self._lock.wait()
+                while not self._stopping and not self._incoming and not self._forget and not self._active() and not self._warm_pending():
+                    self._lock.wait(self._idle_timeout())
+                    self._buffers.trim()
                 if self._stopping:
                     break
                 forget, self._forget = self._forget, set()
@@ -501,6 +585,7 @@ class Engine:
             try:
                 for key in forget:
                     self._drop_key(key)
+                self._place_warm_reads()
                 for request in incoming:
                     self._admit_or_fail(request)
                 for slot in self._active():
@@ -509,6 +594,8 @@ class Engine:
                 if self._active():
                     self._step()
                     self._faults_in_a_row = 0
+                elif self._warms:
+                    self._warm_step()
             except Exception as exc:  # whatever broke, the other channels keep being served
                 log.exception("engine step failed; ending the replies it held: %s", ", ".join(s.key or "?" for s in self._active()))
                 for slot in self._active():
@@ -585,16 +672,288 @@ class Engine:
 
     def _drop_key(self, key: str) -> None:
         self._buffers.give(self._states.take(key))
+        with self._lock:
+            w = self._warms.get(key)
+            if w is not None:
+                self._end_warm_up(w, used=False)
         for slot in self._slots:
             if slot.key == key and slot.request is None:
                 self._clear(slot)
+
+    # --- warm-ups (see `warm`) ------------------------------------------------------------
+
+    def _warm_pending(self) -> bool:
+        """A warm-up may have work, or one has outlived its deadline (lock held)."""
+        if not self._warms:
+            return False
+        if self._warm_due:
+            return True
+        now = time.perf_counter()
+        return any((w.deadline <= now and not w.waiters) or w.read_done for w in self._warms.values())
+
+    def _idle_timeout(self) -> float | None:
+        """How long the idle engine thread may sleep: until the next warm-up deadline, or
+        until spare state buffers are due to go back to the system (lock held)."""
+        waits = [w.deadline - time.perf_counter() for w in self._warms.values()]
+        if self._buffers.spare:
+            waits.append(SPARE_IDLE_S)
+        return max(0.0, min(waits)) if waits else None
+
+    def _warm_slots(self) -> set[int]:
+        """Slots holding the state of a live warm-up."""
+        return {w.seq for w in self._warms.values() if w.seq is not None and self._slots[w.seq].key == w.key}
+
+    def _preempt_warm_up(self, key: str) -> None:
+        """A reply arrived (lock held): abort a warm-up decode of another conversation now.
+        (One of its own conversation goes on: the reply needs that work.)"""
+        if self._warm_decoding is not None and self._warm_decoding != key:
+            self._abort_flag[0] = b"\x01"
+
+    def _end_warm_up(self, w: _Warm, *, used: bool) -> None:
+        """A warm-up ends: its reply started (used), or none did in time, or its history
+        changed (wasted). Lock held."""
+        if self._warms.get(w.key) is w:
+            del self._warms[w.key]
+        if w.read_done:
+            self._buffers.give(w.result)
+            w.result, w.read_done = None, False
+        if not w.started:
+            return
+        stats = self.warm_stats
+        if used:
+            stats.used += 1
+            return
+        stats.wasted += 1
+        stats.tokens_wasted += w.evaluated
+        stats.cpu_wasted_s += w.cpu_s
+        (log.info if w.evaluated else log.debug)(
+            "warm-up of %s not followed by a message: %d tokens evaluated, %.2f s CPU for nothing (so far: %d of %d warm-ups wasted, %.1f s CPU)",
+            w.key, w.evaluated, w.cpu_s, stats.wasted, stats.started, stats.cpu_wasted_s,
+        )
+
+    def _start_warm_up(self, w: _Warm) -> None:
+        if not w.started:
+            w.started = True
+            with self._lock:
+                self.warm_stats.started += 1
+
+    def _spend(self, w: _Warm, cpu_s: float, tokens: int = 0) -> None:
+        w.cpu_s += cpu_s
+        w.evaluated += tokens
+        with self._lock:
+            self.warm_stats.cpu_s += cpu_s
+            self.warm_stats.tokens += tokens
+
+    def _warm_step(self) -> None:
+        """One unit of warm-up work, on an engine with nothing else to do: drop what expired,
+        then start or go on with the oldest warm-up that has work."""
+        now = time.perf_counter()
+        with self._lock:
+            self._warm_due = False
+            for w in list(self._warms.values()):
+                if (w.deadline <= now and not w.waiters) or self._clock.stale(w.key, w.born):
+                    self._end_warm_up(w, used=False)
+            if self._incoming or sum(self._reads.values()):
+                return  # replies first; they wake the loop again when done
+            runnable = [w for w in self._warms.values() if not w.done and not w.reading and not w.read_done]
+        for w in runnable:
+            if self._warm_one(w):
+                self._warm_due = True  # there may be more: the loop looks at replies first, then comes back
+                return
+
+    def _warm_one(self, w: _Warm) -> bool:
+        """Move one warm-up on by one step; False if it had nothing to do (it is then done)."""
+        key = w.key
+        slot = next((s for s in self._slots if s.key == key), None)
+        if slot is not None and slot.request is not None:
+            w.done = True  # its reply is running (it ends as used when admitted)
+            return False
+        if slot is None:
+            slot = self._warm_slot_from_memory(w)
+            if slot is None:
+                if w.reading or w.read_done:  # a read from disk started (it may even have finished)
+                    return True
+                return not w.done and self._warm_evaluate_from_scratch(w)
+        w.seq = slot.seq
+        keep = common_prefix(slot.tokens, w.tokens)
+        rest = len(w.tokens) - keep
+        if rest <= 0 or (slot.tokens and rest < WARM_MIN_TOKENS):
+            w.done = True
+            return False
+        self._start_warm_up(w)
+        if keep < len(slot.tokens):
+            if not L.llama_memory_seq_rm(self._mem, slot.seq, keep, -1):
+                self._clear(slot)
+                slot.key, slot.born, keep = key, self._clock.now(), 0
+            del slot.tokens[keep:]
+            slot.stored = min(slot.stored, keep)
+        self._warm_decode(w, slot, w.tokens[keep : keep + self.n_ubatch])
+        return True
+
+    def _warm_slot_from_memory(self, w: _Warm) -> _Slot | None:
+        """The warm-up's state is in RAM (or queued for writing): restore it into a free slot
+        and return that slot. On disk: start reading it. None when it stays where it is."""
+        key = w.key
+        in_memory = key in self._states or (self._disk is not None and self._disk.queued(key))
+        if in_memory:
+            target = self._free_slot()
+            if target is None:
+                w.done = True  # ready in RAM; taking a slot would cost another state's save
+                return None
+            saved = self._states.take(key) or (self._disk.pending(key) if self._disk is not None else None)
+            if saved is None or self._clock.stale(key, saved.born):
+                self._buffers.give(saved)
+                return None
+            self._start_warm_up(w)
+            cpu = time.process_time()
+            try:
+                restored = self._restore_into(target, key, saved, "RAM")
+            finally:
+                self._buffers.give(saved)
+                self._spend(w, time.process_time() - cpu)
+            with self._lock:
+                self.warm_stats.restored += restored
+            return target  # restored, or (refused) empty and keyed: evaluated there instead
+        if self._disk is not None and self._disk.has(key):
+            self._start_warm_up(w)
+            try:
+                future = self._disk.read(key, w.tokens)
+            except RuntimeError:  # closing
+                w.done = True
+                return None
+            w.reading = True
+            future.add_done_callback(lambda f: self._warm_read_done(w, _result(f)))
+        return None
+
+    def _warm_evaluate_from_scratch(self, w: _Warm) -> bool:
+        """The warm-up's state is nowhere: claim an idle slot (not another warm-up's) to evaluate it in."""
+        target = self._free_slot()
+        if target is None:
+            warming = self._warm_slots()
+            idle = [s for s in self._slots if s.request is None and s.seq not in warming]
+            if not idle:
+                w.done = True  # every slot is busy or warming: no room
+                return False
+            target = min(idle, key=lambda s: s.last_used)
+        self._start_warm_up(w)
+        if target.key is not None:
+            cpu = time.process_time()
+            self._evict(target)
+            self._spend(w, time.process_time() - cpu)
+        target.key, target.born, target.last_used = w.key, self._clock.now(), time.perf_counter()
+        w.seq = target.seq
+        return True
+
+    def _free_slot(self) -> _Slot | None:
+        """An idle slot a warm-up may take without costing a save: empty, or holding a state
+        the disk has unchanged; never one another warm-up holds."""
+        warming = self._warm_slots()
+        idle = [s for s in self._slots if s.request is None and s.seq not in warming]
+        empty = next((s for s in idle if s.key is None), None)
+        if empty is not None:
+            return empty
+        clean = [s for s in idle if s.unchanged_on_disk() and self._disk is not None and self._disk.holds_digest(s.key or "", s.disk_digest or "")]
+        if not clean:
+            return None
+        target = min(clean, key=lambda s: s.last_used)
+        self._evict(target)  # no save: the disk has it
+        return target
+
+    def _restore_into(self, slot: _Slot, key: str, saved: SavedState, source: str) -> bool:
+        """Restore a warm-up's state into an empty slot, which it then holds."""
+        slot.key, slot.born, slot.last_used = key, self._clock.now(), time.perf_counter()
+        return self._restore_state(slot, key, saved, source)
+
+    def _warm_decode(self, w: _Warm, slot: _Slot, chunk: list[int]) -> None:
+        """Evaluate one micro-batch of a warm-up's tokens. A reply arriving meanwhile aborts it
+        (llama.cpp drops the unfinished micro-batch; the slot keeps what was done)."""
+        start = len(slot.tokens)
+        self._fill_batch([(t, start + i, slot.seq, i == len(chunk) - 1) for i, t in enumerate(chunk)])
+        with self._lock:
+            if self._incoming or sum(self._reads.values()) or self._stopping:
+                return
+            self._watched = []
+            self._abort_flag[0] = b"\x00"
+            self._warm_decoding = w.key
+        cpu = time.process_time()
+        try:
+            rc = L.llama_decode(self._ctx, self._batch)
+        finally:
+            with self._lock:
+                self._warm_decoding = None
+        self.steps += 1
+        done = len(chunk) if rc == 0 else max(0, L.llama_memory_seq_pos_max(self._mem, slot.seq) + 1 - start)
+        slot.tokens += chunk[:done]
+        slot.last_used = time.perf_counter()
+        self._spend(w, time.process_time() - cpu, done)
+        if rc == 2:
+            with self._lock:
+                self.warm_stats.preempted += 1
+        elif rc != 0:
+            log.warning("a warm-up decode failed with code %d; dropping the warm-up of %s", rc, w.key)
+            self._clear(slot)
+            w.done = True
+        elif len(slot.tokens) >= len(w.tokens) and slot.tokens[: len(w.tokens)] == w.tokens:
+            w.done = True
+
+    def _warm_read_done(self, w: _Warm, saved: SavedState | None) -> None:
+        """A warm-up's read from disk finished (reader thread): hand the state to a reply that
+        waits for it, or keep it for the engine thread to place."""
+        with self._lock:
+            w.reading = False
+            waiters, w.waiters = w.waiters, []
+            live = self._warms.get(w.key) is w and not self._stopping
+            if not waiters and live:
+                w.result, w.read_done = saved, True
+                self._warm_due = True
+                self._lock.notify()
+                return
+        if saved is not None and waiters:
+            self._spend(w, saved.read_cpu_s)  # the read the reply then used
+        if not waiters:
+            self._buffers.give(saved)
+            return
+        for i, (request, first) in enumerate(waiters):
+            self._fetched(request, first, saved if i == 0 else None)
+
+    def _place_warm_reads(self) -> None:
+        """Put the states warm-ups read from disk where the next message finds them: in a free
+        slot when the engine is idle, else in the RAM cache (pushing out nothing a waiting reply needs)."""
+        with self._lock:
+            ready = [w for w in self._warms.values() if w.read_done]
+            protect = frozenset(r.gen.key for r in self._incoming)
+            busy = bool(self._incoming) or bool(self._active())
+        for w in ready:
+            with self._lock:
+                saved, w.result, w.read_done = w.result, None, False
+            if saved is None:  # unusable (damaged, or the history moved on): it can be evaluated instead
+                continue
+            self._spend(w, saved.read_cpu_s)
+            if self._clock.stale(w.key, saved.born) or any(s.key == w.key for s in self._slots):
+                self._buffers.give(saved)
+                continue
+            with self._lock:
+                self.warm_stats.restored += 1
+            target = None if busy else self._free_slot()
+            if target is not None:
+                cpu = time.process_time()
+                try:
+                    if self._restore_into(target, w.key, saved, "disk"):
+                        w.seq = target.seq
+                finally:
+                    self._buffers.give(saved)
+                    self._spend(w, time.process_time() - cpu)
+            elif not self._keep(w.key, saved, protect):
+                w.done = True  # it did not fit in RAM: it stays on disk
+            else:
+                w.done = True  # ready in RAM
 
     # --- the disk tier -------------------------------------------------------------------
 
     def _only_on_disk(self, key: str) -> bool:
         """The state of `key` is on disk and nowhere in memory (any thread; a wrong guess only costs a read)."""
         disk = self._disk
-        if disk is None or not disk.has(key) or key in self._states or disk.pending(key) is not None:
+        if disk is None or not disk.has(key) or key in self._states or disk.queued(key):
             return False
         return not any(s.key == key for s in self._slots)
 
@@ -602,19 +961,31 @@ class Engine:
         """Read the request's state from disk on the I/O thread, then queue the request
         (`first`: at the head of the queue, where it was)."""
         request.fetched = True
+        key = request.gen.key
+        with self._lock:
+            self._reads[key] += 1
+            w = self._warms.get(key)
+            if w is not None and w.reading:  # a warm-up is reading it already: wait for that read
+                w.waiters.append((request, first))
+                return
+            if w is not None and w.read_done:  # ... or has read it: take what it read
+                saved, w.result = w.result, None
+                self._fetched(request, first, saved)
+                return
         try:
-            future = self._disk.read(request.gen.key, request.prompt)  # type: ignore[union-attr]
+            future = self._disk.read(key, request.prompt)  # type: ignore[union-attr]
         except RuntimeError:  # the engine closed meanwhile
+            with self._lock:
+                self._reads[key] -= 1
             self._report(request, "", "cancelled")
             return
-        future.add_done_callback(functools.partial(self._fetched, request, first))
+        future.add_done_callback(lambda f: self._fetched(request, first, _result(f)))
 
-    def _fetched(self, request: _Request, first: bool, future: concurrent.futures.Future[SavedState | None]) -> None:
-        try:
-            request.saved = future.result()
-        except BaseException:  # cancelled at shutdown
-            request.saved = None
+    def _fetched(self, request: _Request, first: bool, saved: SavedState | None) -> None:
+        """The request's state was read (None: there was none worth using): queue it."""
+        request.saved = saved
         with self._lock:
+            self._reads[request.gen.key] -= 1
             if self._dead is not None:
                 self._report(request, "", "error", self._dead)
             elif self._stopping or request.gen._cancel:
@@ -624,7 +995,10 @@ class Engine:
                     self._incoming.appendleft(request)
                 else:
                     self._incoming.append(request)
+                self._preempt_warm_up(request.gen.key)
                 self._lock.notify()
+                return
+        self._buffers.give(saved)
 
     def _to_disk(self, key: str, state: SavedState) -> None:
         """A state leaves memory: write it unless the disk has it already (the writer then
@@ -658,6 +1032,10 @@ class Engine:
     def _admit(self, request: _Request) -> None:
         """Give a request a slot, reusing as much cached KV as possible."""
         key = request.gen.key
+        with self._lock:
+            w = self._warms.get(key)
+            if w is not None:
+                self._end_warm_up(w, used=True)
         idle = [s for s in self._slots if s.request is None]
         slot = next((s for s in idle if s.key == key), None)
         if slot is not None and self._clock.stale(key, slot.born):  # forgotten while it was busy
@@ -667,7 +1045,8 @@ class Engine:
             if self._disk is not None and self.options.reuse and not request.fetched and self._only_on_disk(key):
                 self._fetch(request, first=True)  # it comes back with the bytes; the slots go on meanwhile
                 return
-            slot = next((s for s in idle if s.key is None), None) or min(idle, key=lambda s: s.last_used)
+            warming = self._warm_slots()  # taken last: they hold a state someone is about to use
+            slot = next((s for s in idle if s.key is None and s.seq not in warming), None) or min(idle, key=lambda s: (s.seq in warming, s.last_used))
             if slot.key is not None:
                 self._evict(slot)
             slot.key = key
@@ -929,6 +1308,7 @@ class Engine:
             req.sampler = None
         slot.request = None
         slot.last_used = time.perf_counter()
+        self._warm_due = True  # warm-ups waiting for an idle engine may go on
         if self.options.llama_log:
             g = req.gen
             prompt_s = (g.first_token_at or time.perf_counter()) - (g.started_at or g.queued_at)
@@ -954,6 +1334,7 @@ class LocalBackend:
     in a worker thread, never on the event loop."""
 
     applies_template = False
+    can_warm = True
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -980,6 +1361,10 @@ class LocalBackend:
     def forget(self, key: str) -> None:
         self.engine.forget(key)
 
+    def warm(self, key: str, prompt: PreparedPrompt) -> bool:
+        assert prompt.tokens is not None
+        return self.engine.warm(key, prompt.tokens)
+
     @property
     def dead(self) -> str | None:
         """Why the engine gave up, once it has (the process should exit and be restarted)."""
@@ -993,6 +1378,7 @@ class LocalBackend:
             cached_states=engine.cached_states,
             cache_bytes=engine.cache_bytes,
             cache_limit_bytes=engine.options.kv_cache_mb * 1024 * 1024,
+            warm=replace(engine.warm_stats),
         )
 
     @property
@@ -1008,6 +1394,14 @@ class LocalBackend:
 
     async def close(self) -> None:
         await self.engine.close()
+
+
+def _result(future: concurrent.futures.Future[SavedState | None]) -> SavedState | None:
+    """A disk read's outcome; None if it was cancelled (shutdown) or failed."""
+    try:
+        return future.result()
+    except BaseException:
+        return None
 
 
 def _flag_reader() -> L.ggml_abort_callback:
