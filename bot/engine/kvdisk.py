@@ -236,6 +236,8 @@ class KVDisk:
         # counters (read by tests and the benchmark)
         self.used = 0
         self.writes = 0
+        self.reads = 0  # states read whole
+        self.spent: collections.Counter[str] = collections.Counter()  # reader seconds: "read" (into the buffer), "check" (the hash)
 
     # --- opening -------------------------------------------------------------------------
 
@@ -438,8 +440,13 @@ class KVDisk:
                 data, mapping = self.buffers.take(header["state_bytes"])
                 state = SavedState(data, tokens.tolist(), born, _digest=header["tokens"], mapping=mapping)
                 view = memoryview(data).cast("B")
+                t0 = time.perf_counter()
                 _read_into(f, view)  # straight into the buffer llama.cpp reads: no second copy
+                t1 = time.perf_counter()
                 check.update(view)
+                self.spent["read"] += t1 - t0
+                self.spent["check"] += time.perf_counter() - t1
+                self.reads += 1
                 (stored,) = _CHECK.unpack(_read_exactly(f, _CHECK.size))
                 del view
         except FileNotFoundError:  # deleted meanwhile (forgotten, or evicted for room)
