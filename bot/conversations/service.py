@@ -380,14 +380,18 @@ class ChatService:
         last = self.last_replies.get(scope)
         if last is not None and not last.generation.done:
             return False  # its state will be in its slot when that reply ends
-        conversation = await self.store.find_conversation(scope)
-        if conversation is None:
+        try:
+            conversation = await self.store.find_conversation(scope)
+            if conversation is None:
+                return False
+            forgets = self._forgets[scope]
+            prompt = await self.build_prompt(conversation, upcoming=author_id or "")
+            if prompt.n_history == 0 or self._forgets[scope] != forgets:  # nothing to warm, or the history changed meanwhile (/reset, an edit)
+                return False
+            return self.backend.warm(scope, prompt.prepared)
+        except Exception:  # speculative work: a failure here must not reach the caller's event handler
+            log.exception("could not warm up %s", scope)
             return False
-        forgets = self._forgets[scope]
-        prompt = await self.build_prompt(conversation, upcoming=author_id or "")
-        if prompt.n_history == 0 or self._forgets[scope] != forgets:  # nothing to warm, or the history changed meanwhile (/reset, an edit)
-            return False
-        return self.backend.warm(scope, prompt.prepared)
 
     # --- replying ----------------------------------------------------------------------
 
@@ -552,7 +556,7 @@ class ChatService:
             messages = head + _merge_turns([Message(m.role, _content(m, names)) for m in picked])
             prepared = await self.backend.prepare(renderer, messages)
             if prepared.n_tokens <= budget - (UPCOMING_TOKENS if upcoming is not None else 0) or (upcoming is not None and not picked):
-                if picked:
+                if picked:  # (a warm-up's too: the next message's prompt then starts where the warmed one does)
                     self._window_start[conversation.scope] = picked[0].id
                 return Prompt(prepared, messages, template, len(picked), cut, kept)
             if len(picked) > (2 if open_answer else 1):

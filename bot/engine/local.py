@@ -162,6 +162,7 @@ class _Warm:
     reading: bool = False  # its state is being read from disk
     result: SavedState | None = None  # ... and this is what was read, not yet placed
     read_done: bool = False  # a read finished (None: the file was unusable)
+    unreadable: bool = False  # ... and it was: evaluate instead of reading again
     waiters: list[tuple[_Request, bool]] = field(default_factory=list)  # replies waiting for that read (with `first`)
     evaluated: int = 0  # tokens it evaluated
     cpu_s: float = 0.0
@@ -814,7 +815,7 @@ class Engine:
             with self._lock:
                 self.warm_stats.restored += restored
             return target  # restored, or (refused) empty and keyed: evaluated there instead
-        if self._disk is not None and self._disk.has(key):
+        if self._disk is not None and self._disk.has(key) and not w.unreadable:
             self._start_warm_up(w)
             try:
                 future = self._disk.read(key, w.tokens)
@@ -926,7 +927,8 @@ class Engine:
         for w in ready:
             with self._lock:
                 saved, w.result, w.read_done = w.result, None, False
-            if saved is None:  # unusable (damaged, or the history moved on): it can be evaluated instead
+            if saved is None:  # unusable (damaged, gone, or the history moved on): it can be evaluated instead
+                w.unreadable = True
                 continue
             self._spend(w, saved.read_cpu_s)
             if self._clock.stale(w.key, saved.born) or any(s.key == w.key for s in self._slots):
