@@ -360,6 +360,10 @@ class KVDisk:
         """Read a conversation's state on the reader thread; the future gives None if there is
         none worth using (missing, damaged, made for another prompt)."""
         born = self.clock.now()
+        with self._lock:  # used now: the most recent in the LRU from this moment (a write making room meanwhile spares it)
+            stem = key_name(key)
+            if stem in self._index:
+                self._index.move_to_end(stem)
         return self._reader.submit(self._read_safely, key, prompt, born)
 
     def write(self, key: str, state: SavedState) -> bool:

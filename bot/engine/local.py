@@ -576,7 +576,10 @@ class Engine:
         FATAL_AFTER faults in a row the engine gives up (see `_give_up`)."""
         while True:
             with self._lock:
-                while not self._stopping and not self._incoming and not self._forget and not self._active() and not self._warm_pending():
+                while (
+                    not self._stopping and not self._incoming and not self._forget and not self._active()
+                    and not self._warm_pending() and not self._room_for_reads()
+                ):
                     self._lock.wait(self._idle_timeout())
                     self._buffers.trim()
                 if self._stopping:
@@ -595,8 +598,11 @@ class Engine:
                 if self._active():
                     self._step()
                     self._faults_in_a_row = 0
-                elif self._warms:
-                    self._warm_step()
+                else:
+                    for slot in self._room_for_reads():
+                        self._evict(slot)
+                    if self._warms:
+                        self._warm_step()
             except Exception as exc:  # whatever broke, the other channels keep being served
                 log.exception("engine step failed; ending the replies it held: %s", ", ".join(s.key or "?" for s in self._active()))
                 for slot in self._active():
@@ -662,6 +668,20 @@ class Engine:
 
     def _active(self) -> list[_Slot]:
         return [s for s in self._slots if s.request is not None]
+
+    def _room_for_reads(self) -> list[_Slot]:
+        """Idle slots to empty now for replies whose state is being read from disk: the
+        save of the state a slot holds then overlaps the read, instead of following it.
+        The least recently used, as admission would pick (warm-ups' last); only while the
+        engine has nothing else to do."""
+        with self._lock:
+            wanted = sum(self._reads.values()) - sum(1 for s in self._slots if s.request is None and s.key is None)
+            if wanted <= 0 or self._incoming or self._active():
+                return []
+            reading = {k for k, n in self._reads.items() if n}
+            warming = self._warm_slots()
+            idle = [s for s in self._slots if s.request is None and s.key is not None and s.key not in reading]
+            return sorted(idle, key=lambda s: (s.seq in warming, s.last_used))[:wanted]
 
     def _take_admissible(self) -> list[_Request]:
         """Requests that can get a slot now (called with the lock held)."""
@@ -966,6 +986,7 @@ class Engine:
         key = request.gen.key
         with self._lock:
             self._reads[key] += 1
+            self._lock.notify()  # the idle engine empties a slot meanwhile (see _room_for_reads)
             w = self._warms.get(key)
             if w is not None and w.reading:  # a warm-up is reading it already: wait for that read
                 w.waiters.append((request, first))
