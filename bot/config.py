@@ -64,8 +64,10 @@ class Settings:
     kv_cache_mb: int = 256
     max_queue: int = 32
     stream: bool = True
-    flash_attn: str = "auto"
+    flash_attn: str = "auto"  # auto: measured once on this CPU (bot.engine.flashattn), kept beside the database
     user_cooldown_s: float = 1.0
+    warm_on_typing: bool = True  # make a conversation's state ready while a member types (ChatService.warm)
+    warm_ttl_s: float = 30.0  # a warm-up no message followed within this long is dropped, and counted as wasted
     # Reasoning models
     thinking: str = "hide"  # hide | spoiler | show: what Discord and the terminal show of a model's reasoning
     enable_thinking: bool | None = None  # passed to templates that take it (Qwen3); None: the template's default
@@ -125,6 +127,10 @@ class Settings:
     def resolved_model_path(self) -> Path:
         """The GGUF to load: MODEL_PATH, or the bundled model."""
         return self.model_path if self.model_path is not None else bundled_model_path()
+
+    def resolved_flash_attn_cache(self) -> Path:
+        """Where FLASH_ATTN=auto keeps what it measured: beside the database (safe to delete)."""
+        return self.database_path.with_name(self.database_path.name + ".flash-attn.json")
 
     def resolved_kv_disk_dir(self) -> Path:
         """Where saved KV states go: KV_DISK_DIR, or a folder beside the database."""
@@ -305,6 +311,8 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "stream", take("STREAM", _bool))
     put(kwargs, "flash_attn", take("FLASH_ATTN", lambda n, r: _choice(n, r, ("off", "on", "auto"))))
     put(kwargs, "user_cooldown_s", take("USER_COOLDOWN_S", lambda n, r: _float(n, r, 0.0, 3600.0)))
+    put(kwargs, "warm_on_typing", take("WARM_ON_TYPING", _bool))
+    put(kwargs, "warm_ttl_s", take("WARM_TTL_S", lambda n, r: _float(n, r, 1.0, 3600.0)))
     put(kwargs, "thinking", take("THINKING", lambda n, r: _choice(n, r, THINKING_MODES)))
     put(kwargs, "enable_thinking", take("ENABLE_THINKING", lambda n, r: _choice(n, r, ("on", "off")) == "on"))
     put(kwargs, "resume_max_age_s", take("RESUME_MAX_AGE_S", lambda n, r: _float(n, r, 0.0, 30 * 86400.0)))

@@ -26,6 +26,11 @@ from tests.scripted import ScriptedBackend
 JSON = dict[str, Any]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The bot's FLASH_ATTN=auto measures this CPU and picks on or off, and the two compute slightly
+# different numbers (greedy replies can differ). So the bots the tests start in subprocesses run
+# with it on, as the tests' own engines do (EngineOptions' default); tests/test_engine_flashattn.py is about auto.
+os.environ.setdefault("FLASH_ATTN", "on")
 TEST_N_CTX = 1024
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.1)
 ENGINE_THREADS = max(1, len(os.sched_getaffinity(0)) - 1)

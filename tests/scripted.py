@@ -90,6 +90,8 @@ class ScriptedBackend:
     default: Callable[[Call], Script] = field(default=lambda call: echo(call))
     calls: list[Call] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    can_warm: bool = True
+    warmed: list[tuple[str, str]] = field(default_factory=list)  # (key, prompt text) of each warm-up asked for
     _scripts: collections.deque[Script | Callable[[Call], Script]] = field(default_factory=collections.deque)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -206,6 +208,11 @@ class ScriptedBackend:
 
     def forget(self, key: str) -> None:
         self.forgotten.append(key)
+
+    def warm(self, key: str, prompt: PreparedPrompt) -> bool:
+        """Recorded: the prompt a warm-up would make ready (there is no state to make ready)."""
+        self.warmed.append((key, prompt.text or ""))
+        return self.can_warm
 
     def describe(self) -> str:
         return "scripted replies (tests), in this process"

@@ -45,6 +45,9 @@ BAD_VALUES = [
     ("OPENAI_BASE_URL", "localhost:8080", "OPENAI_BASE_URL must be a URL starting with http:// or https://"),
     ("OPENAI_MODE", "edits", "OPENAI_MODE must be one of chat, completions"),
     ("FLASH_ATTN", "yes", "FLASH_ATTN must be one of off, on, auto"),
+    ("WARM_ON_TYPING", "sometimes", "WARM_ON_TYPING must be 1 or 0"),
+    ("WARM_TTL_S", "0", "WARM_TTL_S must be a number from 1.0 to 3600.0"),
+    ("WARM_TTL_S", "soon", "WARM_TTL_S must be a number"),
 ]
 
 
@@ -114,6 +117,11 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.sampling.seed is None
     assert settings.resolved_model_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert load_settings({"PROMPT_TEMPLATE": "Mistral-Instruct-v0.1"}).prompt_template == "mistral-instruct"
+    assert settings.warm_on_typing is True and settings.warm_ttl_s == 30.0
+    assert settings.resolved_flash_attn_cache() == Path("bot.sqlite3.flash-attn.json")  # beside the database
+    off = load_settings({"WARM_ON_TYPING": "0", "WARM_TTL_S": "12.5", "DATABASE_PATH": "/srv/bot/db.sqlite3"})
+    assert off.warm_on_typing is False and off.warm_ttl_s == 12.5
+    assert off.resolved_flash_attn_cache() == Path("/srv/bot/db.sqlite3.flash-attn.json")
 
 
 def test_token_never_in_repr() -> None:

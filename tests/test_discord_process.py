@@ -8,9 +8,11 @@ server (tests/sse_server.py), whose reply stays open until the test lets it end.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path

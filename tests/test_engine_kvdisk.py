@@ -159,7 +159,7 @@ async def test_a_damaged_state_is_detected_deleted_and_logged(
         await engine.close()
 
 
-@pytest.mark.parametrize("change", ["model mtime", "model header", "context size", "kv type"])
+@pytest.mark.parametrize("change", ["model mtime", "model header", "context size", "kv type", "slots"])
 async def test_a_state_made_for_something_else_is_deleted_unused(
     change: str, model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -180,6 +180,8 @@ async def test_a_state_made_for_something_else_is_deleted_unused(
         assert model.stat().st_size == before.st_size
     elif change == "context size":
         changes["n_ctx"] = 640
+    elif change == "slots":  # a sequence's state holds one KV stream per slot: PARALLEL=1's cannot be restored with 2
+        changes["parallel"] = 2
     else:
         changes["kv_type"] = "q8_0"
 
@@ -393,3 +395,49 @@ def test_q8_0_without_flash_attention_is_one_line_and_exit_2(tmp_path: Path) -> 
     result = run_cli("chat", stdin="", cwd=tmp_path, env={"KV_TYPE": "q8_0", "FLASH_ATTN": "off"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: KV_TYPE=q8_0 needs flash attention: set FLASH_ATTN=auto or on, or KV_TYPE=f16"]
+
+
+# --- format and buffers -----------------------------------------------------------------------
+
+
+async def test_a_file_of_the_older_format_is_deleted_unread(model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Files of the first format (CRC-32) are told apart by their magic and deleted at start."""
+    folder = tmp_path / "kv"
+    _, gen = await saved_conversation(model_path, folder)
+    path = state_file(folder, "guild:1:channel:2")
+    raw = bytearray(path.read_bytes())
+    assert raw[:8] == b"LLBOTKV2"
+    raw[:8] = b"LLBOTKV1"
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.INFO, logger="bot.engine.kvdisk"):
+        engine = await load(model_path, folder)
+    try:
+        assert "deleted 1 saved KV states: written by an older version of the bot" in caplog.text
+        assert not path.exists()
+        again = await ask(engine, "guild:1:channel:2", chat_tokens(engine, "Tell me about cats.", gen.text, "And dogs?"))
+        assert again.n_cached == 0 and engine.disk_restores == 0
+    finally:
+        await engine.close()
+
+
+async def test_state_buffers_are_recycled_between_saves_and_reads(model_path: Path, tmp_path: Path) -> None:
+    """One slot, no RAM cache: two conversations taking turns push each other to disk and read
+    themselves back. Once written or restored, a buffer serves the next save or read."""
+    folder = tmp_path / "kv"
+    engine = await load(model_path, folder)
+    try:
+        prompts = {k: chat_tokens(engine, f"Conversation {k}: name a fruit.") for k in "ab"}
+        texts: dict[str, list[str]] = {"a": [], "b": []}
+        for turn in range(3):
+            for k in "ab":
+                gen = await ask(engine, k, prompts[k], max_tokens=4)
+                texts[k].append(gen.text)
+                assert turn == 0 or gen.n_cached > 0  # restored from disk
+                engine.disk.drain()
+        buffers = engine._buffers
+        assert engine.disk_restores == 4
+        assert buffers.reused >= 4 and buffers.made <= 4  # 5 saves and 4 reads: most took a recycled buffer
+        assert buffers.spare <= 2
+        assert all(len(set(v)) == 1 for v in texts.values())  # the same answer each time
+    finally:
+        await engine.close()

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from bot.engine.backend import Generation
+from bot.engine.backend import Generation, PreparedPrompt
 from bot.conversations.service import ChatService, UserMessage
+from bot.conversations.store import Store
 from bot.discord_adapter.replies import SORRY, STOPPED
 from bot.engine.local import Engine, LocalBackend
 from bot.config import redact_url
@@ -411,6 +412,21 @@ async def test_token_counts_from_the_servers_tokenize_endpoint(tmp_path: Path, c
                 assert await backend.count([text_]) == [len(text_.split())]  # the server's count, not an estimate
                 await reply(backend)
         assert {r.headers.get("Authorization") for r in server.requests} == {"Bearer sk-test"}  # the key goes to every endpoint
+
+
+async def test_typing_costs_a_remote_server_nothing(tmp_path: Path) -> None:
+    """Warm-ups are the local engine's: the chat layer does not even build the prompt (which
+    would ask the server to count tokens) for a remote backend."""
+    async with ScriptedServer([chat_reply("Hi")], tokenizer="llama-server") as server, remote_backend(tmp_path, server.base) as backend:
+        settings = remote_settings(tmp_path, server.base)
+        async with await Store.open(settings.database_path) as store:
+            conversation = await store.conversation("dm:typing")
+            await store.add_message(conversation.id, "user", "Hi")
+            await store.add_message(conversation.id, "assistant", "Hello")
+            before = len(server.requests)
+            assert not backend.can_warm and not backend.warm("dm:typing", PreparedPrompt(n_tokens=2, messages=[]))
+            assert not await ChatService(backend, store, settings).warm("dm:typing")
+            assert len(server.requests) == before
 
 
 async def test_a_server_down_at_start_is_checked_once_it_answers_even_with_openai_model_set(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_REFILL = 0.5  # after the history outgrows the context, the prompt restarts half full (as llama.cpp's context shift)
 IMAGE_ROOM = 0.25  # when images must give way, enough of them do to leave this share of the window free for the next turns
+UPCOMING_TOKENS = 128  # room a warm-up keeps for the message being typed, so its window slides as the real prompt's will
 CUT_NOTE = "(Your message was too long for my context window, so I only read its beginning.)"
 CUT_FILES_NOTE = "(Your message with its attached files was too long for my context window, so I only read its beginning: about {kept:.0%} of it.)"
 EMPTY_NOTE = "(I had nothing to say to that. Try rephrasing?)"
@@ -209,6 +210,7 @@ class ChatService:
         self._images_from: dict[str, int] = {}  # scope -> messages older than this id show placeholders, not images
         self._image_bytes: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # sha256 -> stored bytes (LRU)
         self._image_cache_used = 0
+        self._forgets: collections.Counter[str] = collections.Counter()  # scope -> times its cached state was dropped
         self.last_replies: collections.OrderedDict[str, LastReply] = collections.OrderedDict()  # newest 1,000 scopes
         self.last_reply: LastReply | None = None  # bot-wide
         self._chat_modes: dict[str, ChatMode] = {}  # conversations not in ChatMode.OFF (see load_chat_modes)
@@ -558,7 +560,39 @@ class ChatService:
         """The stored history changed under a conversation: drop its cached KV and window."""
         self._window_start.pop(scope, None)
         self._images_from.pop(scope, None)
+        self._forgets[scope] += 1
         self.backend.forget(scope)
+
+    async def warm(self, scope: str, *, author_id: str | None = None) -> bool:
+        """A member of this conversation started typing: have the backend make the
+        conversation's state ready for the message to come, so its reply only reads that
+        message. Cheap to call on every typing event (the Discord adapter's TYPING_START).
+
+        The prompt warmed is the one the next message will extend: the system prompt and the
+        history up to its last turn, windowed as `build_prompt` will window it (with room for
+        the message), rendered without a generation prompt. `author_id`: who is typing (in a
+        guild channel where someone else spoke so far, their message turns names on).
+
+        True if a warm-up is on its way; False when WARM_ON_TYPING is off, the backend cannot
+        warm (a remote server), the conversation has no history yet, or a reply of it is
+        already running."""
+        if not self.settings.warm_on_typing or not self.backend.can_warm:
+            return False
+        last = self.last_replies.get(scope)
+        if last is not None and not last.generation.done:
+            return False  # its state will be in its slot when that reply ends
+        try:
+            conversation = await self.store.find_conversation(scope)
+            if conversation is None:
+                return False
+            forgets = self._forgets[scope]
+            prompt = await self.build_prompt(conversation, upcoming=author_id or "")
+            if prompt.n_history == 0 or self._forgets[scope] != forgets:  # nothing to warm, or the history changed meanwhile (/reset, an edit)
+                return False
+            return self.backend.warm(scope, prompt.prepared)
+        except Exception:  # speculative work: a failure here must not reach the caller's event handler
+            log.exception("could not warm up %s", scope)
+            return False
 
     # --- replying ----------------------------------------------------------------------
 
@@ -661,7 +695,13 @@ class ChatService:
         return reply
 
     async def build_prompt(
-        self, conversation: Conversation, *, include: int | None = None, below: int | None = None, open_answer: bool = False
+        self,
+        conversation: Conversation,
+        *,
+        include: int | None = None,
+        below: int | None = None,
+        open_answer: bool = False,
+        upcoming: str | None = None,
     ) -> Prompt:
         """The system prompt plus the newest turns that fit in n_ctx - n_predict.
 
@@ -674,7 +714,9 @@ class ChatService:
         `below`: only the history older than that message (Regenerate: the prompt the
         answer was written from). `open_answer`: the newest message is an answer to
         continue, rendered without its closing markup (Continue; raises CannotRedo when
-        it and its question no longer fit).
+        it and its question no longer fit). `upcoming`: the prompt a message not yet sent will
+        extend (a warm-up), from its author (that id, or ""): the history alone, rendered
+        without a generation prompt, with UPCOMING_TOKENS kept for the message.
         """
         template = self.template(self.template_name(conversation))
         system = self.system_prompt(conversation)
@@ -689,6 +731,8 @@ class ChatService:
         picked: list[StoredMessage] = []
         costs: list[int] = []
         used = (await self.backend.prepare(template, head)).n_tokens if head else 0
+        if upcoming is not None:
+            used += UPCOMING_TOKENS
         overflow = False
         seeing = self.cannot_see() is None
         images_from = self._images_from.get(conversation.scope)
@@ -738,13 +782,14 @@ class ChatService:
 
         cut = False
         kept = 1.0
-        renderer: Template = OpenAnswer(template) if open_answer else template
+        renderer: Template = OpenAnswer(template) if open_answer else HistoryOnly(template) if upcoming is not None else template
         while True:
-            names = shows_names({m.author_id or m.author_name for m in picked if m.role == "user"})
+            authors = {m.author_id or m.author_name for m in picked if m.role == "user"} | ({upcoming} if upcoming else set())
+            names = shows_names(authors)
             messages = head + _merge_turns([await self._message(m, names, m.id in shown) for m in picked])
             prepared = await self.backend.prepare(renderer, messages)
-            if prepared.n_tokens <= budget:
-                if picked:
+            if prepared.n_tokens <= budget - (UPCOMING_TOKENS if upcoming is not None else 0) or (upcoming is not None and not picked):
+                if picked:  # (a warm-up's too: the next message's prompt then starts where the warmed one does)
                     self._window_start[conversation.scope] = picked[0].id
                 n_images = sum(len(m.images) for m in messages)
                 return Prompt(prepared, messages, template, len(picked), cut, kept, images_cut, n_images)
@@ -755,6 +800,9 @@ class ChatService:
                 continue
             if open_answer:
                 raise CannotRedo(TOO_LONG_TO_CONTINUE)
+            if upcoming is not None:  # a message alone outgrows the window: nothing to warm
+                picked = []
+                continue
             # One message alone is too long: its images give way first, then keep its beginning
             # (text, then attached files), shortened in proportion.
             if picked and picked[0].id in shown:
@@ -811,6 +859,32 @@ def resampled(sampling: Sampling, earlier: str) -> Sampling:
     seed = None if sampling.seed is None else (sampling.seed + zlib.crc32(earlier.encode())) % (1 << 31)
     temperature = sampling.temperature if sampling.temperature > 0 else Sampling().temperature
     return replace(sampling, seed=seed, temperature=temperature)
+
+
+@dataclass(frozen=True)
+class HistoryOnly:
+    """A template rendering the conversation so far without a generation prompt: the prefix
+    the next message's prompt will start with (`ChatService.warm`)."""
+
+    template: Template
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.template.stop
+
+    @property
+    def harmony(self) -> bool:
+        return self.template.harmony
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        try:
+            return self.template.render(messages, add_generation_prompt=False)
+        except TemplateError:  # a template that insists on ending with a user turn: the prompt as it would be
+            return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
 
 @dataclass(frozen=True)
@@ -884,6 +958,9 @@ def engine_options(settings: Settings, *, parallel: int | None = None) -> Engine
         parallel=parallel or settings.parallel,
         kv_cache_mb=settings.kv_cache_mb,
         flash_attn=settings.flash_attn,
+        flash_attn_cache=settings.resolved_flash_attn_cache(),
+        n_predict=settings.n_predict,
+        warm_ttl_s=settings.warm_ttl_s,
         llama_log=settings.llama_log,
         kv_type=settings.kv_type,
         kv_disk_dir=settings.resolved_kv_disk_dir(),

@@ -318,6 +318,11 @@ class Store:
         assert row is not None
         return _conversation(row)
 
+    async def find_conversation(self, scope: str) -> Conversation | None:
+        """The conversation for `scope` if it exists (nothing is written)."""
+        row = await (await self._db.execute("SELECT * FROM conversations WHERE scope = ?", (scope,))).fetchone()
+        return _conversation(row) if row is not None else None
+
     async def conversations(self) -> list[Conversation]:
         """Every conversation (for catching up on what arrived while the bot was down)."""
         return [_conversation(r) for r in await self._rows("SELECT * FROM conversations ORDER BY id")]

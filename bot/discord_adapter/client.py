@@ -2,7 +2,8 @@
 
 Each feature is a cog over one shared `BotContext`: `Intake` (messages in), `Buttons`
 (Stop, Regenerate, Continue), `Commands` (slash commands), `Recovery` (resume and catch
-up after a restart), `Following` (edits and deletes). `Replier` writes the replies.
+up after a restart), `Following` (edits and deletes), `Warming` (a head start while someone
+types). `Replier` writes the replies.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bot.discord_adapter.output import NO_PINGS
 from bot.discord_adapter.recovery import Recovery
 from bot.discord_adapter.replies import Replier
 from bot.discord_adapter.views import ReplyButton
+from bot.discord_adapter.warming import Warming
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,15 @@ PERMISSIONS = discord.Permissions(
 discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # a text bot: no voice warnings
 
 
-def intents() -> discord.Intents:
-    """Guilds, guild and DM messages, and Message Content (privileged: turned on in the Developer Portal)."""
+def intents(typing: bool = False) -> discord.Intents:
+    """Guilds, guild and DM messages, and Message Content (privileged: turned on in the Developer
+    Portal); with `typing` (WARM_ON_TYPING), who starts typing (not privileged)."""
     wanted = discord.Intents.none()
     wanted.guilds = True
     wanted.guild_messages = True
     wanted.dm_messages = True
     wanted.message_content = True
+    wanted.guild_typing = wanted.dm_typing = typing
     return wanted
 
 
@@ -50,7 +54,7 @@ class LlamaBot(commands.Bot):
     """The bot: `ctx` holds what its features share (settings, `chat`, the queue, the edit budget)."""
 
     def __init__(self, settings: Settings, chat: ChatService, **options: object) -> None:
-        super().__init__(command_prefix=commands.when_mentioned, help_command=None, intents=intents(), allowed_mentions=NO_PINGS, **options)  # type: ignore[arg-type]
+        super().__init__(command_prefix=commands.when_mentioned, help_command=None, intents=intents(settings.warm_on_typing), allowed_mentions=NO_PINGS, **options)  # type: ignore[arg-type]
         self.ctx = BotContext.create(settings, chat)
         self.access = Access(self.ctx, self)
         self._unsynced_guild: int | None = None  # DEV_GUILD_ID, while Discord refuses its commands (not invited yet)
@@ -66,6 +70,7 @@ class LlamaBot(commands.Bot):
             Commands(self, ctx, self.access),
             Recovery(self, ctx, self.access, intake),
             Following(self, ctx),
+            Warming(self, ctx, self.access),
         ):
             await self.add_cog(cog)
         self.add_dynamic_items(ReplyButton)  # buttons on replies posted by earlier runs work too

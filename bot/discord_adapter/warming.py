@@ -65,11 +65,11 @@ class Warming(commands.Cog):
         self._warmed_at[scope.key] = now
         if len(self._warmed_at) > REMEMBERED:
             self._warmed_at = {k: t for k, t in self._warmed_at.items() if now - t < AGAIN_AFTER_S}
-        self.ctx.in_background(self._warm(scope))
+        self.ctx.in_background(self._warm(scope, payload.user_id))
 
-    async def _warm(self, scope: DiscordScope) -> None:
+    async def _warm(self, scope: DiscordScope, author_id: int) -> None:
         try:
-            if await self.ctx.chat.warm(scope.key):
+            if await self.ctx.chat.warm(scope.key, author_id=str(author_id)):
                 self.started += 1
                 log.debug("warming %s: someone is typing", scope)
         except Exception as exc:  # speculative: a failure costs nothing but the head start

@@ -169,6 +169,28 @@ class Generation:
         self._changed.set()
 
 
+@dataclass
+class WarmStats:
+    """What warming conversations while their members type cost and brought (`Backend.warm`).
+
+    A warm-up that did work ends either used (a reply of its conversation started within
+    WARM_TTL_S) or wasted (none did, or its history changed); `tokens_wasted` and
+    `cpu_wasted_s` are what the wasted ones cost. CPU seconds are the process's CPU time
+    while the engine did warm-up work (it does only when no reply needs it), plus the
+    reader thread's for disk reads."""
+
+    asked: int = 0  # warm-ups asked for (a member started typing)
+    started: int = 0  # ... that had work to do: a restore, a read from disk, an evaluation
+    used: int = 0
+    wasted: int = 0
+    restored: int = 0  # states restored ahead of their message (from disk, or RAM into a slot)
+    tokens: int = 0  # tokens evaluated by warm-ups
+    tokens_wasted: int = 0
+    cpu_s: float = 0.0
+    cpu_wasted_s: float = 0.0
+    preempted: int = 0  # warm-up decodes a reply interrupted
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """How busy an in-process engine is, for /status (numbers kept in memory: cheap to read)."""
@@ -178,6 +200,7 @@ class EngineStats:
     cached_states: int  # conversations whose KV state waits in RAM for their next message
     cache_bytes: int
     cache_limit_bytes: int  # KV_CACHE_MB
+    warm: WarmStats = field(default_factory=WarmStats)
 
 
 class Backend(Protocol):
@@ -186,6 +209,7 @@ class Backend(Protocol):
     n_ctx: int  # tokens per conversation
     info: ModelInfo  # for `auto`: the chat template and special tokens, when known
     applies_template: bool  # True when the server renders the chat itself (/template has no effect)
+    can_warm: bool  # True when `warm` can make a conversation's state ready ahead of its message
     on_fatal: Callable[[str], None] | None  # called (from any thread) if the backend gives up for good
 
     @property
@@ -219,6 +243,13 @@ class Backend(Protocol):
 
     def forget(self, key: str) -> None:
         """The conversation's history changed: drop whatever is cached for it."""
+        ...
+
+    def warm(self, key: str, prompt: PreparedPrompt) -> bool:
+        """A message extending `prompt` is probably coming (someone is typing): make the
+        conversation's state ready for it, in the background, at the lowest priority (never
+        delaying a reply; dropped after WARM_TTL_S). True if a warm-up is on its way. Call on
+        the event loop; returns at once."""
         ...
 
     def describe(self) -> str: ...

@@ -17,14 +17,20 @@ A file is only used with what it was made with: the same model file (size,
 modification time, a hash of its first MiB), context size, KV type,
 flash-attention setting and llama.cpp version (the *identity*; other files are
 deleted when the engine starts), and for a prompt that still shares at least
-half of its tokens. Each file ends with a CRC-32 of everything before it, so a
-truncated or damaged file is noticed, deleted and the prompt evaluated again.
+half of its tokens. Each file ends with an XXH3-64 hash of everything before it
+(checked at several GB/s, faster than the file is read), so a truncated or damaged
+file is noticed, deleted and the prompt evaluated again. Files of the first format
+(a CRC-32, three times slower to check than the read) are deleted at start.
 When the folder cannot be written (full disk, read-only), the tier turns itself
 off with one warning and replies go on from RAM.
 
 The folder is created 0700, files 0600, and a file's name is a hash of the
 conversation key: other users of the machine learn nothing of which channels
 exist.
+
+State buffers come from `StateBuffers`, which recycles them: touching fresh memory
+costs a page fault per 4 KiB, which on this VM made a 24 MiB buffer cost 20-30 ms
+before the 2-3 ms copy into it.
 """
 
 from __future__ import annotations
@@ -43,32 +49,91 @@ import struct
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 log = logging.getLogger(__name__)
 
-MAGIC = b"LLBOTKV1"
+MAGIC = b"LLBOTKV2"
+OLD_MAGICS = (b"LLBOTKV1",)  # earlier formats: deleted at start, never read
 SUFFIX = ".kv"
 TMP_SUFFIX = ".kv.tmp"
 HEAD_BYTES = 1 << 20  # the part of the model file hashed for its identity
 MIN_SHARED = 0.5  # a saved state is read only if the prompt shares at least this share of its tokens
 MAX_QUEUED_BYTES = 256 << 20  # states waiting to be written; past this a write is skipped, not queued
 OTHER = "made for another model file or settings"
+OLDER = "written by an older version of the bot"
+WRITER_NICE = 10  # the write-behind thread yields the CPU to decoding (2 cores: a 24 MiB write took time from it)
 _PREFIX = struct.Struct("<8sI")  # magic, header length
-_CRC = struct.Struct("<I")
+_CHECK = struct.Struct("<Q")  # XXH3-64 of everything before it
+
+GRAIN = 1 << 20  # buffers are mapped in whole MiB, so a spare one fits states of nearby sizes
+SPARES = 2  # spare buffers kept for reuse
+SPARE_IDLE_S = 30.0  # a spare unused this long goes back to the system
 
 
-def state_buffer(size: int) -> ctypes.Array[ctypes.c_uint8]:
-    """Room for one saved KV state, in its own anonymous memory mapping.
+class StateBuffers:
+    """Memory for saved KV states, recycled. Thread-safe.
 
-    States are megabytes each and come and go all day. From malloc, glibc soon serves
-    blocks that size from its heap, where freed ones leave holes the process keeps
-    (seen in the soak: RSS swinging 80 MiB above the live cache). A mapping is given
-    back to the system the moment the state is dropped."""
-    return (ctypes.c_uint8 * size).from_buffer(mmap.mmap(-1, size))
+    Each buffer is an anonymous memory mapping of its own: states are megabytes each
+    and come and go all day, and from malloc glibc soon serves blocks that size from
+    its heap, where freed ones leave holes the process keeps (seen in the soak: RSS
+    swinging 80 MiB above the live cache). But fresh memory costs a page fault per
+    4 KiB on first touch (20-30 ms for 24 MiB on this VM, where the copy itself takes
+    2-3 ms). So a buffer whose state is done with (`give`: restored into a slot, or
+    dropped) is kept as a spare, and the next save or read takes it: at most SPARES
+    of them, each for at most SPARE_IDLE_S, so resident memory stays within a couple
+    of states of what the caches hold, and drops back when the bot is quiet."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spares: list[tuple[float, mmap.mmap]] = []  # (when given back, mapping)
+        # counters (read by tests and the benchmark)
+        self.made = 0
+        self.reused = 0
+
+    def take(self, size: int) -> tuple[ctypes.Array[ctypes.c_uint8], mmap.mmap]:
+        """A buffer of exactly `size` bytes (a view of a spare mapping when one fits) and its mapping."""
+        fit = -(-size // GRAIN) * GRAIN
+        with self._lock:
+            self._trim(time.monotonic())
+            usable = [i for i, (_, m) in enumerate(self._spares) if size <= len(m) <= fit + GRAIN]
+            mapping = self._spares.pop(min(usable, key=lambda i: len(self._spares[i][1])))[1] if usable else None
+            if mapping is None:
+                self.made += 1
+            else:
+                self.reused += 1
+        if mapping is None:
+            mapping = mmap.mmap(-1, fit)
+        return (ctypes.c_uint8 * size).from_buffer(mapping), mapping
+
+    def give(self, state: SavedState | None) -> None:
+        """`state` is done with: nothing reads its bytes any more. Its mapping becomes a spare
+        (unless it is shared, or not from here)."""
+        mapping = state.mapping if state is not None else None
+        if state is None or mapping is None or state.shared:
+            return
+        state.mapping = None
+        with self._lock:
+            now = time.monotonic()
+            self._spares.append((now, mapping))
+            del self._spares[:-SPARES]
+            self._trim(now)
+
+    def trim(self) -> None:
+        """Give spares unused for SPARE_IDLE_S back to the system."""
+        with self._lock:
+            self._trim(time.monotonic())
+
+    @property
+    def spare(self) -> int:
+        return len(self._spares)
+
+    def _trim(self, now: float) -> None:
+        self._spares = [(t, m) for t, m in self._spares if now - t < SPARE_IDLE_S]
 
 
 def _int32(tokens: Sequence[int]) -> bytes:
@@ -93,7 +158,7 @@ def model_identity(model: Path, **settings: object) -> str:
     st = model.stat()
     with model.open("rb") as f:
         head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
-    fields = {"format": 1, "model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns, "model_head": head, **settings}
+    fields = {"format": 2, "model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns, "model_head": head, **settings}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -131,6 +196,9 @@ class SavedState:
     born: int  # ForgetClock time when this content began
     used_at: float = field(default_factory=time.perf_counter)
     _digest: str | None = None
+    mapping: mmap.mmap | None = None  # where `data` lives, when it came from StateBuffers
+    shared: bool = False  # another holder may still read it: never recycled
+    read_cpu_s: float = 0.0  # CPU time its read from disk took (0 when not read)
 
     @property
     def digest(self) -> str:
@@ -152,26 +220,29 @@ class KVDisk:
 
     Open it with `KVDisk.open`; `close()` waits for the writes still queued."""
 
-    def __init__(self, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock) -> None:
+    def __init__(self, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock, buffers: StateBuffers | None = None) -> None:
         self.folder = folder
         self.limit = limit_bytes
         self.identity = identity
         self.clock = clock
+        self.buffers = buffers or StateBuffers()
         self.enabled = True
         self._lock = threading.Lock()
         self._index: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # file stem -> entry, oldest first
         self._pending: dict[str, SavedState] = {}  # key -> the newest state queued for writing
         self._queued_bytes = 0
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-read")
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-write")
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-write", initializer=_lower_priority)
         # counters (read by tests and the benchmark)
         self.used = 0
         self.writes = 0
+        self.reads = 0  # states read whole
+        self.spent: collections.Counter[str] = collections.Counter()  # reader seconds: "read" (into the buffer), "check" (the hash)
 
     # --- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock) -> KVDisk | None:
+    def open(cls, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock, buffers: StateBuffers | None = None) -> KVDisk | None:
         """Open (creating it 0700) and index the folder; None, with a warning, if it cannot be used."""
         try:
             created = not folder.is_dir()
@@ -186,7 +257,7 @@ class KVDisk:
             return None
         if not created and folder.stat().st_mode & 0o077:
             log.warning("KV_DISK_DIR %s can be opened by other users; its files are private (0600), but chmod 700 it to hide them", folder)
-        disk = cls(folder, limit_bytes, identity, clock)
+        disk = cls(folder, limit_bytes, identity, clock, buffers)
         try:
             disk._scan()
         except OSError as exc:
@@ -211,7 +282,7 @@ class KVDisk:
             except (OSError, ValueError) as exc:
                 log.debug("deleting saved KV state %s: %s", name, exc)
                 _unlink(path)
-                dropped["made for another model file or settings" if str(exc) == OTHER else "damaged"] += 1
+                dropped[str(exc) if str(exc) in (OTHER, OLDER) else "damaged"] += 1
                 continue
             found.append((mtime, name[: -len(SUFFIX)], entry))
         for _, stem, entry in sorted(found):  # oldest first, as the LRU wants
@@ -234,6 +305,8 @@ class KVDisk:
         if len(prefix) < _PREFIX.size:
             raise ValueError("truncated")
         magic, length = _PREFIX.unpack(prefix)
+        if magic in OLD_MAGICS:
+            raise ValueError(OLDER)
         if magic != MAGIC or length > 4096:
             raise ValueError("not a saved KV state")
         raw = f.read(length)
@@ -245,7 +318,7 @@ class KVDisk:
         n, size = header.get("n_tokens"), header.get("state_bytes")
         if not isinstance(n, int) or not isinstance(size, int) or n <= 0 or size <= 0 or not isinstance(header.get("tokens"), str):
             raise ValueError("bad header")
-        expected = _PREFIX.size + length + 4 * n + size + _CRC.size
+        expected = _PREFIX.size + length + 4 * n + size + _CHECK.size
         if os.fstat(f.fileno()).st_size != expected:
             raise ValueError("truncated or padded")
         header["_raw"] = prefix + raw
@@ -262,10 +335,23 @@ class KVDisk:
         entry = self._index.get(key_name(key))
         return entry is not None and entry.digest == state.digest
 
+    def holds_digest(self, key: str, digest: str) -> bool:
+        """The file of this conversation holds the tokens with this digest (see `SavedState.digest`)."""
+        entry = self._index.get(key_name(key))
+        return self.enabled and entry is not None and entry.digest == digest
+
+    def queued(self, key: str) -> bool:
+        """A state of this conversation waits to be written (see `pending`)."""
+        with self._lock:
+            return key in self._pending
+
     def pending(self, key: str) -> SavedState | None:
-        """A state queued for writing: it is still in memory and can be used as it is."""
+        """A state queued for writing: it is still in memory and can be used as it is
+        (marked shared: the writer no longer recycles its buffer)."""
         with self._lock:
             state = self._pending.get(key)
+            if state is not None:
+                state.shared = True
         if state is None or self.clock.stale(key, state.born):
             return None
         return state
@@ -274,10 +360,16 @@ class KVDisk:
         """Read a conversation's state on the reader thread; the future gives None if there is
         none worth using (missing, damaged, made for another prompt)."""
         born = self.clock.now()
+        with self._lock:  # used now: the most recent in the LRU from this moment (a write making room meanwhile spares it)
+            stem = key_name(key)
+            if stem in self._index:
+                self._index.move_to_end(stem)
         return self._reader.submit(self._read_safely, key, prompt, born)
 
     def write(self, key: str, state: SavedState) -> bool:
-        """Queue a state for writing (write-behind). False if the tier is off or the queue full."""
+        """Queue a state for writing (write-behind); its buffer is the writer's from here
+        on (recycled once written). False if the tier is off or the queue full: the
+        caller keeps the state."""
         if not self.enabled or self.clock.stale(key, state.born):
             return False
         size = len(state.data)
@@ -327,18 +419,20 @@ class KVDisk:
             return None
 
     def _read(self, key: str, prompt: Sequence[int] | None, born: int) -> SavedState | None:
+        started = time.thread_time()
         stem = key_name(key)
         with self._lock:
             entry = self._index.get(stem) if self.enabled else None
         if entry is None or self.clock.stale(key, born):
             return None
         path = self.folder / (stem + SUFFIX)
+        state: SavedState | None = None
         try:
             with path.open("rb", buffering=0) as f:
                 header = self._read_header(f, stem)
-                crc = zlib.crc32(header["_raw"])
+                check = xxhash.xxh3_64(header["_raw"])
                 raw_tokens = _read_exactly(f, 4 * header["n_tokens"])
-                crc = zlib.crc32(raw_tokens, crc)
+                check.update(raw_tokens)
                 tokens = array.array("i")
                 tokens.frombytes(raw_tokens)
                 if sys.byteorder == "big":
@@ -347,20 +441,29 @@ class KVDisk:
                     log.debug("saved KV state of %s no longer matches its prompt (the history window moved); deleted", key)
                     self._discard(stem, entry)
                     return None
-                data = state_buffer(header["state_bytes"])
+                data, mapping = self.buffers.take(header["state_bytes"])
+                state = SavedState(data, tokens.tolist(), born, _digest=header["tokens"], mapping=mapping)
                 view = memoryview(data).cast("B")
-                _read_into(f, view)
-                crc = zlib.crc32(view, crc)
-                (stored,) = _CRC.unpack(_read_exactly(f, _CRC.size))
+                t0 = time.perf_counter()
+                _read_into(f, view)  # straight into the buffer llama.cpp reads: no second copy
+                t1 = time.perf_counter()
+                check.update(view)
+                self.spent["read"] += t1 - t0
+                self.spent["check"] += time.perf_counter() - t1
+                self.reads += 1
+                (stored,) = _CHECK.unpack(_read_exactly(f, _CHECK.size))
                 del view
         except FileNotFoundError:  # deleted meanwhile (forgotten, or evicted for room)
+            self._recycle(state)
             return None
         except (OSError, ValueError) as exc:
             log.warning("saved KV state of %s is unreadable (%s); deleted, its prompt is evaluated again", key, exc)
+            self._recycle(state)
             self._discard(stem, entry)
             return None
-        if crc != stored:
+        if check.intdigest() != stored:
             log.warning("saved KV state of %s is corrupt (checksum mismatch); deleted, its prompt is evaluated again", key)
+            self._recycle(state)
             self._discard(stem, entry)
             return None
         with contextlib.suppress(OSError):
@@ -369,7 +472,11 @@ class KVDisk:
             if stem in self._index:
                 self._index.move_to_end(stem)
         # (if a newer state replaced the file while we opened it, we read that one: still whole and checked)
-        return SavedState(data, tokens.tolist(), born, _digest=header["tokens"])
+        state.read_cpu_s = time.thread_time() - started
+        return state
+
+    def _recycle(self, state: SavedState | None) -> None:
+        self.buffers.give(state)
 
     def _discard(self, stem: str, entry: _Entry | None) -> None:
         """Drop a file from the index (if `entry` is still the one indexed, or any) and delete it."""
@@ -410,6 +517,7 @@ class KVDisk:
                 self._queued_bytes -= len(state.data)
                 if self._pending.get(key) is state:
                     del self._pending[key]
+            self.buffers.give(state)  # written or skipped: its buffer is free, unless a reader borrowed it (shared)
 
     def _write(self, key: str, state: SavedState) -> None:
         with self._lock:
@@ -423,7 +531,7 @@ class KVDisk:
             {"identity": self.identity, "key": stem, "n_tokens": len(state.tokens), "state_bytes": len(state.data), "tokens": state.digest}
         ).encode()
         head = _PREFIX.pack(MAGIC, len(raw)) + raw
-        size = len(head) + len(tokens) + len(state.data) + _CRC.size
+        size = len(head) + len(tokens) + len(state.data) + _CHECK.size
         if size > self.limit:
             return
         self._make_room(size, replacing=stem)
@@ -433,11 +541,11 @@ class KVDisk:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
             with open(fd, "wb", buffering=0) as f:
                 os.fchmod(fd, 0o600)  # in case an old temporary file was left with other modes
-                crc = 0
+                check = xxhash.xxh3_64()
                 for part in (head, tokens, memoryview(state.data).cast("B")):
                     _write_all(f, part)
-                    crc = zlib.crc32(part, crc)
-                _write_all(f, _CRC.pack(crc))
+                    check.update(part)
+                _write_all(f, _CHECK.pack(check.intdigest()))
             os.replace(tmp, final)
         except BaseException:
             _unlink(tmp)
@@ -480,6 +588,12 @@ class KVDisk:
             exc.strerror or type(exc).__name__,
             exc.filename or self.folder,
         )
+
+
+def _lower_priority() -> None:
+    """Run this thread at WRITER_NICE (Linux: a thread has its own nice value)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
 
 
 def _read_exactly(f, n: int) -> bytes:  # noqa: ANN001

@@ -43,15 +43,16 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import llama_cpp as L
 import numpy as np
 
-from bot.engine.backend import EngineStats, Generation, ImagePart, ModelError, ModelInfo, PreparedPrompt, PromptTooLong
+from bot.engine import flashattn
+from bot.engine.backend import EngineStats, Generation, ImagePart, ModelError, ModelInfo, PreparedPrompt, PromptTooLong, WarmStats
 from bot.config import Sampling
-from bot.engine.kvdisk import ForgetClock, KVDisk, SavedState, common_prefix, model_identity, state_buffer
+from bot.engine.kvdisk import SPARE_IDLE_S, ForgetClock, KVDisk, SavedState, StateBuffers, common_prefix, model_identity
 from bot.formats.reasoning import ReplyFormat, ReplyText
 from bot.formats.templates import Image, Message, Segment, Template, reply_format
 from bot.engine.vision import MEDIA_MARKER, PLACEHOLDER, ChunkSize, ImageFeed, Vision, decode_embeddings, image_ids
@@ -61,6 +62,11 @@ log = logging.getLogger(__name__)
 
 FATAL_AFTER = 5
 """Faults in a row (with no successful step between them) after which the engine gives up."""
+
+WARM_MIN_TOKENS = 32
+"""A warm-up evaluates what a restored state lacks only from this many tokens up: the last
+turn's closing markup (2-3 tokens) is left to the reply, so the slot stays what the disk
+holds and can be given up without a save."""
 
 
 class EngineDead(RuntimeError):
@@ -81,7 +87,12 @@ class EngineOptions:
     n_batch: int = 2048
     n_ubatch: int = 512
     reuse: bool = True  # False: re-evaluate every prompt from scratch (for benchmarks)
-    flash_attn: str = "auto"  # "auto" (llama.cpp decides; on for CPUs), "on" or "off" (see bench/)
+    # "on", "off", or "auto": measured once per CPU (bot.engine.flashattn). The bot passes FLASH_ATTN (auto by
+    # default); code that builds options itself gets on, llama.cpp's choice for CPUs, unless it asks to measure.
+    flash_attn: str = "on"
+    flash_attn_cache: Path | None = None  # where auto keeps its measurement; None: ~/.cache/llamabot/flash-attn.json
+    n_predict: int = 512  # the configured reply length (auto weighs generating speed by it)
+    warm_ttl_s: float = 30.0  # a warm-up no reply followed within this long is dropped (see Engine.warm)
     llama_log: bool = False
     kv_type: str = "f16"  # "f16" or "q8_0" (half the bytes per token; needs flash attention)
     kv_disk_dir: Path | None = None  # the disk tier's folder; None: no disk tier
@@ -135,6 +146,34 @@ class _Slot:
     last_used: float = 0.0
     request: _Request | None = None
     born: int = 0  # ForgetClock time when its content began (see bot.engine.kvdisk)
+    # Its first `stored` tokens are a prefix of the disk file whose tokens have digest `disk_digest`:
+    # while no token is added, evicting it needs no save (the file has it all).
+    disk_digest: str | None = None
+    stored: int = 0
+
+    def unchanged_on_disk(self) -> bool:
+        return self.disk_digest is not None and len(self.tokens) <= self.stored
+
+
+@dataclass
+class _Warm:
+    """A warm-up (see `Engine.warm`): a conversation's state being made ready for the message
+    its member is typing."""
+
+    key: str
+    tokens: list[int]  # the prompt the next message will extend
+    born: int  # ForgetClock time when asked: forgotten since, it is dropped
+    deadline: float  # perf_counter: dropped (wasted) if no reply of `key` started by then
+    started: bool = False  # it did work (restore, read, evaluation)
+    done: bool = False  # nothing more to do: the state is as ready as it gets
+    seq: int | None = None  # the slot it restored into or evaluates in
+    reading: bool = False  # its state is being read from disk
+    result: SavedState | None = None  # ... and this is what was read, not yet placed
+    read_done: bool = False  # a read finished (None: the file was unusable)
+    unreadable: bool = False  # ... and it was: evaluate instead of reading again
+    waiters: list[tuple[_Request, bool]] = field(default_factory=list)  # replies waiting for that read (with `first`)
+    evaluated: int = 0  # tokens it evaluated
+    cpu_s: float = 0.0
 
 
 class _StateCache:
@@ -145,18 +184,25 @@ class _StateCache:
         self.used = 0
         self._entries: collections.OrderedDict[str, SavedState] = collections.OrderedDict()
 
-    def put(self, key: str, state: SavedState) -> list[tuple[str, SavedState]]:
-        """Keep a state; returns the ones pushed out to make room (oldest first)."""
-        self.drop(key)
-        if len(state.data) > self.limit:
+    def put(self, key: str, state: SavedState, protect: frozenset[str] = frozenset()) -> list[tuple[str, SavedState]]:
+        """Keep a state; returns the ones pushed out to make room (oldest first), or the state
+        itself when it does not fit (without pushing out the `protect`ed keys). The caller
+        takes out any older state of `key` first."""
+        assert key not in self._entries
+        size = len(state.data)
+        movable = sum(len(s.data) for k, s in self._entries.items() if k not in protect)
+        if self.used - movable + size > self.limit:
             return [(key, state)]
         out = []
-        while self.used + len(state.data) > self.limit:
-            old_key, old = self._entries.popitem(last=False)
-            self.used -= len(old.data)
-            out.append((old_key, old))
+        for old_key in list(self._entries):
+            if self.used + size <= self.limit:
+                break
+            if old_key not in protect:
+                old = self._entries.pop(old_key)
+                self.used -= len(old.data)
+                out.append((old_key, old))
         self._entries[key] = state
-        self.used += len(state.data)
+        self.used += size
         return out
 
     def take(self, key: str) -> SavedState | None:
@@ -170,9 +216,6 @@ class _StateCache:
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
-
-    def drop(self, key: str) -> None:
-        self.take(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -206,7 +249,17 @@ class Engine:
         self.tokens_evaluated = 0
         self.disk_restores = 0  # states restored from the disk tier
         self.image_batches = 0  # decodes of image embeddings
+        self.saves = 0  # slot states copied out of llama.cpp (evictions, shutdown)
+        self.saves_skipped = 0  # evictions that needed no copy: the disk held the slot's state unchanged
+        self.spent: collections.Counter[str] = collections.Counter()  # seconds in "save" and "restore" (state copies)
+        self.flash_attn: flashattn.Choice  # FLASH_ATTN as resolved at load
+        self.warm_stats = WarmStats()  # what warm-ups cost and brought (changed under the lock)
+        self._warms: dict[str, _Warm] = {}  # live warm-ups, oldest first (under the lock)
+        self._warm_due = False  # a warm-up may have work: look when idle
+        self._warm_decoding: str | None = None  # the conversation a warm-up decode is running for (under the lock)
+        self._reads: collections.Counter[str] = collections.Counter()  # replies whose state is being read from disk
         self._clock = ForgetClock()
+        self._buffers = StateBuffers()
         self._disk: KVDisk | None = None
         self.vision: Vision | None = None  # the projector, when the model can see images
         self._encodes_done = 0  # encodes finished (under _lock): wakes an engine thread that waits for one
@@ -258,9 +311,11 @@ class Engine:
         cparams.n_ubatch = min(options.n_ubatch, options.n_batch)
         cparams.n_threads = cparams.n_threads_batch = options.n_threads
         cparams.no_perf = not options.llama_log
-        cparams.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED}.get(
-            options.flash_attn, L.LLAMA_FLASH_ATTN_TYPE_AUTO
+        self.flash_attn = flashattn.resolve(
+            options.flash_attn, model, path, n_threads=options.n_threads, kv_type=options.kv_type, type_kv=KV_TYPES[options.kv_type],
+            n_predict=options.n_predict, cache_path=options.flash_attn_cache,
         )
+        cparams.flash_attn_type = flashattn.FLASH_TYPES[self.flash_attn.setting]
         cparams.type_k = cparams.type_v = KV_TYPES[options.kv_type]
         ctx = L.llama_init_from_model(model, cparams)
         if not ctx:
@@ -281,12 +336,35 @@ class Engine:
         self._vocab = L.llama_model_get_vocab(model)
         self.info = self.vocab.info
         self._warm_up()
-        log.info("model loaded: %s (%s), context %d tokens x %d slots, %d threads", path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads)
+        log.info(
+            "model loaded: %s (%s), context %d tokens x %d slots, %d threads, flash attention %s",
+            path.name, self.info.description, self.n_ctx, options.parallel, options.n_threads, self._describe_flash_attn(),
+        )
         self._load_vision(options)
         if options.kv_disk_dir is not None and options.kv_disk_mb > 0 and options.reuse:
             seeing = {"mmproj": self.vision.identity} if self.vision is not None else {}  # embeddings depend on the projector
-            identity = model_identity(path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=options.flash_attn, llama_cpp=L.__version__, **seeing)
-            self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock)
+            # the setting in use, not "auto": its states differ in layout (V transposed without flash attention)
+            # (and the slot count: a sequence's state holds one stream per slot, so PARALLEL=1's do not load into PARALLEL=4)
+            identity = model_identity(
+                path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=self.flash_attn.setting, parallel=options.parallel, llama_cpp=L.__version__, **seeing
+            )
+            self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock, self._buffers)
+
+    def _describe_flash_attn(self) -> str:
+        choice = self.flash_attn
+        why = {
+            "setting": "(FLASH_ATTN)",
+            "kv_type": "(KV_TYPE=q8_0 needs it)",
+            "unmeasured": "(FLASH_ATTN=auto: llama.cpp decides; it could not be measured with this model)",
+        }.get(choice.source)
+        if why is None:
+            when = "measured now" if choice.source == "measured" else "measured at an earlier start"
+            cache = self.options.flash_attn_cache or flashattn.default_cache_path()
+            why = f"(FLASH_ATTN=auto, {when} on this CPU and kept in {cache}, safe to delete"
+            if choice.timings:
+                why += f": {flashattn.describe(choice.timings, self.options.n_predict, choice.agreement)}"
+            why += ")"
+        return f"{choice.setting} {why}"
 
     def _load_vision(self, options: EngineOptions) -> None:
         """Load the projector beside the model (MMPROJ_PATH), and say whether the model can see."""
@@ -344,13 +422,48 @@ class Engine:
                 raise EngineDead(self._dead)
             if self._stopping:
                 raise RuntimeError("engine is closed")
-            fetch = self._only_on_disk(key)
+            self._preempt_warm_up(key)
+            fetch = self._only_on_disk(key) or key in self._warms and self._warms[key].reading
             if not fetch:
                 self._incoming.append(request)
                 self._lock.notify()
         if fetch:  # read it now, on the I/O thread; the request queues once the bytes are in memory
             self._fetch(request)
         return gen
+
+    def warm(self, key: str, tokens: Sequence[int]) -> bool:
+        """Someone is typing in conversation `key`: make its state ready for a message that
+        will extend `tokens`, so that reply only evaluates the new message. Call on the event
+        loop; returns at once, True if a warm-up is on its way.
+
+        The engine thread does it when it has nothing else to do, at most one warm-up per
+        slot: an idle slot that holds the state already needs nothing; a state in RAM goes
+        into a free slot; one on disk is read (then into a free slot, or RAM); one that is
+        nowhere is evaluated in an idle slot, a micro-batch per step. A reply arriving for
+        another conversation aborts a warm-up's decode at once and takes what it needs; none
+        starts while replies are waiting. A warm-up no reply of `key` follows within
+        WARM_TTL_S is dropped, and counted as wasted (`warm_stats`)."""
+        if not self.options.reuse or not tokens or len(tokens) >= self.n_ctx:
+            return False
+        deadline = time.perf_counter() + self.options.warm_ttl_s
+        with self._lock:
+            if self._dead is not None or self._stopping:
+                return False
+            if self._reads[key] or any(r.gen.key == key for r in self._incoming) or any(s.key == key and s.request is not None for s in self._slots):
+                return False  # a reply of this conversation is on its way: its state will be where it is needed
+            w = self._warms.get(key)
+            if w is not None:
+                w.deadline = deadline  # still typing
+                if not w.started:
+                    w.tokens = list(tokens)
+                return True
+            if len(self._warms) >= self.options.parallel:
+                return False  # at most one warm-up per slot
+            self._warms[key] = _Warm(key, list(tokens), self._clock.now(), deadline)
+            self.warm_stats.asked += 1
+            self._warm_due = True
+            self._lock.notify()
+        return True
 
     def forget(self, key: str) -> None:
         """Drop a conversation's cached KV state, in RAM and on disk (after /reset, /template,
@@ -360,6 +473,8 @@ class Engine:
             self._disk.forget(key)
         with self._lock:
             self._forget.add(key)
+            if self._warm_decoding == key:  # stop building the old history's state now
+                self._abort_flag[0] = b"\x01"
             self._lock.notify()
 
     def inject_fault(self, where: str, times: int = 1) -> None:
@@ -389,6 +504,17 @@ class Engine:
             self._abort_flag[0] = b"\x01"
         with self._lock:
             self._lock.notify()
+
+    @property
+    def warming(self) -> int:
+        """Warm-ups with work left (reading, restoring or evaluating)."""
+        with self._lock:
+            return sum(1 for w in self._warms.values() if not w.done or w.reading or w.read_done)
+
+    @property
+    def warm_decoding(self) -> str | None:
+        """The conversation a warm-up is evaluating tokens for right now (None: none is)."""
+        return self._warm_decoding
 
     @property
     def busy_slots(self) -> int:
@@ -453,9 +579,11 @@ class Engine:
         wanted: list[tuple[float, str, _Slot | SavedState]] = []
         for slot in self._slots:
             if slot.key is not None and slot.tokens and slot.request is None and not self._clock.stale(slot.key, slot.born):
-                wanted.append((slot.last_used, slot.key, slot))
+                if not (slot.unchanged_on_disk() and disk.holds_digest(slot.key, slot.disk_digest or "")):
+                    wanted.append((slot.last_used, slot.key, slot))
         for key, state in self._states.items():
             if not self._clock.stale(key, state.born) and not disk.holds(key, state):
+                state.shared = True  # the RAM cache keeps it while the writer reads it
                 wanted.append((state.used_at, key, state))
         wanted.sort(key=lambda w: w[0], reverse=True)
         room = disk.limit
@@ -484,8 +612,12 @@ class Engine:
         FATAL_AFTER faults in a row the engine gives up (see `_give_up`)."""
         while True:
             with self._lock:
-                while not self._stopping and not self._incoming and not self._forget and not self._active():
-                    self._lock.wait()
+                while (
+                    not self._stopping and not self._incoming and not self._forget and not self._active()
+                    and not self._warm_pending() and not self._room_for_reads()
+                ):
+                    self._lock.wait(self._idle_timeout())
+                    self._buffers.trim()
                 if self._stopping:
                     break
                 forget, self._forget = self._forget, set()
@@ -493,6 +625,7 @@ class Engine:
             try:
                 for key in forget:
                     self._drop_key(key)
+                self._place_warm_reads()
                 for request in incoming:
                     self._admit_or_fail(request)
                 for slot in self._active():
@@ -503,6 +636,11 @@ class Engine:
                     if self.vision is not None:
                         self._feed_images()
                     self._faults_in_a_row = 0
+                else:
+                    for slot in self._room_for_reads():
+                        self._evict(slot)
+                    if self._warms:
+                        self._warm_step()
             except Exception as exc:  # whatever broke, the other channels keep being served
                 log.exception("engine step failed; ending the replies it held: %s", ", ".join(s.key or "?" for s in self._active()))
                 for slot in self._active():
@@ -569,6 +707,20 @@ class Engine:
     def _active(self) -> list[_Slot]:
         return [s for s in self._slots if s.request is not None]
 
+    def _room_for_reads(self) -> list[_Slot]:
+        """Idle slots to empty now for replies whose state is being read from disk: the
+        save of the state a slot holds then overlaps the read, instead of following it.
+        The least recently used, as admission would pick (warm-ups' last); only while the
+        engine has nothing else to do."""
+        with self._lock:
+            wanted = sum(self._reads.values()) - sum(1 for s in self._slots if s.request is None and s.key is None)
+            if wanted <= 0 or self._incoming or self._active():
+                return []
+            reading = {k for k, n in self._reads.items() if n}
+            warming = self._warm_slots()
+            idle = [s for s in self._slots if s.request is None and s.key is not None and s.key not in reading]
+            return sorted(idle, key=lambda s: (s.seq in warming, s.last_used))[:wanted]
+
     def _take_admissible(self) -> list[_Request]:
         """Requests that can get a slot now (called with the lock held)."""
         free = sum(1 for s in self._slots if s.request is None)
@@ -578,7 +730,11 @@ class Engine:
         return taken
 
     def _drop_key(self, key: str) -> None:
-        self._states.drop(key)
+        self._buffers.give(self._states.take(key))
+        with self._lock:
+            w = self._warms.get(key)
+            if w is not None:
+                self._end_warm_up(w, used=False)
         for slot in self._slots:
             if slot.key == key and slot.request is None:
                 self._clear(slot)
@@ -662,13 +818,281 @@ class Engine:
         with self._lock:
             self._encodes_done += 1
             self._lock.notify()
+    # --- warm-ups (see `warm`) ------------------------------------------------------------
+
+    def _warm_pending(self) -> bool:
+        """A warm-up may have work, or one has outlived its deadline (lock held)."""
+        if not self._warms:
+            return False
+        if self._warm_due:
+            return True
+        now = time.perf_counter()
+        return any((w.deadline <= now and not w.waiters) or w.read_done for w in self._warms.values())
+
+    def _idle_timeout(self) -> float | None:
+        """How long the idle engine thread may sleep: until the next warm-up deadline, or
+        until spare state buffers are due to go back to the system (lock held)."""
+        waits = [w.deadline - time.perf_counter() for w in self._warms.values()]
+        if self._buffers.spare:
+            waits.append(SPARE_IDLE_S)
+        return max(0.0, min(waits)) if waits else None
+
+    def _warm_slots(self) -> set[int]:
+        """Slots holding the state of a live warm-up."""
+        return {w.seq for w in self._warms.values() if w.seq is not None and self._slots[w.seq].key == w.key}
+
+    def _preempt_warm_up(self, key: str) -> None:
+        """A reply arrived (lock held): abort a warm-up decode of another conversation now.
+        (One of its own conversation goes on: the reply needs that work.)"""
+        if self._warm_decoding is not None and self._warm_decoding != key:
+            self._abort_flag[0] = b"\x01"
+
+    def _end_warm_up(self, w: _Warm, *, used: bool) -> None:
+        """A warm-up ends: its reply started (used), or none did in time, or its history
+        changed (wasted). Lock held."""
+        if self._warms.get(w.key) is w:
+            del self._warms[w.key]
+        if w.read_done:
+            self._buffers.give(w.result)
+            w.result, w.read_done = None, False
+        if not w.started:
+            return
+        stats = self.warm_stats
+        if used:
+            stats.used += 1
+            return
+        stats.wasted += 1
+        stats.tokens_wasted += w.evaluated
+        stats.cpu_wasted_s += w.cpu_s
+        (log.info if w.evaluated else log.debug)(
+            "warm-up of %s not followed by a message: %d tokens evaluated, %.2f s CPU for nothing (so far: %d of %d warm-ups wasted, %.1f s CPU)",
+            w.key, w.evaluated, w.cpu_s, stats.wasted, stats.started, stats.cpu_wasted_s,
+        )
+
+    def _start_warm_up(self, w: _Warm) -> None:
+        if not w.started:
+            w.started = True
+            with self._lock:
+                self.warm_stats.started += 1
+
+    def _spend(self, w: _Warm, cpu_s: float, tokens: int = 0) -> None:
+        w.cpu_s += cpu_s
+        w.evaluated += tokens
+        with self._lock:
+            self.warm_stats.cpu_s += cpu_s
+            self.warm_stats.tokens += tokens
+
+    def _warm_step(self) -> None:
+        """One unit of warm-up work, on an engine with nothing else to do: drop what expired,
+        then start or go on with the oldest warm-up that has work."""
+        now = time.perf_counter()
+        with self._lock:
+            self._warm_due = False
+            for w in list(self._warms.values()):
+                if (w.deadline <= now and not w.waiters) or self._clock.stale(w.key, w.born):
+                    self._end_warm_up(w, used=False)
+            if self._incoming or sum(self._reads.values()):
+                return  # replies first; they wake the loop again when done
+            runnable = [w for w in self._warms.values() if not w.done and not w.reading and not w.read_done]
+        for w in runnable:
+            if self._warm_one(w):
+                self._warm_due = True  # there may be more: the loop looks at replies first, then comes back
+                return
+
+    def _warm_one(self, w: _Warm) -> bool:
+        """Move one warm-up on by one step; False if it had nothing to do (it is then done)."""
+        key = w.key
+        slot = next((s for s in self._slots if s.key == key), None)
+        if slot is not None and slot.request is not None:
+            w.done = True  # its reply is running (it ends as used when admitted)
+            return False
+        if slot is None:
+            slot = self._warm_slot_from_memory(w)
+            if slot is None:
+                if w.reading or w.read_done:  # a read from disk started (it may even have finished)
+                    return True
+                return not w.done and self._warm_evaluate_from_scratch(w)
+        w.seq = slot.seq
+        keep = common_prefix(slot.tokens, w.tokens)
+        rest = len(w.tokens) - keep
+        if rest <= 0 or (slot.tokens and rest < WARM_MIN_TOKENS):
+            w.done = True
+            return False
+        self._start_warm_up(w)
+        if keep < len(slot.tokens):
+            if not L.llama_memory_seq_rm(self._mem, slot.seq, keep, -1):
+                self._clear(slot)
+                slot.key, slot.born, keep = key, self._clock.now(), 0
+            del slot.tokens[keep:]
+            slot.stored = min(slot.stored, keep)
+        self._warm_decode(w, slot, w.tokens[keep : keep + self.n_ubatch])
+        return True
+
+    def _warm_slot_from_memory(self, w: _Warm) -> _Slot | None:
+        """The warm-up's state is in RAM (or queued for writing): restore it into a free slot
+        and return that slot. On disk: start reading it. None when it stays where it is."""
+        key = w.key
+        in_memory = key in self._states or (self._disk is not None and self._disk.queued(key))
+        if in_memory:
+            target = self._free_slot()
+            if target is None:
+                w.done = True  # ready in RAM; taking a slot would cost another state's save
+                return None
+            saved = self._states.take(key) or (self._disk.pending(key) if self._disk is not None else None)
+            if saved is None or self._clock.stale(key, saved.born):
+                self._buffers.give(saved)
+                return None
+            self._start_warm_up(w)
+            cpu = time.process_time()
+            try:
+                restored = self._restore_into(target, key, saved, "RAM")
+            finally:
+                self._buffers.give(saved)
+                self._spend(w, time.process_time() - cpu)
+            with self._lock:
+                self.warm_stats.restored += restored
+            return target  # restored, or (refused) empty and keyed: evaluated there instead
+        if self._disk is not None and self._disk.has(key) and not w.unreadable:
+            self._start_warm_up(w)
+            try:
+                future = self._disk.read(key, w.tokens)
+            except RuntimeError:  # closing
+                w.done = True
+                return None
+            w.reading = True
+            future.add_done_callback(lambda f: self._warm_read_done(w, _result(f)))
+        return None
+
+    def _warm_evaluate_from_scratch(self, w: _Warm) -> bool:
+        """The warm-up's state is nowhere: claim an idle slot (not another warm-up's) to evaluate it in."""
+        target = self._free_slot()
+        if target is None:
+            warming = self._warm_slots()
+            idle = [s for s in self._slots if s.request is None and s.seq not in warming]
+            if not idle:
+                w.done = True  # every slot is busy or warming: no room
+                return False
+            target = min(idle, key=lambda s: s.last_used)
+        self._start_warm_up(w)
+        if target.key is not None:
+            cpu = time.process_time()
+            self._evict(target)
+            self._spend(w, time.process_time() - cpu)
+        target.key, target.born, target.last_used = w.key, self._clock.now(), time.perf_counter()
+        w.seq = target.seq
+        return True
+
+    def _free_slot(self) -> _Slot | None:
+        """An idle slot a warm-up may take without costing a save: empty, or holding a state
+        the disk has unchanged; never one another warm-up holds."""
+        warming = self._warm_slots()
+        idle = [s for s in self._slots if s.request is None and s.seq not in warming]
+        empty = next((s for s in idle if s.key is None), None)
+        if empty is not None:
+            return empty
+        clean = [s for s in idle if s.unchanged_on_disk() and self._disk is not None and self._disk.holds_digest(s.key or "", s.disk_digest or "")]
+        if not clean:
+            return None
+        target = min(clean, key=lambda s: s.last_used)
+        self._evict(target)  # no save: the disk has it
+        return target
+
+    def _restore_into(self, slot: _Slot, key: str, saved: SavedState, source: str) -> bool:
+        """Restore a warm-up's state into an empty slot, which it then holds."""
+        slot.key, slot.born, slot.last_used = key, self._clock.now(), time.perf_counter()
+        return self._restore_state(slot, key, saved, source)
+
+    def _warm_decode(self, w: _Warm, slot: _Slot, chunk: list[int]) -> None:
+        """Evaluate one micro-batch of a warm-up's tokens. A reply arriving meanwhile aborts it
+        (llama.cpp drops the unfinished micro-batch; the slot keeps what was done)."""
+        start = len(slot.tokens)
+        self._fill_batch([(t, start + i, slot.seq, i == len(chunk) - 1) for i, t in enumerate(chunk)])
+        with self._lock:
+            if self._incoming or sum(self._reads.values()) or self._stopping:
+                return
+            self._watched = []
+            self._abort_flag[0] = b"\x00"
+            self._warm_decoding = w.key
+        cpu = time.process_time()
+        try:
+            rc = L.llama_decode(self._ctx, self._batch)
+        finally:
+            with self._lock:
+                self._warm_decoding = None
+        self.steps += 1
+        done = len(chunk) if rc == 0 else max(0, L.llama_memory_seq_pos_max(self._mem, slot.seq) + 1 - start)
+        slot.tokens += chunk[:done]
+        slot.last_used = time.perf_counter()
+        self._spend(w, time.process_time() - cpu, done)
+        if rc == 2:
+            with self._lock:
+                self.warm_stats.preempted += 1
+        elif rc != 0:
+            log.warning("a warm-up decode failed with code %d; dropping the warm-up of %s", rc, w.key)
+            self._clear(slot)
+            w.done = True
+        elif len(slot.tokens) >= len(w.tokens) and slot.tokens[: len(w.tokens)] == w.tokens:
+            w.done = True
+
+    def _warm_read_done(self, w: _Warm, saved: SavedState | None) -> None:
+        """A warm-up's read from disk finished (reader thread): hand the state to a reply that
+        waits for it, or keep it for the engine thread to place."""
+        with self._lock:
+            w.reading = False
+            waiters, w.waiters = w.waiters, []
+            live = self._warms.get(w.key) is w and not self._stopping
+            if not waiters and live:
+                w.result, w.read_done = saved, True
+                self._warm_due = True
+                self._lock.notify()
+                return
+        if saved is not None and waiters:
+            self._spend(w, saved.read_cpu_s)  # the read the reply then used
+        if not waiters:
+            self._buffers.give(saved)
+            return
+        for i, (request, first) in enumerate(waiters):
+            self._fetched(request, first, saved if i == 0 else None)
+
+    def _place_warm_reads(self) -> None:
+        """Put the states warm-ups read from disk where the next message finds them: in a free
+        slot when the engine is idle, else in the RAM cache (pushing out nothing a waiting reply needs)."""
+        with self._lock:
+            ready = [w for w in self._warms.values() if w.read_done]
+            protect = frozenset(r.gen.key for r in self._incoming)
+            busy = bool(self._incoming) or bool(self._active())
+        for w in ready:
+            with self._lock:
+                saved, w.result, w.read_done = w.result, None, False
+            if saved is None:  # unusable (damaged, gone, or the history moved on): it can be evaluated instead
+                w.unreadable = True
+                continue
+            self._spend(w, saved.read_cpu_s)
+            if self._clock.stale(w.key, saved.born) or any(s.key == w.key for s in self._slots):
+                self._buffers.give(saved)
+                continue
+            with self._lock:
+                self.warm_stats.restored += 1
+            target = None if busy else self._free_slot()
+            if target is not None:
+                cpu = time.process_time()
+                try:
+                    if self._restore_into(target, w.key, saved, "disk"):
+                        w.seq = target.seq
+                finally:
+                    self._buffers.give(saved)
+                    self._spend(w, time.process_time() - cpu)
+            elif not self._keep(w.key, saved, protect):
+                w.done = True  # it did not fit in RAM: it stays on disk
+            else:
+                w.done = True  # ready in RAM
 
     # --- the disk tier -------------------------------------------------------------------
 
     def _only_on_disk(self, key: str) -> bool:
         """The state of `key` is on disk and nowhere in memory (any thread; a wrong guess only costs a read)."""
         disk = self._disk
-        if disk is None or not disk.has(key) or key in self._states or disk.pending(key) is not None:
+        if disk is None or not disk.has(key) or key in self._states or disk.queued(key):
             return False
         return not any(s.key == key for s in self._slots)
 
@@ -676,19 +1100,32 @@ class Engine:
         """Read the request's state from disk on the I/O thread, then queue the request
         (`first`: at the head of the queue, where it was)."""
         request.fetched = True
+        key = request.gen.key
+        with self._lock:
+            self._reads[key] += 1
+            self._lock.notify()  # the idle engine empties a slot meanwhile (see _room_for_reads)
+            w = self._warms.get(key)
+            if w is not None and w.reading:  # a warm-up is reading it already: wait for that read
+                w.waiters.append((request, first))
+                return
+            if w is not None and w.read_done:  # ... or has read it: take what it read
+                saved, w.result = w.result, None
+                self._fetched(request, first, saved)
+                return
         try:
-            future = self._disk.read(request.gen.key, request.prompt)  # type: ignore[union-attr]
+            future = self._disk.read(key, request.prompt)  # type: ignore[union-attr]
         except RuntimeError:  # the engine closed meanwhile
+            with self._lock:
+                self._reads[key] -= 1
             self._report(request, "", "cancelled")
             return
-        future.add_done_callback(functools.partial(self._fetched, request, first))
+        future.add_done_callback(lambda f: self._fetched(request, first, _result(f)))
 
-    def _fetched(self, request: _Request, first: bool, future: concurrent.futures.Future[SavedState | None]) -> None:
-        try:
-            request.saved = future.result()
-        except BaseException:  # cancelled at shutdown
-            request.saved = None
+    def _fetched(self, request: _Request, first: bool, saved: SavedState | None) -> None:
+        """The request's state was read (None: there was none worth using): queue it."""
+        request.saved = saved
         with self._lock:
+            self._reads[request.gen.key] -= 1
             if self._dead is not None:
                 self._report(request, "", "error", self._dead)
             elif self._stopping or request.gen._cancel:
@@ -698,31 +1135,47 @@ class Engine:
                     self._incoming.appendleft(request)
                 else:
                     self._incoming.append(request)
+                self._preempt_warm_up(request.gen.key)
                 self._lock.notify()
+                return
+        self._buffers.give(saved)
 
     def _to_disk(self, key: str, state: SavedState) -> None:
-        """A state leaves memory: write it unless the disk has it already."""
+        """A state leaves memory: write it unless the disk has it already (the writer then
+        recycles its buffer; otherwise it is recycled here)."""
         if self._disk is not None and not self._clock.stale(key, state.born) and not self._disk.holds(key, state):
-            self._disk.write(key, state)
+            if self._disk.write(key, state):
+                return
+        self._buffers.give(state)
 
     def _save_slot(self, slot: _Slot) -> SavedState | None:
         """Copy a slot's KV state out of llama.cpp (None if it cannot be)."""
+        started = time.perf_counter()
         size = L.llama_state_seq_get_size(self._ctx, slot.seq)
         if size <= 0:
             return None
-        data = state_buffer(size)
+        data, mapping = self._buffers.take(size)
+        state = SavedState(data, list(slot.tokens), slot.born, used_at=slot.last_used, mapping=mapping)  # its age: when its channel last spoke
         if L.llama_state_seq_get_data(self._ctx, data, size, slot.seq) != size:
+            self._buffers.give(state)
             return None
-        return SavedState(data, list(slot.tokens), slot.born, used_at=slot.last_used)  # its age: when its channel last spoke
+        self.saves += 1
+        self.spent["save"] += time.perf_counter() - started
+        return state
 
     def _clear(self, slot: _Slot) -> None:
         L.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
         slot.tokens = []
         slot.key = None
+        slot.disk_digest, slot.stored = None, 0
 
     def _admit(self, request: _Request) -> None:
         """Give a request a slot, reusing as much cached KV as possible."""
         key = request.gen.key
+        with self._lock:
+            w = self._warms.get(key)
+            if w is not None:
+                self._end_warm_up(w, used=True)
         idle = [s for s in self._slots if s.request is None]
         slot = next((s for s in idle if s.key == key), None)
         if slot is not None and self._clock.stale(key, slot.born):  # forgotten while it was busy
@@ -732,7 +1185,8 @@ class Engine:
             if self._disk is not None and self.options.reuse and not request.fetched and self._only_on_disk(key):
                 self._fetch(request, first=True)  # it comes back with the bytes; the slots go on meanwhile
                 return
-            slot = next((s for s in idle if s.key is None), None) or min(idle, key=lambda s: s.last_used)
+            warming = self._warm_slots()  # taken last: they hold a state someone is about to use
+            slot = next((s for s in idle if s.key is None and s.seq not in warming), None) or min(idle, key=lambda s: (s.seq in warming, s.last_used))
             if slot.key is not None:
                 self._evict(slot)
             slot.key = key
@@ -759,6 +1213,7 @@ class Engine:
                 slot.key = key
                 keep = 0
             del slot.tokens[keep:]
+            slot.stored = min(slot.stored, keep)
         request.pending = prompt[keep:]
         request.gen.n_cached = keep
         request.gen.n_evaluated = len(request.pending)
@@ -766,15 +1221,27 @@ class Engine:
 
     def _evict(self, slot: _Slot) -> None:
         """Save an idle slot's KV state to the RAM cache (what that pushes out, and what does
-        not fit, goes to disk), then empty the slot."""
+        not fit, goes to disk), then empty the slot. A state the disk holds unchanged (restored
+        from there, nothing added since) needs no copy: the file has it."""
         key = slot.key
         assert key is not None
         if self.options.reuse and slot.tokens and (self._states.limit or self._disk is not None) and not self._clock.stale(key, slot.born):
-            state = self._save_slot(slot)
-            if state is not None:
-                for old_key, old in self._states.put(key, state):
-                    self._to_disk(old_key, old)
+            if slot.unchanged_on_disk() and self._disk is not None and self._disk.holds_digest(key, slot.disk_digest or ""):
+                self.saves_skipped += 1
+            else:
+                state = self._save_slot(slot)
+                if state is not None:
+                    self._keep(key, state)
         self._clear(slot)
+
+    def _keep(self, key: str, state: SavedState, protect: frozenset[str] = frozenset()) -> bool:
+        """Put a state in the RAM cache; what that pushes out (or the state itself, if it does
+        not fit) goes to disk. True if the state is in RAM now."""
+        self._buffers.give(self._states.take(key))  # an older state of the same conversation
+        pushed = self._states.put(key, state, protect)
+        for old_key, old in pushed:
+            self._to_disk(old_key, old)
+        return not any(old is state for _, old in pushed)
 
     def _restore(self, slot: _Slot, key: str, request: _Request) -> None:
         """Put the conversation's saved state into the slot: from RAM, from a write still
@@ -784,23 +1251,38 @@ class Engine:
             saved = self._disk.pending(key)
         if saved is None and request.saved is not None:
             saved, source = request.saved, "disk"
+        if request.saved is not None and request.saved is not saved:
+            self._buffers.give(request.saved)  # read from disk, but a newer state was in memory
         request.saved = None
-        if saved is None or self._clock.stale(key, saved.born) or not self.options.reuse:
+        if saved is None:
             return
+        try:
+            if not self._clock.stale(key, saved.born) and self.options.reuse:
+                self._restore_state(slot, key, saved, source)
+        finally:
+            self._buffers.give(saved)  # copied into the slot (or unusable): its buffer is free
+
+    def _restore_state(self, slot: _Slot, key: str, saved: SavedState, source: str) -> bool:
+        """Copy a saved state into a slot (which must be empty); False if llama.cpp refused it."""
         if self._fault("restore"):
             raise RuntimeError("injected fault while restoring a cached state")
+        started = time.perf_counter()
         if L.llama_state_seq_set_data(self._ctx, saved.data, len(saved.data), slot.seq) == len(saved.data):
+            self.spent["restore"] += time.perf_counter() - started
             slot.tokens = list(saved.tokens)
             slot.born = saved.born
+            if source == "disk" or (self._disk is not None and self._disk.holds(key, saved)):
+                slot.disk_digest, slot.stored = saved.digest, len(saved.tokens)
             if source == "disk":
                 self.disk_restores += 1
                 log.debug("restored %s from disk: %d tokens", key, len(saved.tokens))
-        else:
-            log.warning("could not restore the saved state of %s from %s; evaluating its prompt again", key, source)
-            if source == "disk" and self._disk is not None:
-                self._disk.discard(key)
-            self._clear(slot)
-            slot.key = key
+            return True
+        log.warning("could not restore the saved state of %s from %s; evaluating its prompt again", key, source)
+        if source == "disk" and self._disk is not None:
+            self._disk.discard(key)
+        self._clear(slot)
+        slot.key = key
+        return False
 
     def _make_sampler(self, s: Sampling, prompt: list[int], grammar: str | None = None) -> int:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
@@ -975,6 +1457,7 @@ class Engine:
         if req.images is not None and req.images.done:  # ended halfway through an image: drop its cells
             L.llama_memory_seq_rm(self._mem, slot.seq, len(slot.tokens), -1)
             req.images.done = 0
+        self._warm_due = True  # warm-ups waiting for an idle engine may go on
         if self.options.llama_log:
             g = req.gen
             prompt_s = (g.first_token_at or time.perf_counter()) - (g.started_at or g.queued_at)
@@ -1000,6 +1483,7 @@ class LocalBackend:
     in a worker thread, never on the event loop."""
 
     applies_template = False
+    can_warm = True
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -1092,6 +1576,12 @@ class LocalBackend:
     def forget(self, key: str) -> None:
         self.engine.forget(key)
 
+    def warm(self, key: str, prompt: PreparedPrompt) -> bool:
+        assert prompt.tokens is not None
+        # Only the text before the first image: a warm-up decodes tokens, never image embeddings.
+        tokens = prompt.tokens[: min(p.start for p in prompt.images)] if prompt.images else prompt.tokens
+        return self.engine.warm(key, tokens)
+
     @property
     def dead(self) -> str | None:
         """Why the engine gave up, once it has (the process should exit and be restarted)."""
@@ -1105,6 +1595,7 @@ class LocalBackend:
             cached_states=engine.cached_states,
             cache_bytes=engine.cache_bytes,
             cache_limit_bytes=engine.options.kv_cache_mb * 1024 * 1024,
+            warm=replace(engine.warm_stats),
         )
 
     @property
@@ -1130,6 +1621,12 @@ def _with_markers(message: Message, marker: str | None) -> str:
     if marker is None:
         return " ".join([PLACEHOLDER] * len(message.images) + ([message.content] if message.content else []))
     return marker * len(message.images) + message.content
+def _result(future: concurrent.futures.Future[SavedState | None]) -> SavedState | None:
+    """A disk read's outcome; None if it was cancelled (shutdown) or failed."""
+    try:
+        return future.result()
+    except BaseException:
+        return None
 
 
 def _flag_reader() -> L.ggml_abort_callback:

@@ -105,6 +105,7 @@ class RemoteBackend:
         self.root = re.sub(r"/v1/?$", "", base)  # where the tokenize endpoints live
         self.mode = settings.openai_mode
         self.applies_template = self.mode == "chat"
+        self.can_warm = False
         self.model = settings.openai_model
         self.n_ctx = settings.n_ctx or 4096
         self.info = ModelInfo(
@@ -243,6 +244,11 @@ class RemoteBackend:
 
     def forget(self, key: str) -> None:
         """Nothing is cached here (the server keeps its own prompt cache)."""
+
+    def warm(self, key: str, prompt: PreparedPrompt) -> bool:
+        """No warm-ups: the server's prompt cache is its own (and `can_warm` is False, so the
+        chat layer does not even build the prompt)."""
+        return False
 
     def describe(self) -> str:
         return f"{self.model or 'the default model'} on {self.shown_base} ({self.mode} mode)"
