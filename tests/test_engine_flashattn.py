@@ -17,7 +17,7 @@ from bot.config import Sampling
 from bot.engine import flashattn
 from bot.engine.flashattn import Timings
 from bot.engine.local import Engine, EngineOptions
-from tests.test_kvdisk import chat_tokens
+from tests.test_engine_kvdisk import chat_tokens
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 THREADS = len(os.sched_getaffinity(0))

@@ -18,7 +18,7 @@ from bot.conversations.service import ChatService, UserMessage
 from bot.conversations.store import Store
 from bot.engine.local import Engine, EngineOptions, LocalBackend
 from tests.conftest import make_settings
-from tests.test_kvdisk import chat_tokens, saved_conversation, state_file
+from tests.test_engine_kvdisk import chat_tokens, saved_conversation, state_file
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 THREADS = len(os.sched_getaffinity(0))
