@@ -1,4 +1,4 @@
-"""The engine's memory over a long run (bot/engine/local.py, kvdisk.state_buffer): saved KV
+"""The engine's memory over a long run (bot/engine/local.py, kvdisk.StateBuffers): saved KV
 states, megabytes each, come and go all day; the process must not keep what they leave.
 
 Two parts. The mechanism on its own: each saved state lives in its own anonymous mapping,
@@ -24,7 +24,7 @@ import pytest
 from bot.config import bundled_model_path
 from bot.conversations.service import ChatService, UserMessage
 from bot.conversations.store import Store
-from bot.engine.kvdisk import state_buffer
+from bot.engine.kvdisk import StateBuffers
 from bot.engine.local import Engine, EngineOptions, LocalBackend
 from tests.conftest import ENGINE_THREADS, make_settings
 
@@ -77,11 +77,12 @@ def test_saved_states_give_their_memory_back_when_dropped() -> None:
     cache does): the heap does not grow, and once they are all gone RSS is back where it was.
     (With malloc'd buffers instead, glibc kept 133 MiB of heap and of RSS here, 300 states.)"""
     rng = random.Random(1)
+    buffers = StateBuffers()
     rss_before, heap_before = rss_mib(), malloc_heap_mib()
     live: list[ctypes.Array[ctypes.c_uint8]] = []
     for _ in range(200):
         size = rng.randint(4 << 20, 9 << 20)
-        state = state_buffer(size)
+        state, _ = buffers.take(size)  # a fresh mapping each time: none was given back to recycle
         ctypes.memset(state, 1, size)  # written, as llama.cpp writes a saved state
         live.append(state)
         if len(live) > 12:
