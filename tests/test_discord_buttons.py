@@ -257,3 +257,19 @@ async def test_continue_with_a_model_server_only_where_the_bot_renders_the_promp
     assert asked.path == going_on.path == "/v1/completions"
     assert asked.body["prompt"].endswith("<|im_start|>assistant\n")
     assert going_on.body["prompt"] == asked.body["prompt"] + "Waves roll on"  # the same turn, left open after the answer
+
+
+async def test_continue_keeps_the_space_between_the_old_text_and_the_new(world: World, tmp_path: Path) -> None:
+    """A continuation that starts with a word gap (" and ...") keeps it: only a new answer's
+    leading whitespace is dropped, so Continue never glues two words together."""
+    first = Step([event(text("The sea is")), event(text(" deep", finish="length"))])
+    more = Step([event(text(" and")), event(text(" wide.")), event(text("", finish="stop"))])
+    async with ScriptedServer([first, more]) as server:
+        settings = remote_settings(tmp_path, server.base, openai_mode="completions", prompt_template="chatml", stream=False, n_predict=16)
+        async with remote_bot(world, settings) as bot:
+            [reply] = await ask(world, bot, world.random, world.ann, "Describe the sea.")
+            assert reply["content"] == "The sea is deep"
+            pressed = await press(world, bot, reply, CONTINUE, world.ann)
+            assert pressed.errors == []
+            [(new_text, *_)] = answers(settings.database_path, scope(world, world.random))
+            assert new_text == reply["content"] == "The sea is deep and wide."

@@ -669,6 +669,8 @@ class ChatService:
         user, answer = await self._newest_answer(conversation, platform_message_id)
         options = self.options(conversation)
         prompt = await self.build_prompt(conversation, open_answer=True)  # never cut: it raises CannotRedo instead
+        prepared = prompt.prepared
+        prompt = replace(prompt, prepared=replace(prepared, fmt=replace(prepared.fmt, continuing=True)))
         return self._start(conversation, prompt, options, user, rewrites=answer, prefix=answer.content)
 
     async def _newest_answer(self, conversation: Conversation, platform_message_id: str) -> tuple[StoredMessage, StoredMessage]:

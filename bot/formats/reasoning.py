@@ -35,6 +35,7 @@ class ReplyFormat:
     stop: tuple[str, ...] = ()
     harmony: bool = False  # gpt-oss channels (control tokens are part of the text)
     thinking: bool = False  # the prompt already opened <think>: the reply starts inside reasoning
+    continuing: bool = False  # the reply goes on from text already shown (Continue): keep its leading space
 
 
 class StopText:
@@ -86,7 +87,7 @@ class ReplyText:
         self._state = "reasoning" if fmt.thinking else "start"
         self._end_marks: tuple[str, ...] = (THINK_CLOSE,)
         self._buf = ""  # raw text not yet classified
-        self._answer_started = False
+        self._answer_started = fmt.continuing  # a new answer's leading whitespace is dropped; a continuation's is its word gap
 
     @property
     def stopped(self) -> bool:
