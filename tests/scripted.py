@@ -113,7 +113,7 @@ class ScriptedBackend:
 
     def image_support(self) -> str | None:
         """A seeing scripted model gets the images in `Call.messages` (each `Message.images`)."""
-        return None if self.sees else "this model cannot see images (set MMPROJ_PATH to its projector)"
+        return None if self.sees else "this model cannot see images: set MMPROJ_PATH to its vision projector (an mmproj file)"
 
     async def prepare(self, template: Template, messages: Sequence[Message]) -> PreparedPrompt:
         segments = template.render(messages)

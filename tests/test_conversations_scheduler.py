@@ -104,3 +104,26 @@ async def test_close_waits_then_winds_down() -> None:
     assert running.done.done() and waiting.done.cancelled()
     with pytest.raises(QueueFull):
         scheduler.submit("B", long_job)
+
+
+async def test_a_job_not_started_can_be_withdrawn_and_the_others_move_up() -> None:
+    scheduler = FairScheduler(parallel=1, max_queue=8)
+    hold = asyncio.Event()
+    ran: list[str] = []
+
+    async def work(name: str) -> None:
+        ran.append(name)
+        await hold.wait()
+
+    first = scheduler.submit("a", lambda: work("first"))
+    twice = scheduler.submit("b", lambda: work("twice"))
+    last = scheduler.submit("c", lambda: work("last"))
+    await asyncio.sleep(0)
+    assert scheduler.position(last) == 2
+    assert not scheduler.withdraw(first)  # running: it cannot be taken back
+    assert scheduler.withdraw(twice) and not scheduler.withdraw(twice)
+    assert scheduler.waiting == 1 and scheduler.position(last) == 1 and twice.done.cancelled()
+    hold.set()
+    await first.done
+    await last.done
+    assert ran == ["first", "last"]

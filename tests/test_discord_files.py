@@ -23,6 +23,7 @@ NOTE = {"filename": "note.txt", "data": b"The meeting is on Tuesday.\n", "conten
 
 
 async def test_a_py_file_reaches_the_prompt_and_an_image_gets_a_note(world: World, start_bot, scripted: ScriptedBackend) -> None:
+    scripted.sees = False  # a model without a vision projector (images to one that sees: tests/test_discord_images.py)
     scripted.then("It adds two numbers.")
     async with start_bot(stream=False) as bot:
         files = [
@@ -30,7 +31,7 @@ async def test_a_py_file_reaches_the_prompt_and_an_image_gets_a_note(world: Worl
             {"filename": "cat.png", "data": PNG, "content_type": "image/png"},
         ]
         [reply] = await ask(world, bot, world.general, world.ann, "What does this function do?", attachments=files)
-        assert reply["content"] == "It adds two numbers.\n-# I did not read cat.png (an image: I can't see images)."
+        assert reply["content"] == f"It adds two numbers.\n-# I did not read cat.png ({scripted.image_support()})."
         [(content, attached, status)] = user_rows(bot.ctx.settings.database_path)
         assert content == "What does this function do?" and status == "ok"
         assert attached == "Attached file add.py:\n```py\n" + PY_FILE.decode() + "```"
@@ -67,6 +68,7 @@ async def test_a_message_with_only_a_text_file_is_answered_and_its_edit_keeps_th
 
 
 async def test_images_and_binaries_alone_still_get_the_no_text_note(world: World, start_bot, scripted: ScriptedBackend) -> None:
+    scripted.sees = False  # a model that sees answers a picture alone: tests/test_discord_images.py
     async with start_bot() as bot:
         sent = await world.fake.send_message(
             world.general, world.ann, mention(world.fake),
@@ -74,7 +76,7 @@ async def test_images_and_binaries_alone_still_get_the_no_text_note(world: World
         )
         [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
         await idle(world.fake, bot)
-        assert note["content"] == NO_TEXT
+        assert note["content"] == f"{NO_TEXT}\n-# I did not read cat.png ({scripted.image_support()}), blob (not a text file)."
         assert rows(bot.ctx.settings.database_path) == []
     assert scripted.calls == []
 

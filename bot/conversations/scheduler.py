@@ -82,6 +82,19 @@ class FairScheduler:
         self._dispatch()
         return job
 
+    def withdraw(self, job: Job) -> bool:
+        """Take back a job that has not started (its work turned out to be done already);
+        False when it is running or gone."""
+        queue = self._waiting.get(job.key)
+        if job.started or queue is None or job not in queue:
+            return False
+        queue.remove(job)
+        if not queue:
+            del self._waiting[job.key]
+        if not job.done.done():
+            job.done.cancel()
+        return True
+
     def position(self, job: Job) -> int:
         """0 when running, else how many jobs will start before this one (1 = next)."""
         if job.started:

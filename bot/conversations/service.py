@@ -864,9 +864,8 @@ def resampled(sampling: Sampling, earlier: str) -> Sampling:
 
 
 @dataclass(frozen=True)
-class HistoryOnly:
-    """A template rendering the conversation so far without a generation prompt: the prefix
-    the next message's prompt will start with (`ChatService.warm`)."""
+class _Rendering:
+    """A template rendered another way: the same name, stops and reply layout."""
 
     template: Template
 
@@ -882,6 +881,12 @@ class HistoryOnly:
     def harmony(self) -> bool:
         return self.template.harmony
 
+
+@dataclass(frozen=True)
+class HistoryOnly(_Rendering):
+    """A template rendering the conversation so far without a generation prompt: the prefix
+    the next message's prompt will start with (`ChatService.warm`)."""
+
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         try:
             return self.template.render(messages, add_generation_prompt=False)
@@ -890,7 +895,7 @@ class HistoryOnly:
 
 
 @dataclass(frozen=True)
-class OpenAnswer:
+class OpenAnswer(_Rendering):
     """A template that leaves the last turn, an answer, open: Continue's prompt.
 
     The conversation is rendered with that answer the way the template writes past
@@ -899,12 +904,6 @@ class OpenAnswer:
     end on an answer (Mistral Nemo's puts the system prompt in the last user turn) gets
     its generation prompt with the answer after it instead, with an empty reasoning
     block closed first when that prompt opens one (DeepSeek-R1)."""
-
-    template: Template
-
-    @property
-    def name(self) -> str:
-        return self.template.name
 
     @property
     def stop(self) -> tuple[str, ...]:

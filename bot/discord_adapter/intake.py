@@ -112,8 +112,9 @@ class Intake(commands.Cog):
             turn.stored.set_exception(exc)
             return False
         turn.stored.set_result(stored)
-        if stored is None:
-            return False  # stored already: seen twice (a catch-up racing a live event)
+        if stored is None:  # stored already: seen twice (a catch-up racing a live event)
+            self.ctx.scheduler.withdraw(job)
+            return False
         self._note_position(turn, job)
         return True
 
@@ -207,7 +208,7 @@ class Intake(commands.Cog):
             own = i < len(message.attachments)
             if kind == IMAGE and (chat.can_see or own) and (most and i < most):
                 if not chat.can_see:
-                    skipped.append(Skipped(name, f"an image: {chat.cannot_see()}"))
+                    skipped.append(Skipped(name, chat.cannot_see() or ""))
                 elif (refused := chat.image_refusal(name, attachment.size)) is not None:
                     picture_notes.append(refused)
                 elif (data := await self._download_whole(attachment, message)) is None:

@@ -1565,7 +1565,7 @@ class LocalBackend:
         """None when images reach the model; else why not (one line for a note)."""
         if self.engine.vision is not None:
             return None
-        return "this model cannot see images (its vision projector is not loaded: set MMPROJ_PATH to the model's mmproj file)"
+        return "this model cannot see images: set MMPROJ_PATH to its vision projector (an mmproj file)"
 
     def generate(self, key: str, prompt: PreparedPrompt, *, max_tokens: int, sampling: Sampling) -> Generation:
         assert prompt.tokens is not None
