@@ -149,6 +149,7 @@ async def test_busy_channel_messages_wait_their_turn_in_order(world: World, star
 
 
 async def test_empty_and_attachment_only_messages_get_a_short_note(world: World, start_bot, scripted: ScriptedBackend) -> None:
+    scripted.sees = False  # (pictures alone, for a model that sees: tests/test_discord_images.py)
     async with start_bot() as bot:
         sent = await world.fake.send_message(world.general, world.ann, mention(world.fake))
         [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
@@ -157,7 +158,7 @@ async def test_empty_and_attachment_only_messages_get_a_short_note(world: World,
             world.general, world.ann, mention(world.fake), attachments=[{"filename": "cat.png", "data": b"\x89PNG", "content_type": "image/png"}]
         )
         [note] = await world.fake.wait_for_bot_message(world.general, after=sent)
-        assert note["content"] == NO_TEXT
+        assert note["content"] == f"{NO_TEXT}\n-# I did not read cat.png ({scripted.image_support()})."  # and how to make it see
         assert rows(bot.ctx.settings.database_path) == []  # nothing stored as if answered
     assert scripted.calls == []
 
@@ -202,10 +203,12 @@ async def test_odd_but_real_text_is_answered_and_stored(world: World, start_bot,
 async def test_messages_without_text_get_a_short_note_and_nothing_is_stored(
     world: World, start_bot, scripted: ScriptedBackend, content: str, extra: dict, note: str
 ) -> None:
+    scripted.sees = False
     async with start_bot() as bot:
         sent = await world.fake.send_message(world.general, world.ann, f"{mention(world.fake)}{content}", **extra)
         [reply] = await world.fake.wait_for(lambda: replies_to(world.fake, world.general, sent))
         await idle(world.fake, bot)
-        assert reply["content"] == note
+        skipped = [f"-# I did not read {a['filename']} ({scripted.image_support()})." for a in extra.get("attachments", [])]
+        assert reply["content"].split("\n") == [note, *skipped]
         assert table(bot.ctx.settings.database_path) == []
     assert scripted.calls == []

@@ -32,6 +32,9 @@ from bot.discord_adapter.scopes import DiscordScope
 from bot.discord_adapter.text import text_of, thread_name
 
 log = logging.getLogger(__name__)
+
+LIVE_REMEMBERED = 10_000
+"""Message ids of live events kept, so a catch-up running meanwhile leaves them to the live intake."""
 T = TypeVar("T")
 
 BUSY = "I'm busy with other conversations right now. Please try again in a minute."
@@ -54,6 +57,8 @@ class Intake(commands.Cog):
         self.access = access
         self.replier = replier
         self._files: aiohttp.ClientSession | None = None  # downloads attachments (created on first use)
+        self._taking: set[int] = set()  # messages being taken in right now (until stored: then has_seen knows them)
+        self._live: dict[int, None] = {}  # the newest messages that came as live events (insertion-ordered)
 
     async def cog_unload(self) -> None:
         if self._files is not None:
@@ -67,6 +72,9 @@ class Intake(commands.Cog):
     async def on_message(self, message: discord.Message) -> None:
         if not self.access.wants_answer(message):
             return
+        self._live[message.id] = None
+        if len(self._live) > LIVE_REMEMBERED:
+            del self._live[next(iter(self._live))]
         await self.ctx.caught_up.wait()  # what waited across a restart goes first, in order
         text = self.text_of(message)
         extras = bool(message.embeds or message.stickers)
@@ -78,12 +86,27 @@ class Intake(commands.Cog):
             return
         await self.accept(message, text, [IGNORED] if extras else [])
 
+    def came_live(self, message_id: int) -> bool:
+        """Whether this message came as a live event: the live intake decides about it (answers,
+        turns it away, notes it has no text), never the catch-up too."""
+        return message_id in self._live
+
     async def accept(self, message: discord.Message, text: str, notes: list[str], *, force: bool = False) -> bool:
         """Take a message: its place in line is taken at once (arrival order), and it is
         stored as pending before its turn can start, so from here on a restart cannot lose it.
 
         `force` takes it even past MAX_QUEUE: it was accepted before (a restart, an outage).
-        In a channel set to /chat threads, the conversation moves to a new thread first."""
+        In a channel set to /chat threads, the conversation moves to a new thread first.
+        A message already being taken in (its live event and the catch-up at once) is taken once."""
+        if message.id in self._taking:
+            return False
+        self._taking.add(message.id)
+        try:
+            return await self._accept(message, text, notes, force=force)
+        finally:
+            self._taking.discard(message.id)
+
+    async def _accept(self, message: discord.Message, text: str, notes: list[str], *, force: bool) -> bool:
         thread = None
         if self._starts_threads(message):
             thread, problem = await self._thread_for(message, text)

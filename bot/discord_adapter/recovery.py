@@ -219,6 +219,8 @@ class Recovery(commands.Cog):
         answered = 0
         try:
             async for message in channel.history(after=discord.Object(after), oldest_first=True, limit=self.ctx.settings.catchup_max_messages):
+                if self.intake.came_live(message.id):
+                    continue  # arrived while this catch-up ran: the live intake has it
                 if self.access.wants_answer(message) and not await self.ctx.chat.has_seen(str(message.id)):
                     if await self.access.refusal_fetching_roles(message) is not None:
                         continue
