@@ -98,7 +98,7 @@ class Store:
         try:
             db.row_factory = aiosqlite.Row
             await db.execute("PRAGMA foreign_keys = ON")
-            await db.execute(f"PRAGMA busy_timeout = {BUSY_POLL_MS}")
+            await db.execute("PRAGMA busy_timeout = 200")  # BUSY_POLL_MS (a PRAGMA takes no parameters)
             mode = await store._patiently(lambda: store._fetch_one("PRAGMA journal_mode = WAL", ()))
             if mode is not None and mode[0] != "wal" and str(path) != ":memory:":
                 log.warning("database %s: WAL mode not available (journal_mode=%s)", path, mode[0])
