@@ -178,9 +178,21 @@ def test_readme_is_the_front_door_and_its_links_resolve() -> None:
     for doc in (ROOT / "docs").glob("*.md"):
         assert f"docs/{doc.name}" in text, f"README does not link docs/{doc.name}"
     for page in [README, *(ROOT / "docs").glob("*.md")]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if "://" not in target:
-                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            if "://" in target:
+                continue
+            linked = page.parent / target if target else page
+            assert linked.exists(), f"{page.name} links to {target}, which does not exist"
+            if anchor:
+                assert anchor in anchors(linked), f"{page.name} links to {target}#{anchor}, which has no such heading"
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", page.read_text(), re.M):
+        found.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return found
 
 
 def test_the_performance_page_shows_its_chart() -> None:
