@@ -195,8 +195,29 @@ def anchors(page: Path) -> set[str]:
     return found
 
 
-def test_the_performance_page_shows_its_chart() -> None:
+def test_the_performance_page_shows_its_chart_and_results_hold_a_run_to_draw() -> None:
+    from bench.chart import chosen, parse
+
     page = (ROOT / "docs" / "performance.md").read_text()
-    assert "](performance.png)" in page and (ROOT / "docs" / "performance.png").is_file()
+    assert "](performance.png)" in page and (ROOT / "docs" / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "python -m bench.chart" in page
-    assert Path(ROOT / "bench" / "chart.py").is_file()
+    run = chosen(parse((ROOT / "bench" / "RESULTS.md").read_text()))
+    assert "family" in run.cpu and "stepping" in run.cpu  # the chart's title names the CPU in full
+    assert run.with_reuse_ms and run.without_reuse_ms and run.only_new_ms and run.per_channel and sorted(run.per_channel) == [1, 2, 4, 8]
+
+
+def test_chart_reads_each_run_of_a_results_file_apart() -> None:
+    from bench.chart import parse
+
+    text = "\n".join([
+        "# Benchmark results",
+        "Measured 2026-01-01 00:00 UTC on CPU A (family 6, model 1, stepping 2), 2 threads, model a.gguf, Python 3.11.",
+        "| Follow-up latency: 4 channels ...; median time to first token with KV reuse vs without | 100 ms vs 900 ms = **9.0x faster** | >= 10x | no |",
+        "## Later rows, no header of their own",
+        "| Channels per box: tokens/s each channel sees when N channels generate at once (PARALLEL=8) | 1: 9; 2: 8 tok/s |  |  |",
+        "Measured 2026-01-02 00:00 UTC on CPU B, x, 4 threads, model b.gguf, Python 3.11.",
+        "| Channels per box: tokens/s each channel sees when N channels generate at once (PARALLEL=8) | 1: 30; 2: 20; 4: 12 tok/s |  |  |",
+    ])
+    a, b = parse(text)
+    assert (a.cpu, a.threads, a.model, a.with_reuse_ms, a.without_reuse_ms, a.per_channel) == ("CPU A (family 6, model 1, stepping 2)", 2, "a.gguf", 100.0, 900.0, None)
+    assert (b.cpu, b.threads, b.model, b.per_channel) == ("CPU B, x", 4, "b.gguf", {1: 30.0, 2: 20.0, 4: 12.0})
