@@ -27,6 +27,7 @@ from bot.config import Sampling, bundled_model_path
 from bot.engine.backend import Generation
 import numpy as np
 
+from bot.engine.flashattn import cpu_identity
 from bot.engine.local import Engine, EngineOptions, LocalBackend
 from bot.engine.kvdisk import SUFFIX, key_name
 from bot.formats.templates import Image, Message, Template, get_template
@@ -48,14 +49,21 @@ def threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+# The instruction-set extensions llama.cpp's CPU kernels choose between (x86 and ARM).
+KERNEL_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
+
+
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU as a reader can look it up: /proc/cpuinfo's model name is sometimes only
+    "Intel(R) Xeon(R) Processor", so family, model, stepping and the kernel-relevant flags follow."""
+    cpu = cpu_identity()
+    name = cpu.get("model name") or platform.processor() or platform.machine()
+    ids = ", ".join(f"{k} {cpu[k]}" for k in ("vendor_id", "cpu family", "model", "stepping") if k in cpu)
+    flags = set((cpu.get("flags") or cpu.get("Features") or "").split())
+    wanted = [f for f in KERNEL_FLAGS if f in flags]
+    missing = [f for f in ("avx2", "avx512f", "amx_tile") if f not in flags] if "flags" in cpu else []
+    described = "; ".join(part for part in (ids, "flags " + " ".join(wanted) if wanted else "", "no " + ", no ".join(missing) if missing else "") if part)
+    return f"{name} ({described})" if described else name
 
 
 def template_for(engine: Engine) -> Template:

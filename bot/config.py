@@ -277,9 +277,10 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     kwargs: dict[str, object] = {}
     sampling: dict[str, object] = {}
 
-    def take(name: str, parse: Callable[[str, str], T]) -> T | None:
+    def take(name: str, parse: Callable[[str, str], T], *, blank_is_unset: bool = True) -> T | None:
+        """The variable, parsed; None when it is not set (or blank, unless a blank value means something)."""
         raw = values.get(name)
-        if raw is None or raw.strip() == "":
+        if raw is None or (blank_is_unset and raw.strip() == ""):
             return None
         return parse(name, raw)
 
@@ -289,9 +290,7 @@ def load_settings(values: Mapping[str, str]) -> Settings:
 
     put(kwargs, "model_path", take("MODEL_PATH", _model_path))
     put(kwargs, "prompt_template", take("PROMPT_TEMPLATE", _template))
-    system_prompt = values.get("SYSTEM_PROMPT")
-    if system_prompt is not None:
-        kwargs["system_prompt"] = system_prompt.replace("\\n", "\n")
+    put(kwargs, "system_prompt", take("SYSTEM_PROMPT", lambda n, r: r.replace("\\n", "\n"), blank_is_unset=False))  # blank: no system prompt
     put(kwargs, "database_path", take("DATABASE_PATH", lambda n, r: Path(r.strip()).expanduser()))
     put(kwargs, "database_wait_s", take("DATABASE_WAIT_S", lambda n, r: _float(n, r, 0.1, 3600.0)))
     put(kwargs, "n_ctx", take("LLAMA_N_CTX", lambda n, r: _int(n, r, 64, 1 << 20)))
@@ -321,9 +320,7 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "kv_type", take("KV_TYPE", lambda n, r: _choice(n, r, ("f16", "q8_0"))))
     put(kwargs, "kv_disk_dir", take("KV_DISK_DIR", lambda n, r: Path(r.strip()).expanduser()))
     put(kwargs, "kv_disk_mb", take("KV_DISK_MB", lambda n, r: _int(n, r, 0, 1 << 30)))
-    token = values.get("DISCORD_TOKEN", "").strip()
-    if token:
-        kwargs["discord_token"] = token
+    put(kwargs, "discord_token", take("DISCORD_TOKEN", lambda n, r: r.strip()))
     put(kwargs, "discord_api_base", take("DISCORD_API_BASE", lambda n, r: _url(n, r, ("http", "https"))))
     put(kwargs, "discord_gateway_url", take("DISCORD_GATEWAY_URL", lambda n, r: _url(n, r, ("ws", "wss"))))
     put(kwargs, "dev_guild_id", take("DEV_GUILD_ID", lambda n, r: _int(n, r, 1)))
@@ -341,9 +338,7 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "image_max_pixels", take("IMAGE_MAX_PIXELS", lambda n, r: _int(n, r, 64 * 64, 100_000_000)))
     put(kwargs, "backend", take("BACKEND", lambda n, r: _choice(n, r, ("local", "openai"))))
     put(kwargs, "openai_base_url", take("OPENAI_BASE_URL", lambda n, r: _url(n, r, ("http", "https"))))
-    key = values.get("OPENAI_API_KEY", "").strip()
-    if key:
-        kwargs["openai_api_key"] = key
+    put(kwargs, "openai_api_key", take("OPENAI_API_KEY", lambda n, r: r.strip()))
     put(kwargs, "openai_model", take("OPENAI_MODEL", lambda n, r: r.strip()))
     put(kwargs, "openai_mode", take("OPENAI_MODE", lambda n, r: _choice(n, r, ("chat", "completions"))))
     put(kwargs, "log_level", take("LOG_LEVEL", _log_level))

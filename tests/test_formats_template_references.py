@@ -1,7 +1,7 @@
 """Every template against a reference nobody here wrote, computed at test time.
 
 - Named templates: llama.cpp's own chat formatter (`llama_chat_apply_template` with its
-  built-in template of the family), with the exact differences the README's template table
+  built-in template of the family), with the exact differences docs/models.md's template table
   states; for SentencePiece families also the token ids that the model authors' own code
   builds (Meta's llama `chat_completion`, mistral-common's v1 instruct tokenizer, FastChat),
   and BELLE's documented prompt.
@@ -45,7 +45,7 @@ def answers(pairs: Pairs) -> list[str]:
 # --- named templates against llama.cpp ------------------------------------------------------
 
 # Our template -> (llama.cpp's built-in template, how our text differs from llama.cpp's, exactly).
-# The README's template table says the same, and why.
+# docs/models.md's template table says the same, and why.
 
 
 def _llama2(ref: str, pairs: Pairs) -> str:
