@@ -124,9 +124,21 @@ class ModelPool:
         except BaseException:
             await pool.close()
             raise
+        await asyncio.to_thread(pool._estimate_all)
         if pool.idle_unload_s > 0:
             pool._idle_task = asyncio.create_task(pool._unload_idle())
         return pool
+
+    def _estimate_all(self) -> None:
+        """What each model of the catalogue would take (for /model), read from the headers at
+        start (a fraction of a second each); a file that cannot be read is said now, in the log."""
+        for name, entry in self.catalogue.items():
+            if name in self._estimates:
+                continue
+            try:
+                self._estimates[name] = estimate_bytes(entry, self.options_for(entry))
+            except (ModelError, OSError) as exc:
+                log.warning("the model %s (%s) cannot be loaded as it is: %s", name, entry.path, _one_line(exc))
 
     # --- what the chat layer asks --------------------------------------------------------
 
