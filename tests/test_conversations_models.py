@@ -23,11 +23,17 @@ from bot.engine.local import EngineOptions
 from bot.engine.pool import ModelPool, entry_options, estimate_bytes
 from bot.formats.templates import FALLBACK
 from tests.conftest import ENGINE_THREADS, make_settings
-from tests.references import gemma3_path  # noqa: F401 (fixture)
+from tests.references import gemma3_model_path
 from tests.test_engine_kvdisk import state_files
 
 MiB = 1024 * 1024
 BASE = EngineOptions(n_ctx=512, n_threads=ENGINE_THREADS, parallel=2, kv_cache_mb=0, n_predict=16)
+
+
+@pytest.fixture
+def gemma_file() -> Path:
+    """Gemma 3 270M (assembled once from its PyPI package into ~/.cache)."""
+    return gemma3_model_path()
 
 
 def base_options(folder: Path) -> EngineOptions:
@@ -73,10 +79,10 @@ async def say(chat: ChatService, scope: str, text: str, n: list[int] = [0]):  # 
 # --- the catalogue (config) ------------------------------------------------------------------
 
 
-def test_models_and_models_dir_make_one_catalogue_with_the_default_first(tmp_path: Path, gemma3_path: Path) -> None:
+def test_models_and_models_dir_make_one_catalogue_with_the_default_first(tmp_path: Path, gemma_file: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()
-    os.symlink(gemma3_path, folder / "gemma-3-270m.gguf")
+    os.symlink(gemma_file, folder / "gemma-3-270m.gguf")
     os.symlink(bundled_model_path(), folder / "SmolLM2-135M-Instruct.Q4_1.gguf")  # the default: not listed twice
     (folder / "mmproj-gemma-3-270m-f16.gguf").write_bytes(b"GGUF")  # its projector, by name
     (folder / "notes.txt").write_text("not a model")
@@ -89,7 +95,7 @@ def test_models_and_models_dir_make_one_catalogue_with_the_default_first(tmp_pat
     # A lone projector beside a lone model is its own.
     lone = tmp_path / "lone"
     lone.mkdir()
-    os.symlink(gemma3_path, lone / "g.gguf")
+    os.symlink(gemma_file, lone / "g.gguf")
     (lone / "mmproj-f16.gguf").write_bytes(b"GGUF")
     assert load_settings({"MODELS_DIR": str(lone)}).catalogue()[1] == ModelEntry("g", lone / "g.gguf", lone / "mmproj-f16.gguf")
 
@@ -124,20 +130,20 @@ def test_model_memory_and_idle_settings_are_checked() -> None:
         load_settings({"MODEL_MEMORY_MB": "1"})
 
 
-def test_the_estimate_reads_the_kv_cache_shape_from_the_file(gemma3_path: Path) -> None:
+def test_the_estimate_reads_the_kv_cache_shape_from_the_file(gemma_file: Path) -> None:
     """SmolLM2: 30 layers, 3 KV heads of 64 (23,040 bytes a token in f16); Gemma 3 270M: 18 layers, 1 KV head of 256."""
     smol = ModelEntry("smol", bundled_model_path())
     one = estimate_bytes(smol, BASE)
     assert one - bundled_model_path().stat().st_size == 30 * 2 * 192 * 2 * 512 * 2
-    gemma = estimate_bytes(ModelEntry("gemma", gemma3_path), BASE)
-    assert gemma - gemma3_path.stat().st_size == 18 * 2 * 256 * 2 * 512 * 2
+    gemma = estimate_bytes(ModelEntry("gemma", gemma_file), BASE)
+    assert gemma - gemma_file.stat().st_size == 18 * 2 * 256 * 2 * 512 * 2
 
 
 # --- two models at once -------------------------------------------------------------------------
 
 
-async def test_two_channels_on_two_models_answer_at_once_each_with_its_own(tmp_path: Path, store: Store, gemma3_path: Path) -> None:
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path))
+async def test_two_channels_on_two_models_answer_at_once_each_with_its_own(tmp_path: Path, store: Store, gemma_file: Path) -> None:
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file))
     try:
         chat = ChatService(pool.default_backend, store, chat_settings(tmp_path), pool)
         assert chat.model_names() == ["smol", "gemma"]
@@ -171,9 +177,9 @@ async def test_two_channels_on_two_models_answer_at_once_each_with_its_own(tmp_p
 
 
 async def test_over_budget_the_least_recently_used_idle_model_is_unloaded_never_a_busy_one(
-    tmp_path: Path, store: Store, gemma3_path: Path, smol_copy: Path
+    tmp_path: Path, store: Store, gemma_file: Path, smol_copy: Path
 ) -> None:
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path), ModelEntry("smol2", smol_copy), ModelEntry("smol3", smol_copy))
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file), ModelEntry("smol2", smol_copy), ModelEntry("smol3", smol_copy))
     try:
         chat = ChatService(pool.default_backend, store, chat_settings(tmp_path), pool)
         for scope, model in (("g", "gemma"), ("s2", "smol2"), ("s3", "smol3")):
@@ -201,9 +207,9 @@ async def test_over_budget_the_least_recently_used_idle_model_is_unloaded_never_
         await pool.close()
 
 
-async def test_a_model_bigger_than_the_budget_leaves_the_others_serving(tmp_path: Path, store: Store, gemma3_path: Path) -> None:
+async def test_a_model_bigger_than_the_budget_leaves_the_others_serving(tmp_path: Path, store: Store, gemma_file: Path) -> None:
     smol_cost = estimate_bytes(ModelEntry("smol", bundled_model_path()), base_options(tmp_path / "kv"))
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path), budget_mb=smol_cost // MiB + 200)  # gemma needs ~260 MiB more
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file), budget_mb=smol_cost // MiB + 200)  # gemma needs ~260 MiB more
     try:
         chat = ChatService(pool.default_backend, store, chat_settings(tmp_path), pool)
         await chat.set_model("g", "gemma")
@@ -218,8 +224,8 @@ async def test_a_model_bigger_than_the_budget_leaves_the_others_serving(tmp_path
 # --- the disk tier with several models --------------------------------------------------------------
 
 
-async def test_switching_back_finds_the_state_on_disk_and_evaluates_only_the_new_tokens(tmp_path: Path, store: Store, gemma3_path: Path) -> None:
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path))
+async def test_switching_back_finds_the_state_on_disk_and_evaluates_only_the_new_tokens(tmp_path: Path, store: Store, gemma_file: Path) -> None:
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file))
     try:
         chat = ChatService(pool.default_backend, store, chat_settings(tmp_path), pool)
         await chat.set_model("c", "gemma")
@@ -244,8 +250,8 @@ async def test_switching_back_finds_the_state_on_disk_and_evaluates_only_the_new
     assert len(state_files(tmp_path / "kv", "c")) == 2  # the conversation's state of each model, side by side
 
 
-async def test_forget_reaches_every_models_state(tmp_path: Path, store: Store, gemma3_path: Path) -> None:
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path))
+async def test_forget_reaches_every_models_state(tmp_path: Path, store: Store, gemma_file: Path) -> None:
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file))
     try:
         chat = ChatService(pool.default_backend, store, chat_settings(tmp_path), pool)
         await say(chat, "c", "Tell me about cats.")
@@ -328,3 +334,30 @@ async def test_an_idle_model_is_unloaded_after_model_idle_unload_s(tmp_path: Pat
 async def _until(condition) -> None:  # noqa: ANN001
     while not condition():
         await asyncio.sleep(0.02)
+
+
+# --- a model server's models (BACKEND=openai) ----------------------------------------------------
+
+
+async def test_with_a_model_server_each_conversation_names_its_model_in_the_request(tmp_path: Path) -> None:
+    """The server's /v1/models is the catalogue; the chosen name goes with each request (the
+    server loads it: llama-server's router mode, vLLM, Ollama, LiteLLM)."""
+    from bot.conversations.service import open_chat
+    from tests.sse_server import ScriptedServer, chat_reply
+
+    async with ScriptedServer([chat_reply("Hi.")], models=["alpha", "beta"]) as server:
+        settings = make_settings(tmp_path, backend="openai", openai_base_url=server.base, n_ctx=2048, n_predict=12)
+        async with open_chat(settings) as chat:
+            assert chat.model_names() == ["alpha", "beta"]
+            assert await chat.set_model("b", "beta") == "beta"
+            server.models.append("gamma")  # the server serves one more now: /model finds it
+            assert await chat.set_model("c", "gamma") == "gamma"
+            for scope in ("a", "b", "c"):
+                await say(chat, scope, "Hello?")
+            assert [r.body["model"] for r in server.completions] == ["alpha", "beta", "gamma"]
+            assert [chat.last_replies[s].model for s in ("a", "b", "c")] == ["alpha", "beta", "gamma"]
+            server.models.remove("gamma")
+            await chat.refresh_models()
+            reply = await say(chat, "c", "Still there?")  # the server dropped it: back to its default, with a note
+            assert MODEL_GONE_NOTE.format(gone="gamma", default="alpha") in reply.notes
+            assert server.completions[-1].body["model"] == "alpha"

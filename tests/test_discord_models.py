@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot.config import ModelEntry, bundled_model_path
 from bot.conversations.service import ChatService
 from bot.conversations.store import Store
@@ -24,8 +26,14 @@ from bot.engine.pool import ModelPool
 from tests.conftest import JSON, World, make_settings, scope
 from tests.discord_helpers import ask, command, idle, send
 from tests.fakediscord import Interaction
-from tests.references import gemma3_path  # noqa: F401 (fixture)
+from tests.references import gemma3_model_path
 from tests.test_conversations_models import open_pool
+
+
+@pytest.fixture
+def gemma_file() -> Path:
+    """Gemma 3 270M (assembled once from its PyPI package into ~/.cache)."""
+    return gemma3_model_path()
 
 
 @contextlib.asynccontextmanager
@@ -51,8 +59,8 @@ def stored_models(db: Path) -> dict[str, str | None]:
         return dict(conn.execute("SELECT scope, model FROM conversations"))
 
 
-async def test_model_switches_a_channel_with_a_loading_note_that_becomes_the_reply(world: World, tmp_path: Path, gemma3_path: Path) -> None:
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path))
+async def test_model_switches_a_channel_with_a_loading_note_that_becomes_the_reply(world: World, tmp_path: Path, gemma_file: Path) -> None:
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file))
     try:
         async with models_bot(world, tmp_path, pool) as bot:
             shown = await model(world, world.ann, world.general)
@@ -110,8 +118,8 @@ async def test_a_model_that_cannot_load_gives_a_note_in_its_channel_only(world: 
         await pool.close()
 
 
-async def test_in_dms_only_the_owners_switch_the_model(world: World, tmp_path: Path, gemma3_path: Path) -> None:
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path))
+async def test_in_dms_only_the_owners_switch_the_model(world: World, tmp_path: Path, gemma_file: Path) -> None:
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file))
     try:
         owner_dm = world.fake.dm_channel(world.fake.app_owner)
         async with models_bot(world, tmp_path, pool):
@@ -129,8 +137,8 @@ async def test_in_dms_only_the_owners_switch_the_model(world: World, tmp_path: P
         await pool.close()
 
 
-async def test_a_thread_the_bot_starts_takes_its_channels_model(world: World, tmp_path: Path, gemma3_path: Path) -> None:
-    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma3_path))
+async def test_a_thread_the_bot_starts_takes_its_channels_model(world: World, tmp_path: Path, gemma_file: Path) -> None:
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file))
     try:
         async with models_bot(world, tmp_path, pool) as bot:
             await command(world, "chat", world.mod, world.general, mode="threads")

@@ -277,7 +277,14 @@ class ChatService:
         """The catalogue name of the model answering a conversation (None: no catalogue)."""
         if self.models is None:
             return None
-        return conversation.model if conversation.model in self.models.names() else self.models.default
+        if conversation.model is None:
+            return self.models.default
+        return conversation.model if conversation.model in self.models.names() or not self.models.complete else self.models.default
+
+    async def refresh_models(self) -> None:
+        """Read the list of models again where it can change (a model server's /v1/models)."""
+        if self.models is not None:
+            await self.models.refresh()
 
     def backend_now(self, conversation: Conversation) -> Backend:
         """The conversation's model if it is loaded now, else the default's (for descriptions and
@@ -298,6 +305,8 @@ class ChatService:
         """Switch a conversation's model (None: back to the default). Its history stays; a
         conversation on the `auto` template follows the new model's own. The states cached for
         the old model stay where they are (RAM, disk), for when it comes back."""
+        if self.models is not None and name is not None and name not in self.models.names():
+            await self.models.refresh()  # a server may serve it since we last asked
         if self.models is None or len(self.models.names()) < 2:
             raise ModelChoiceError("Only one model is offered here (set MODELS or MODELS_DIR to offer more).")
         if name is not None and name not in self.models.names():
@@ -339,7 +348,7 @@ class ChatService:
             yield self.backend, None
             return
         name = conversation.model
-        if name is not None and name not in self.models.names():
+        if name is not None and name not in self.models.names() and self.models.complete:
             log.warning("the model %r of %s left the catalogue: back to the default model", name, conversation.scope)
             await self.store.set_model(conversation.scope, None)
             self._model_notes.setdefault(conversation.scope, []).append(MODEL_GONE_NOTE.format(gone=name, default=self.models.default))
@@ -1092,8 +1101,13 @@ async def open_chat(settings: Settings, *, parallel: int | None = None, abort: t
 
     Setting `abort` while the model loads stops the load (a shutdown signal)."""
     with serving(settings.database_path):
-        models = await open_models(settings, parallel=parallel, abort=abort)
+        models: Models | None = await open_models(settings, parallel=parallel, abort=abort)
         backend = models.default_backend if models is not None else await open_backend(settings, parallel=parallel, abort=abort)
+        if models is None and settings.backend == "openai":
+            from bot.engine.remote import RemoteBackend, RemoteModels
+
+            assert isinstance(backend, RemoteBackend)
+            models = RemoteModels(backend)  # the server's models, chosen per conversation
         try:
             store = await Store.open(settings.database_path, wait_s=settings.database_wait_s)
             try:

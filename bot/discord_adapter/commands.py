@@ -129,8 +129,10 @@ class Commands(commands.Cog):
             await interaction.response.send_message(ONE_MODEL.format(name=chat.backend.info.path.name), ephemeral=True)
             return
         if name is None:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            await chat.refresh_models()  # a model server's list may have changed
             current = chat.model_name(await chat.conversation(scope))
-            await interaction.response.send_message(cut(_describe_models(current, chat.model_status()), 2000), ephemeral=True)
+            await interaction.followup.send(cut(_describe_models(current, chat.model_status()), 2000), ephemeral=True)
             return
         if await self._refuse_unless_admin(interaction, "model"):
             return
@@ -317,9 +319,12 @@ def _describe_models(current: str | None, models: list[ModelStatus]) -> str:
     lines = [f"Model here: **{current}**", "Models:"]
     now = time.time()
     for m in models:
-        what = "loaded" if m.loaded else "not loaded"
-        if m.memory_bytes:
-            what += f", {'uses' if m.loaded else 'needs about'} {m.memory_bytes / 2**20:.0f} MiB"
+        if m.loaded and m.memory_bytes is None:
+            what = "on the model server"  # (BACKEND=openai: the server loads and unloads)
+        else:
+            what = "loaded" if m.loaded else "not loaded"
+            if m.memory_bytes:
+                what += f", {'uses' if m.loaded else 'needs about'} {m.memory_bytes / 2**20:.0f} MiB"
         if m.busy:
             what += ", answering now"
         elif m.last_used is not None:

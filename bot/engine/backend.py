@@ -283,8 +283,18 @@ class Models(Protocol):
     default: str
     on_fatal: Callable[[str], None] | None  # called (from any thread) if any model's engine gives up for good
 
+    @property
+    def complete(self) -> bool:
+        """Whether `names` is the whole list (a server's is unknown until it answers): until it
+        is, a conversation's choice missing from it is kept, not dropped."""
+        ...
+
     def names(self) -> list[str]:
         """Every model that may be chosen, the default first."""
+        ...
+
+    async def refresh(self) -> None:
+        """Read the list again where it can change (a server's); nothing for local models."""
         ...
 
     def loaded(self, name: str) -> Backend | None:

@@ -153,8 +153,13 @@ class ModelPool:
         for model in self._loaded.values():
             model.backend.on_fatal = callback
 
+    complete = True  # the catalogue is fixed at start
+
     def names(self) -> list[str]:
         return list(self.catalogue)
+
+    async def refresh(self) -> None:
+        """The catalogue changes only with a restart."""
 
     @property
     def default_backend(self) -> LocalBackend:
