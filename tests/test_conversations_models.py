@@ -361,3 +361,25 @@ async def test_with_a_model_server_each_conversation_names_its_model_in_the_requ
             reply = await say(chat, "c", "Still there?")  # the server dropped it: back to its default, with a note
             assert MODEL_GONE_NOTE.format(gone="gamma", default="alpha") in reply.notes
             assert server.completions[-1].body["model"] == "alpha"
+
+
+# --- the terminal chat ----------------------------------------------------------------------------
+
+
+def test_terminal_chat_switches_model_with_slash_model(tmp_path: Path, smol_copy: Path) -> None:
+    """The real `python -m bot chat` with MODELS: /model lists, /model NAME switches, the next
+    message loads it (and says so); a model that cannot load is one line and the chat goes on."""
+    from tests.conftest import run_cli
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    env = {"TEMPERATURE": "0", "MODELS": f"other={smol_copy};broken={broken}", "LLAMA_LOG": "1"}
+    stdin = "/model\n/model other\nHello!\n/model broken\nHello again!\n/model nope\n"
+    result = run_cli("chat", "--db", str(tmp_path / "chat.sqlite3"), "--n-predict", "8", "--ctx-size", "512", stdin=stdin, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[INFO] Model: SmolLM2-135M-Instruct.Q4_1; available: SmolLM2-135M-Instruct.Q4_1, other, broken; loaded: SmolLM2-135M-Instruct.Q4_1\n" in out
+    assert "[INFO] Model: other\n[USER]:\n[INFO] Loading model other\u2026\n[ASSISTANT]:\n" in out.replace("[USER]:\nHello!\n", "[USER]:\n")
+    assert "model other loaded in" in result.stderr
+    assert "[ERROR] the model broken c" in out  # one line, and the chat went on:
+    assert "[ERROR] There is no model named 'nope'." in out and "Traceback" not in result.stderr

@@ -235,7 +235,7 @@ class ChatService:
         default model's), cached per model: each model's `auto` is its own GGUF's template."""
         backend = backend or self.backend
         key = canonical_name(name)
-        cache_key = (str(backend.info.path) if key == AUTO else None, key)
+        cache_key = (str(backend.info.path), key)  # (a named template takes the model's BOS and EOS too)
         if cache_key not in self._templates:
             info = backend.info
             self._templates[cache_key] = get_template(
@@ -762,8 +762,22 @@ class ChatService:
             self.last_replies.popitem(last=False)
 
     def engine_stats(self) -> EngineStats | None:
-        """Slots and KV state cache of the local engine (None for a remote server). Cheap: read on the event loop."""
-        return self.backend.stats()
+        """Slots and KV state cache of the local engine (None for a remote server), summed over
+        the loaded models when there are several. Cheap: read on the event loop."""
+        if self.models is None:
+            return self.backend.stats()
+        found = [b.stats() for b in map(self.models.loaded, self.models.names()) if b is not None]
+        stats = [s for s in found if s is not None]
+        if not stats:
+            return None
+        return EngineStats(
+            busy_slots=sum(s.busy_slots for s in stats),
+            slots=sum(s.slots for s in stats),
+            cached_states=sum(s.cached_states for s in stats),
+            cache_bytes=sum(s.cache_bytes for s in stats),
+            cache_limit_bytes=sum(s.cache_limit_bytes for s in stats),
+            warm=stats[0].warm,  # the default model's
+        )
 
     async def regenerate(self, scope: str, platform_message_id: str) -> Reply:
         """Write the newest answer again: the same prompt, a new seed. The new answer

@@ -40,7 +40,11 @@ def read_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, objec
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             return _walk(m, wanted)
-    except (OSError, ValueError, struct.error, IndexError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ModelError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except (struct.error, IndexError):
+        raise ModelError(f"{path} is not a readable GGUF model file (its header is truncated or damaged)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path} is not a readable GGUF model file ({exc})") from None
 
 
