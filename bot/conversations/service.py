@@ -559,6 +559,8 @@ class ChatService:
         """Why images do not reach the model, in a few words (None: they do)."""
         if not self.settings.image_max_kb:
             return "image input is turned off here (IMAGE_MAX_KB=0)"
+        if self.models is not None and self.models.sees_images():
+            return None  # some model can see them (one that cannot reads a placeholder in its place)
         return self.backend.image_support()
 
     def image_note(self) -> str | None:

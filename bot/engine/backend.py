@@ -297,6 +297,10 @@ class Models(Protocol):
         """Read the list again where it can change (a server's); nothing for local models."""
         ...
 
+    def sees_images(self) -> bool:
+        """Some model can see images (so images are taken and stored; one that cannot reads a placeholder)."""
+        ...
+
     def loaded(self, name: str) -> Backend | None:
         """The model's backend if it serves now, without loading it."""
         ...

@@ -299,7 +299,7 @@ class Engine:
             engine._shared = shared
             engine._clock, engine._buffers = shared.clock, shared.buffers
             if shared.gate is not None:
-                engine._turn = shared.gate.turn
+                engine._turn = functools.partial(shared.gate.turn, id(engine))
         try:
             engine._executor.submit(engine._load, path, options, abort).result()
         except BaseException:
@@ -603,6 +603,8 @@ class Engine:
         L.llama_model_free(self._model)
         if self._disk is not None and self._shared is None:
             self._disk.close()  # waits for the writes (a shared folder is closed by its pool)
+        if self._shared is not None and self._shared.gate is not None:
+            self._shared.gate.forget(id(self))
 
     def _save_for_restart(self) -> None:
         """Write what the slots and the RAM cache hold and the disk lacks, newest first within

@@ -161,6 +161,10 @@ class ModelPool:
     async def refresh(self) -> None:
         """The catalogue changes only with a restart."""
 
+    def sees_images(self) -> bool:
+        """Some model of the catalogue has a vision projector."""
+        return any(e.mmproj is not None for e in self.catalogue.values())
+
     @property
     def default_backend(self) -> LocalBackend:
         return self._loaded[self.default].backend

@@ -517,6 +517,9 @@ class RemoteModels:
     def forget(self, key: str) -> None:
         """Nothing is cached here (the server keeps its own prompt cache)."""
 
+    def sees_images(self) -> bool:
+        return self.backend.image_support() is None
+
     async def refresh(self) -> None:
         """Ask the server again which models it serves (for /model)."""
         await self.backend.list_models()
