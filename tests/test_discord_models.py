@@ -63,6 +63,12 @@ async def test_model_switches_a_channel_with_a_loading_note_that_becomes_the_rep
     pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file))
     try:
         async with models_bot(world, tmp_path, pool) as bot:
+            [synced] = [c for c in world.fake.commands["global"] if c["name"] == "model"]
+            assert synced["options"][0]["name"] == "name" and synced["options"][0]["autocomplete"] is True
+            assert synced["default_member_permissions"] is None  # seeing is for everyone; switching is checked by the bot
+            cog = bot.get_cog("Commands")
+            choices = await cog._model_names(None, "GEM")  # what the autocomplete offers for "GEM"
+            assert [c.value for c in choices] == ["gemma"]
             shown = await model(world, world.ann, world.general)
             assert shown.ephemeral and shown.content.startswith("Model here: **smol**\nModels:\n- smol (default): loaded, uses ")
             assert "- gemma: not loaded, needs about " in shown.content
