@@ -207,6 +207,47 @@ async def test_over_budget_the_least_recently_used_idle_model_is_unloaded_never_
         await pool.close()
 
 
+async def test_a_model_in_the_middle_of_a_reply_is_never_unloaded(tmp_path: Path, store: Store, gemma_file: Path, smol_copy: Path) -> None:
+    """A real reply held in the middle: the test takes the engines' CPU gate, so gemma's reply,
+    admitted, cannot decode its next step until the test lets go (no reliance on speed)."""
+    import threading
+
+    pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file), ModelEntry("smol2", smol_copy), ModelEntry("smol3", smol_copy))
+    try:
+        chat = ChatService(pool.default_backend, store, chat_settings(tmp_path), pool)
+        for scope, model in (("s2", "smol2"), ("g", "gemma"), ("s3", "smol3")):
+            await chat.set_model(scope, model)
+        await say(chat, "g", "Hello there.")  # gemma first: the least recently used...
+        await say(chat, "s2", "Hello there.")
+        pool.budget = pool.used_bytes() + 8 * MiB
+
+        taken, release = threading.Event(), threading.Event()
+
+        def hold_the_cpu() -> None:
+            with pool.shared.gate.turn(0):
+                taken.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=hold_the_cpu)
+        holder.start()
+        try:
+            assert taken.wait(10)
+            running = await chat.respond(UserMessage("g", "Tell me more.", platform_message_id="mid-reply"))  # ...but now mid-reply
+            assert not running.generation.done
+            load = asyncio.ensure_future(say(chat, "s3", "Hello there."))
+            await asyncio.wait_for(_until(lambda: pool.unloads), 60)  # room is made before the load needs the CPU
+            assert pool.unloads == ["smol2"] and pool.loaded("gemma") is not None
+        finally:
+            release.set()
+            holder.join()
+        await running.generation.wait()
+        await load
+        assert running.generation.finish_reason in ("stop", "length") and running.generation.n_evaluated > 0  # finished on gemma, not failed
+        assert chat.last_replies["g"].model == "gemma" and chat.last_replies["s3"].model == "smol3"
+    finally:
+        await pool.close()
+
+
 async def test_a_model_bigger_than_the_budget_leaves_the_others_serving(tmp_path: Path, store: Store, gemma_file: Path) -> None:
     smol_cost = estimate_bytes(ModelEntry("smol", bundled_model_path()), base_options(tmp_path / "kv"))
     pool = await open_pool(tmp_path, ModelEntry("gemma", gemma_file), budget_mb=smol_cost // MiB + 200)  # gemma needs ~260 MiB more
