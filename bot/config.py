@@ -161,12 +161,15 @@ class Settings:
 
         def add(entry: ModelEntry, source: str) -> None:
             real = entry.path.resolve()
+            if source == "MODELS_DIR" and real in paths:  # a file the catalogue names already (the default model, or a MODELS entry)...
+                for name, known in entries.items():
+                    if known.path.resolve() == real and known.mmproj is None and entry.mmproj is not None:
+                        entries[name] = replace(known, mmproj=entry.mmproj)  # ... which takes the projector found beside it
+                return
             if entry.name in entries:
                 if entries[entry.name].path.resolve() == real:
                     return
                 raise ConfigError(f"{source}: the model name {entry.name!r} is used twice (for {entries[entry.name].path} and {entry.path})")
-            if real in paths and source == "MODELS_DIR":
-                return  # a file the catalogue names already (the default model, or a MODELS entry)
             entries[entry.name] = entry
             paths.add(real)
 

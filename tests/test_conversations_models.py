@@ -98,6 +98,8 @@ def test_models_and_models_dir_make_one_catalogue_with_the_default_first(tmp_pat
     os.symlink(gemma_file, lone / "g.gguf")
     (lone / "mmproj-f16.gguf").write_bytes(b"GGUF")
     assert load_settings({"MODELS_DIR": str(lone)}).catalogue()[1] == ModelEntry("g", lone / "g.gguf", lone / "mmproj-f16.gguf")
+    # MODEL_PATH in the folder takes the projector found beside it there (unless MMPROJ_PATH names one).
+    assert load_settings({"MODELS_DIR": str(lone), "MODEL_PATH": str(lone / "g.gguf")}).catalogue() == (ModelEntry("g", lone / "g.gguf", lone / "mmproj-f16.gguf"),)
 
 
 @pytest.mark.parametrize(

@@ -1164,7 +1164,10 @@ async def open_backend(settings: Settings, *, parallel: int | None = None, abort
         return await RemoteBackend.connect(settings)
     from bot.engine.local import Engine, LocalBackend
 
-    engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel), abort=abort)
+    options = engine_options(settings, parallel=parallel)
+    if settings.models_dir is not None:  # MODEL_PATH in MODELS_DIR takes the projector found beside it there
+        options = replace(options, mmproj=settings.catalogue()[0].mmproj)
+    engine = await Engine.load(settings.resolved_model_path(), options, abort=abort)
     return LocalBackend(engine)
 
 
