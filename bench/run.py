@@ -19,12 +19,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bot.config import Sampling, bundled_model_path
-from bot.engine.backend import Generation
+from bot.engine.backend import Generation, PreparedPrompt
 import numpy as np
 
 from bot.engine.flashattn import cpu_identity
@@ -1037,7 +1038,149 @@ async def _gap_while_encoding(engine: Engine, backend: LocalBackend, template: T
     )
 
 
-GROUPS = ("overhead", "followup", "throughput", "channels", "flash", "memory", "discord", "final", "prompt", "disk", "loop-lag", "kv-type", "images", "warm", "server")
+# --- several models (bot/engine/pool.py) --------------------------------------------------------
+
+
+def models_options(folder: Path | None = None) -> EngineOptions:
+    """Two slots of 1,024 tokens per model, the bot's FLASH_ATTN choice made once (on), no RAM cache."""
+    return EngineOptions(n_ctx=1024, n_threads=threads(), parallel=2, kv_cache_mb=0, kv_disk_dir=folder, kv_disk_mb=256 if folder else 0)
+
+
+async def models_pool(folder: Path) -> Any:  # -> bot.engine.pool.ModelPool
+    from bot.config import ModelEntry
+    from bot.engine.pool import ModelPool, entry_options
+    from tests.references import gemma3_model_path
+
+    base = models_options(folder)
+    catalogue = (ModelEntry("smol", bundled_model_path()), ModelEntry("gemma", gemma3_model_path()))
+    return await ModelPool.open(catalogue, lambda e: entry_options(base, e), budget_bytes=4096 << 20, disk_dir=folder, disk_bytes=256 << 20)
+
+
+async def switch_times(rounds: int) -> Row:
+    """First token of a reply on a model not loaded (its load included) vs on one loaded, same prompt."""
+    cold: list[float] = []
+    warm: list[float] = []
+    loads: list[float] = []
+    for r in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            pool = await models_pool(Path(tmp))
+            try:
+                for times in (cold, warm):  # the first time it loads, the second it is loaded
+                    start = time.perf_counter()
+                    async with pool.hold("gemma") as backend:
+                        prompt = chat_prompt(backend.engine, [Message("user", f"Say hello, number {r} {len(times)}.")])
+                        gen = backend.generate(f"switch-{len(times)}", PreparedPrompt(len(prompt), tokens=prompt), max_tokens=1, sampling=GREEDY)
+                    await gen.wait()
+                    times.append((gen.first_token_at or time.perf_counter()) - start)
+                loads.append(next(m.load_s for m in pool.status() if m.name == "gemma") or 0.0)
+            finally:
+                await pool.close()
+    c, w = statistics.median(cold), statistics.median(warm)
+    return Row(
+        "Switch a channel to another model (Gemma 3 270M): first token when it is not loaded yet (load included) vs when it is loaded",
+        f"**{c:.2f} s** (the load: {statistics.median(loads):.2f} s) vs {w * 1000:.0f} ms",
+        "information",
+        None,
+    )
+
+
+async def two_models_throughput(rounds: int, max_tokens: int = 96) -> list[Row]:
+    """Aggregate tokens/s with SmolLM2 and Gemma generating at once, through the pool's fair gate,
+    vs each alone one after the other (the same work), and vs two engines without the gate."""
+    stories = ["Once upon a time, in a land of dragons and knights, there lived", "The history of bread begins thousands of years ago, when"]
+
+    async def one(engine: Engine, story: str, label: str) -> tuple[int, float]:
+        """A plain continuation (Gemma 3 270M is a base model: a chat prompt may end at once)."""
+        prompt = [engine.vocab.bos] + engine.vocab.tokenize(story, special=False)
+        n, seconds = await generate_all(engine, [prompt], label, max_tokens)
+        assert n > 0, f"{label}: the model generated nothing"
+        return n, seconds
+
+    gated: list[float] = []
+    apart: list[float] = []
+    ungated: list[float] = []
+    fairness: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = await models_pool(Path(tmp))
+        try:
+            async with pool.hold("gemma"):
+                pass
+            engines = [pool.loaded("smol").engine, pool.loaded("gemma").engine]
+            gate = pool.shared.gate
+            for r in range(rounds):
+                n_a, s_a = await one(engines[0], stories[0], f"alone-a-{r}")
+                n_b, s_b = await one(engines[1], stories[1], f"alone-b-{r}")
+                apart.append((n_a + n_b) / (s_a + s_b))
+                for enabled in ((True, False) if r % 2 == 0 else (False, True)):  # side by side, taking turns to go first
+                    gate.enabled = enabled
+                    start = time.perf_counter()
+                    results = await asyncio.gather(*(one(e, st, f"two-{enabled}-{i}-{r}") for i, (e, st) in enumerate(zip(engines, stories))))
+                    (gated if enabled else ungated).append(sum(n for n, _ in results) / (time.perf_counter() - start))
+                    rates = [n / sec for n, sec in results]
+                    fairness[enabled].append(min(rates[0] / (n_a / s_a), rates[1] / (n_b / s_b)))
+                gate.enabled = True
+        finally:
+            await pool.close()
+    g, a, u = statistics.median(gated), statistics.median(apart), statistics.median(ungated)
+    fair, unfair = statistics.median(fairness[True]), statistics.median(fairness[False])
+    return [
+        Row(
+            "Two models generating at once (SmolLM2 + Gemma 3, one reply each, taking turns through the pool's fair gate) vs the same two replies one after the other (aggregate generated tokens/s)",
+            f"**{g:.0f}** vs {a:.0f} tok/s = **{g / a:.2f}x**; with the gate off (two engine threads competing for the cores): {u:.0f} tok/s = {u / a:.2f}x",
+            ">= 0.9x (taking turns costs little)",
+            g / a >= 0.9,
+        ),
+        Row(
+            "Fairness: the slower of the two models' decode speed while both generate, as a share of its speed alone (gate on; gate off)",
+            f"**{fair:.0%}**; {unfair:.0%}",
+            ">= 35% (each gets about half the CPU)",
+            fair >= 0.35,
+        ),
+    ]
+
+
+def gemma3() -> Path:
+    from tests.references import gemma3_model_path
+
+    return gemma3_model_path()
+
+
+async def models_memory_child(which: str) -> dict[str, float]:
+    """Run in a fresh process: RSS before loading, and peak after loading `which` and one reply on each."""
+    before, _ = rss_mb()
+    paths = {"smol": [bundled_model_path()], "gemma": [gemma3()], "both": [bundled_model_path(), gemma3()]}[which]
+    engines = [await Engine.load(p, models_options()) for p in paths]
+    for i, e in enumerate(engines):
+        await e.generate(f"m{i}", chat_prompt(e, [Message("user", STORIES[i])]), max_tokens=16, sampling=GREEDY).wait()
+    _, peak = rss_mb()
+    for e in engines:
+        await e.close()
+    return {"before": before, "peak": peak}
+
+
+def models_memory() -> Row:
+    grown = {}
+    for which in ("smol", "gemma", "both"):
+        out = subprocess.run([sys.executable, "-m", "bench", "--models-memory-child", which], capture_output=True, text=True, check=True)
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+        grown[which] = m["peak"] - m["before"]
+    total = grown["smol"] + grown["gemma"]
+    return Row(
+        "Memory: peak RSS growth with SmolLM2 and Gemma 3 both loaded (2 slots of 1,024 tokens each, a reply on each) vs the sum of each alone",
+        f"**{grown['both']:.0f} MiB** vs {grown['smol']:.0f} + {grown['gemma']:.0f} = {total:.0f} MiB",
+        "<= the sum + 5%",
+        grown["both"] <= total * 1.05,
+    )
+
+
+async def models_rows(rounds: int) -> list[Row]:
+    rows = [await switch_times(rounds)]
+    rows += await two_models_throughput(rounds)
+    rows.append(models_memory())
+    return rows
+
+
+GROUPS = ("overhead", "followup", "throughput", "channels", "flash", "memory", "discord", "final", "prompt", "disk", "loop-lag", "kv-type", "images", "warm", "server", "models")
 """Row groups, in the order they run; `--only` picks some."""
 
 
@@ -1104,6 +1247,9 @@ async def run(quick: bool, only: Sequence[str] = GROUPS) -> tuple[list[Row], str
         if "warm" in only:
             print("warm-ups while typing...", file=sys.stderr)
             rows += await warm_ups(path, auto, samples=2 if quick else 3)
+        if "models" in only:
+            print("several models: switching, two at once, memory...", file=sys.stderr)
+            rows += await models_rows(rounds)
         if "server" in only:
             print("side by side with llama-server (32 channels, twice)...", file=sys.stderr)
             rows += await versus_llama_server(path, auto)
@@ -1139,9 +1285,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="where to write the results (default: bench/RESULTS.md, after a full run)")
     parser.add_argument("--memory-child", nargs=2, type=int, metavar=("KV_CACHE_MB", "CHANNELS"), help=argparse.SUPPRESS)
+    parser.add_argument("--models-memory-child", choices=("smol", "gemma", "both"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(asyncio.run(memory_child(*args.memory_child))))
+        return 0
+    if args.models_memory_child:
+        print(json.dumps(asyncio.run(models_memory_child(args.models_memory_child))))
         return 0
     only = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else list(GROUPS)
     unknown = sorted(set(only) - set(GROUPS))

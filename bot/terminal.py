@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TextIO
 
 from bot.conversations.images import ImageInput
-from bot.conversations.service import ChatService, Reply, TemplateChoiceError, UserMessage
+from bot.conversations.service import ChatService, ModelChoiceError, ModelUnavailable, Reply, TemplateChoiceError, UserMessage
 from bot.formats.templates import NAMES
 
 log = logging.getLogger(__name__)
 
 SCOPE = "terminal:default"
-HELP = "commands: /image PATH [text] (show the model a picture), /reset (forget this conversation), /template [NAME], /quit"
+HELP = "commands: /image PATH [text] (show the model a picture), /reset (forget this conversation), /template [NAME], /model [NAME], /quit"
 
 
 def _pollable(stream: TextIO) -> bool:
@@ -130,8 +130,15 @@ class TerminalChat:
                     await self.chat.expire(message_id)
                     self._say("".join(f"[INFO] {note}\n" for note in notes))
                     return
+            loading = await self.chat.model_to_load(self.scope)
+            if loading is not None:
+                self._say(f"[INFO] Loading model {loading}\u2026\n")
             reply = await self.chat.answer(self.scope, message_id)
             assert reply is not None
+        except ModelUnavailable as exc:  # this conversation's model cannot serve: say why, keep the chat going
+            await self.chat.settle(message_id)
+            self._say(f"[ERROR] {exc}\n")
+            return
         except Exception as exc:  # e.g. the disk is full: say so, keep the chat going
             log.exception("could not answer")
             self._say(f"[ERROR] Could not answer: {exc}\n")
@@ -213,9 +220,29 @@ class TerminalChat:
             else:
                 conversation = await self.chat.conversation(self.scope)
                 self._say(f"[INFO] Prompt template: {self.chat.describe_template(conversation)}; available: {', '.join(NAMES)}\n")
+        elif name == "/model":
+            await self._model(arg)
         else:
             self._say(f"[INFO] {HELP}\n")
         return True
+
+    async def _model(self, arg: str) -> None:
+        """/model [NAME]: show the models (MODELS, MODELS_DIR), or switch this conversation's."""
+        names = self.chat.model_names()
+        if not names:
+            self._say(f"[INFO] Only one model is offered: {self.chat.backend.info.path.name} (set MODELS or MODELS_DIR to offer more)\n")
+            return
+        if not arg:
+            current = self.chat.model_name(await self.chat.conversation(self.scope))
+            loaded = [m.name for m in self.chat.model_status() if m.loaded]
+            self._say(f"[INFO] Model: {current}; available: {', '.join(names)}; loaded: {', '.join(loaded)}\n")
+            return
+        try:
+            chosen = await self.chat.set_model(self.scope, arg)
+        except ModelChoiceError as exc:
+            self._say(f"[ERROR] {exc}\n")
+        else:
+            self._say(f"[INFO] Model: {chosen}\n")
 
     async def _image(self, arg: str) -> None:
         """/image PATH [text]: send a picture, and what to ask about it, as one message."""

@@ -1970,6 +1970,7 @@ class FakeDiscord:
             "_pinged": pinged,
             "_edits": [],
             "_created": time.monotonic(),
+            "_first_content": content,  # as it was posted, before any edit
         }
         if channel.get("guild_id"):
             msg["guild_id"] = channel["guild_id"]

@@ -53,6 +53,7 @@ class Conversation:
     top_p: float | None = None
     n_predict: int | None = None
     thinking: str | None = None
+    model: str | None = None  # the catalogue model it is answered by (/model); None: the default
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from bot.engine.backend import Backend, EngineStats, Generation, PreparedPrompt
+from bot.engine.backend import Backend, EngineStats, Generation, Models, ModelStatus, ModelUnavailable, PreparedPrompt
 from bot.config import TEMPERATURE_RANGE, THINKING_MODES, TOP_P_RANGE, ConfigError, Sampling, Settings
 from bot.formats.reasoning import HARMONY_END, THINK_CLOSE, THINK_OPEN
 from bot.conversations import images as pictures
@@ -30,6 +30,7 @@ from bot.formats.templates import AUTO, Image, JinjaTemplate, Message, Segment, 
 
 if TYPE_CHECKING:
     from bot.engine.local import EngineOptions
+    from bot.engine.pool import ModelPool
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ IMAGE_PLACEHOLDER = "[image]"  # what the model reads where an image was that it
 PLACEHOLDER_TOKENS = 4  # what a placeholder costs in the window, about
 IMAGES_CUT_NOTE = "(Your images did not fit in my context window with your message, so I only know that they were there.)"
 IMAGE_CACHE_BYTES = 64 << 20  # image bytes kept in RAM between prompts (SQLite holds them all)
+MODEL_GONE_NOTE = "(The model {gone} is no longer offered here, so this channel is back on the default model, {default}.)"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class TemplateChoiceError(ValueError):
 
 class SettingError(ValueError):
     """A /system or /settings value that is refused; the message says why and what is allowed."""
+
+
+class ModelChoiceError(ValueError):
+    """A /model switch that cannot be done; the message says why, for the user."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class LastReply:
     prompt_tokens: int  # tokens of its prompt (the conversation's window in use)
     budget: int  # most prompt tokens the window may hold (n_ctx - n_predict)
     generation: Generation  # n_cached, n_evaluated, timings and n_generated, filled in as it runs
+    model: str | None = None  # the catalogue model that wrote it (None: the only model, no catalogue)
 
 
 class CannotRedo(ValueError):
@@ -111,6 +118,8 @@ class Prompt:
     kept: float = 1.0  # the share of its characters that was kept, when cut
     images_cut: bool = False  # the newest message's own images did not fit (placeholders instead)
     n_images: int = 0  # images shown to the model in this prompt
+    backend: Backend | None = None  # the model it was built for (its tokens are that model's)
+    model: str | None = None  # ... by its catalogue name
 
 
 def shows_names(authors: set[str | None]) -> bool:
@@ -201,11 +210,13 @@ class Reply:
 class ChatService:
     """Builds prompts from stored history and starts generations on the backend."""
 
-    def __init__(self, backend: Backend, store: Store, settings: Settings) -> None:
-        self.backend = backend
+    def __init__(self, backend: Backend, store: Store, settings: Settings, models: Models | None = None) -> None:
+        self.backend = backend  # the default model's (with `models`, that of models.default)
+        self.models = models  # several models, chosen per conversation (/model); None: just `backend`
         self.store = store
         self.settings = settings
-        self._templates: dict[str, Template] = {}
+        self._templates: dict[tuple[str | None, str], Template] = {}  # (model, template name) -> template
+        self._model_notes: dict[str, list[str]] = {}  # scope -> notes for its next reply (its model left the catalogue)
         self._window_start: dict[str, int] = {}  # scope -> id of the oldest message in its last prompt
         self._images_from: dict[str, int] = {}  # scope -> messages older than this id show placeholders, not images
         self._image_bytes: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # sha256 -> stored bytes (LRU)
@@ -219,24 +230,28 @@ class ChatService:
 
     # --- templates ---------------------------------------------------------------------
 
-    def template(self, name: str) -> Template:
-        """A template by name, `auto` resolved against the loaded model (cached)."""
+    def template(self, name: str, backend: Backend | None = None) -> Template:
+        """A template by name, `auto` resolved against the model of `backend` (default: the
+        default model's), cached per model: each model's `auto` is its own GGUF's template."""
+        backend = backend or self.backend
         key = canonical_name(name)
-        if key not in self._templates:
-            info = self.backend.info
-            self._templates[key] = get_template(
+        cache_key = (str(backend.info.path), key)  # (a named template takes the model's BOS and EOS too)
+        if cache_key not in self._templates:
+            info = backend.info
+            self._templates[cache_key] = get_template(
                 key, gguf_template=info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token, enable_thinking=self.settings.enable_thinking
             )
-        return self._templates[key]
+        return self._templates[cache_key]
 
     def template_name(self, conversation: Conversation) -> str:
         return conversation.template or self.settings.prompt_template
 
     def describe_template(self, conversation: Conversation) -> str:
-        if self.backend.applies_template:
+        backend = self.backend_now(conversation)
+        if backend.applies_template:
             return "the server's own (this bot sends whole conversations to the server, which applies its chat template)"
         name = self.template_name(conversation)
-        resolved = self.template(name)
+        resolved = self.template(name, backend)
         if name == AUTO and resolved.name != AUTO:
             return f"auto (the model has no usable chat template, so {resolved.name})"
         if isinstance(resolved, JinjaTemplate) and resolved.takes_thinking_switch:
@@ -256,6 +271,92 @@ class ChatService:
         self.forget(scope)
         return key
 
+    # --- models (/model) ----------------------------------------------------------------
+
+    def model_name(self, conversation: Conversation) -> str | None:
+        """The catalogue name of the model answering a conversation (None: no catalogue)."""
+        if self.models is None:
+            return None
+        if conversation.model is None:
+            return self.models.default
+        return conversation.model if conversation.model in self.models.names() or not self.models.complete else self.models.default
+
+    async def refresh_models(self) -> None:
+        """Read the list of models again where it can change (a model server's /v1/models)."""
+        if self.models is not None:
+            await self.models.refresh()
+
+    def backend_now(self, conversation: Conversation) -> Backend:
+        """The conversation's model if it is loaded now, else the default's (for descriptions and
+        estimates that must not load a model)."""
+        if self.models is None or conversation.model is None:
+            return self.backend
+        return self.models.loaded(conversation.model) or self.backend
+
+    def model_names(self) -> list[str]:
+        """Every model a conversation may choose, the default first (empty: no catalogue)."""
+        return self.models.names() if self.models is not None else []
+
+    def model_status(self) -> list[ModelStatus]:
+        """Each catalogue model, loaded or not, with what it costs (for /model and /status)."""
+        return self.models.status() if self.models is not None else []
+
+    async def set_model(self, scope: str, name: str | None) -> str:
+        """Switch a conversation's model (None: back to the default). Its history stays; a
+        conversation on the `auto` template follows the new model's own. The states cached for
+        the old model stay where they are (RAM, disk), for when it comes back."""
+        if self.models is not None and name is not None and name not in self.models.names():
+            await self.models.refresh()  # a server may serve it since we last asked
+        if self.models is None or len(self.models.names()) < 2:
+            raise ModelChoiceError("Only one model is offered here (set MODELS or MODELS_DIR to offer more).")
+        if name is not None and name not in self.models.names():
+            raise ModelChoiceError(f"There is no model named {name!r}. Available: {', '.join(self.models.names())}.")
+        stored = None if name == self.models.default else name
+        await self.store.set_model(scope, stored)
+        self._window_start.pop(scope, None)  # another context size: the window is laid out anew
+        self._images_from.pop(scope, None)
+        return name or self.models.default
+
+    async def model_to_load(self, scope: str) -> str | None:
+        """The model a reply in this conversation would have to load first (None: it is ready),
+        so the front end can say "loading model X" while it does."""
+        if self.models is None:
+            return None
+        conversation = await self.store.find_conversation(scope)
+        if conversation is None or conversation.model is None or conversation.model not in self.models.names():
+            return None
+        return None if self.models.loaded(conversation.model) is not None else conversation.model
+
+    async def follow_channel(self, scope: str, channel_scope: str) -> None:
+        """A conversation the bot starts from a channel's (a thread for a mention) takes that
+        channel's model."""
+        if self.models is None:
+            return
+        parent = await self.store.find_conversation(channel_scope)
+        if parent is None or parent.model is None:
+            return
+        own = await self.store.conversation(scope)
+        if own.model is None:  # (after a restart the thread may have chosen its own since)
+            await self.store.set_model(scope, parent.model)
+
+    @contextlib.asynccontextmanager
+    async def _using(self, conversation: Conversation) -> AsyncIterator[tuple[Backend, str | None]]:
+        """The conversation's model, loaded if need be and kept loaded while the block starts a
+        reply on it. A model no longer in the catalogue sends the conversation back to the
+        default, with a note on its next reply. Raises ModelUnavailable."""
+        if self.models is None:
+            yield self.backend, None
+            return
+        name = conversation.model
+        if name is not None and name not in self.models.names() and self.models.complete:
+            log.warning("the model %r of %s left the catalogue: back to the default model", name, conversation.scope)
+            await self.store.set_model(conversation.scope, None)
+            self._model_notes.setdefault(conversation.scope, []).append(MODEL_GONE_NOTE.format(gone=name, default=self.models.default))
+            self._window_start.pop(conversation.scope, None)
+            name = None
+        async with self.models.hold(name or self.models.default) as backend:
+            yield backend, name or self.models.default
+
     # --- per-conversation settings -------------------------------------------------------
 
     def system_prompt(self, conversation: Conversation) -> str:
@@ -271,8 +372,9 @@ class ChatService:
             if not text:
                 raise SettingError("The system prompt cannot be empty. Use `reset` to go back to the default one.")
             conversation = await self.store.conversation(scope)
-            budget = self.backend.n_ctx - self.options(conversation).n_predict
-            [tokens] = await self.backend.count([text])
+            backend = self.backend_now(conversation)
+            budget = backend.n_ctx - self.options(conversation).n_predict
+            [tokens] = await backend.count([text])
             if tokens > budget // 2:
                 raise SettingError(f"That system prompt is about {tokens} tokens; here it may be at most {budget // 2} (half of the context window).")
         await self.store.set_system_prompt(scope, text)
@@ -457,6 +559,8 @@ class ChatService:
         """Why images do not reach the model, in a few words (None: they do)."""
         if not self.settings.image_max_kb:
             return "image input is turned off here (IMAGE_MAX_KB=0)"
+        if self.models is not None and self.models.sees_images():
+            return None  # some model can see them (one that cannot reads a placeholder in its place)
         return self.backend.image_support()
 
     def image_note(self) -> str | None:
@@ -516,12 +620,12 @@ class ChatService:
             self._image_bytes.move_to_end(image.sha256)
         return Image(image.sha256, data, image.mime, image.width, image.height, image.name)
 
-    async def _image_costs(self, page: Sequence[StoredMessage]) -> dict[int, int]:
+    async def _image_costs(self, page: Sequence[StoredMessage], backend: Backend) -> dict[int, int]:
         """Tokens the images of each message of `page` take in a prompt (by message id)."""
         described = [(m.id, Image(i.sha256, b"", i.mime, i.width, i.height, i.name)) for m in page for i in m.images]
         if not described:
             return {}
-        counts = await self.backend.count_images([image for _, image in described])
+        counts = await backend.count_images([image for _, image in described])
         costs: dict[int, int] = {}
         for (message_id, _), n in zip(described, counts):
             costs[message_id] = costs.get(message_id, 0) + n
@@ -549,19 +653,26 @@ class ChatService:
         return not self.backend.applies_template
 
     def backend_dead(self) -> bool:
-        """True once the model engine gave up (the process is about to exit and restart)."""
+        """True once a model engine gave up (the process is about to exit and restart)."""
+        if self.models is not None:
+            return any(b is not None and b.dead is not None for b in map(self.models.loaded, self.models.names()))
         return self.backend.dead is not None
 
     def on_backend_fatal(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(why)` (from any thread) if the model engine gives up for good."""
+        """Call `callback(why)` (from any thread) if a model engine gives up for good."""
         self.backend.on_fatal = callback
+        if self.models is not None:
+            self.models.on_fatal = callback  # the models loaded later too
 
     def forget(self, scope: str) -> None:
         """The stored history changed under a conversation: drop its cached KV and window."""
         self._window_start.pop(scope, None)
         self._images_from.pop(scope, None)
         self._forgets[scope] += 1
-        self.backend.forget(scope)
+        if self.models is not None:
+            self.models.forget(scope)  # every model's state of it, in memory and on disk
+        else:
+            self.backend.forget(scope)
 
     async def warm(self, scope: str, *, author_id: str | None = None) -> bool:
         """A member of this conversation started typing: have the backend make the
@@ -585,11 +696,17 @@ class ChatService:
             conversation = await self.store.find_conversation(scope)
             if conversation is None:
                 return False
+            backend = self.backend
+            if self.models is not None:
+                ready = self.models.loaded(self.model_name(conversation) or self.models.default)
+                if ready is None:
+                    return False  # typing never loads a model: the message will
+                backend = ready
             forgets = self._forgets[scope]
-            prompt = await self.build_prompt(conversation, upcoming=author_id or "")
+            prompt = await self.build_prompt(conversation, upcoming=author_id or "", backend=backend)
             if prompt.n_history == 0 or self._forgets[scope] != forgets:  # nothing to warm, or the history changed meanwhile (/reset, an edit)
                 return False
-            return self.backend.warm(scope, prompt.prepared)
+            return backend.warm(scope, prompt.prepared)
         except Exception:  # speculative work: a failure here must not reach the caller's event handler
             log.exception("could not warm up %s", scope)
             return False
@@ -617,19 +734,22 @@ class ChatService:
             return None
         conversation = await self.store.conversation(scope)
         options = self.options(conversation)
-        prompt = await self.build_prompt(conversation, include=message_id)
-        log.debug("prompt for %s: %d tokens, %d history messages%s", scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
-        return self._start(conversation, prompt, options, stored)
+        async with self._using(conversation) as (backend, model):
+            prompt = await self.build_prompt(conversation, include=message_id, backend=backend, model=model)
+            log.debug("prompt for %s: %d tokens, %d history messages%s", scope, prompt.prepared.n_tokens, prompt.n_history, " (cut)" if prompt.cut else "")
+            return self._start(conversation, prompt, options, stored)
 
     def _start(self, conversation: Conversation, prompt: Prompt, options: ChannelOptions, user: StoredMessage, sampling: Sampling | None = None, **rewrite: Any) -> Reply:
         """Start generating from a built prompt (answer, Regenerate, Continue), remember it for
         /status, and tell the user when their message had to be cut to fit."""
         scope = conversation.scope
-        generation = self.backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=sampling or options.sampling)
-        self._remember(scope, LastReply(prompt.prepared.n_tokens, self.backend.n_ctx - options.n_predict, generation))
+        backend = prompt.backend or self.backend
+        generation = backend.generate(scope, prompt.prepared, max_tokens=options.n_predict, sampling=sampling or options.sampling)
+        self._remember(scope, LastReply(prompt.prepared.n_tokens, backend.n_ctx - options.n_predict, generation, prompt.model))
         # The reply's notes are the generation's: a note the backend adds while it runs (a server
         # that refused the images) shows with the reply too.
         reply = Reply(self, conversation, generation, prompt, user.id, thinking=options.thinking, notes=generation.notes, **rewrite)
+        reply.notes.extend(self._model_notes.pop(scope, []))
         if prompt.cut:
             reply.notes.append(CUT_FILES_NOTE.format(kept=prompt.kept) if user.attachments else CUT_NOTE)
         if prompt.images_cut:
@@ -644,8 +764,22 @@ class ChatService:
             self.last_replies.popitem(last=False)
 
     def engine_stats(self) -> EngineStats | None:
-        """Slots and KV state cache of the local engine (None for a remote server). Cheap: read on the event loop."""
-        return self.backend.stats()
+        """Slots and KV state cache of the local engine (None for a remote server), summed over
+        the loaded models when there are several. Cheap: read on the event loop."""
+        if self.models is None:
+            return self.backend.stats()
+        found = [b.stats() for b in map(self.models.loaded, self.models.names()) if b is not None]
+        stats = [s for s in found if s is not None]
+        if not stats:
+            return None
+        return EngineStats(
+            busy_slots=sum(s.busy_slots for s in stats),
+            slots=sum(s.slots for s in stats),
+            cached_states=sum(s.cached_states for s in stats),
+            cache_bytes=sum(s.cache_bytes for s in stats),
+            cache_limit_bytes=sum(s.cache_limit_bytes for s in stats),
+            warm=stats[0].warm,  # the default model's
+        )
 
     async def regenerate(self, scope: str, platform_message_id: str) -> Reply:
         """Write the newest answer again: the same prompt, a new seed. The new answer
@@ -656,8 +790,9 @@ class ChatService:
         conversation = await self.store.conversation(scope)
         user, answer = await self._newest_answer(conversation, platform_message_id)
         options = self.options(conversation)
-        prompt = await self.build_prompt(conversation, below=answer.id)
-        return self._start(conversation, prompt, options, user, resampled(options.sampling, answer.content), rewrites=answer)
+        async with self._using(conversation) as (backend, model):
+            prompt = await self.build_prompt(conversation, below=answer.id, backend=backend, model=model)
+            return self._start(conversation, prompt, options, user, resampled(options.sampling, answer.content), rewrites=answer)
 
     async def continue_answer(self, scope: str, platform_message_id: str) -> Reply:
         """Write more of the newest answer (it stopped at the length limit): the model
@@ -668,10 +803,11 @@ class ChatService:
         conversation = await self.store.conversation(scope)
         user, answer = await self._newest_answer(conversation, platform_message_id)
         options = self.options(conversation)
-        prompt = await self.build_prompt(conversation, open_answer=True)  # never cut: it raises CannotRedo instead
-        prepared = prompt.prepared
-        prompt = replace(prompt, prepared=replace(prepared, fmt=replace(prepared.fmt, continuing=True)))
-        return self._start(conversation, prompt, options, user, rewrites=answer, prefix=answer.content)
+        async with self._using(conversation) as (backend, model):
+            prompt = await self.build_prompt(conversation, open_answer=True, backend=backend, model=model)  # never cut: it raises CannotRedo instead
+            prepared = prompt.prepared
+            prompt = replace(prompt, prepared=replace(prepared, fmt=replace(prepared.fmt, continuing=True)))
+            return self._start(conversation, prompt, options, user, rewrites=answer, prefix=answer.content)
 
     async def _newest_answer(self, conversation: Conversation, platform_message_id: str) -> tuple[StoredMessage, StoredMessage]:
         turn = await self.store.last_turn(conversation.id)
@@ -704,6 +840,8 @@ class ChatService:
         below: int | None = None,
         open_answer: bool = False,
         upcoming: str | None = None,
+        backend: Backend | None = None,
+        model: str | None = None,
     ) -> Prompt:
         """The system prompt plus the newest turns that fit in n_ctx - n_predict.
 
@@ -718,12 +856,14 @@ class ChatService:
         continue, rendered without its closing markup (Continue; raises CannotRedo when
         it and its question no longer fit). `upcoming`: the prompt a message not yet sent will
         extend (a warm-up), from its author (that id, or ""): the history alone, rendered
-        without a generation prompt, with UPCOMING_TOKENS kept for the message.
+        without a generation prompt, with UPCOMING_TOKENS kept for the message. `backend`: the
+        model to build it for (default: the default model; `model` is its catalogue name).
         """
-        template = self.template(self.template_name(conversation))
+        backend = backend or self.backend
+        template = self.template(self.template_name(conversation), backend)
         system = self.system_prompt(conversation)
         head = [Message("system", system)] if system.strip() else []
-        budget = self.backend.n_ctx - self.options(conversation).n_predict
+        budget = backend.n_ctx - self.options(conversation).n_predict
         start = self._window_start.get(conversation.scope)
 
         # Pick turns newest first by an estimate; the exact rendering is checked below.
@@ -732,18 +872,18 @@ class ChatService:
         # keep sharing their prefix with this one).
         picked: list[StoredMessage] = []
         costs: list[int] = []
-        used = (await self.backend.prepare(template, head)).n_tokens if head else 0
+        used = (await backend.prepare(template, head)).n_tokens if head else 0
         if upcoming is not None:
             used += UPCOMING_TOKENS
         overflow = False
-        seeing = self.cannot_see() is None
+        seeing = bool(self.settings.image_max_kb) and backend.image_support() is None
         images_from = self._images_from.get(conversation.scope)
         shown: dict[int, int] = {}  # message id -> tokens of its images, for messages whose images are in the prompt
         gave_way = False
         images_cut = False
         async for page in self._pages(conversation, start, include, below):
-            counts = await self.backend.count([_content(m, True) for m in page])
-            image_costs = await self._image_costs(page) if seeing else {}
+            counts = await backend.count([_content(m, True) for m in page])
+            image_costs = await self._image_costs(page, backend) if seeing else {}
             for stored, count in zip(page, counts):
                 cost = count + 8 + PLACEHOLDER_TOKENS * len(stored.images)
                 if picked and used + cost > budget:  # older images (picked later) give way before this text is dropped
@@ -789,12 +929,12 @@ class ChatService:
             authors = {m.author_id or m.author_name for m in picked if m.role == "user"} | ({upcoming} if upcoming else set())
             names = shows_names(authors)
             messages = head + _merge_turns([await self._message(m, names, m.id in shown) for m in picked])
-            prepared = await self.backend.prepare(renderer, messages)
+            prepared = await backend.prepare(renderer, messages)
             if prepared.n_tokens <= budget - (UPCOMING_TOKENS if upcoming is not None else 0) or (upcoming is not None and not picked):
                 if picked:  # (a warm-up's too: the next message's prompt then starts where the warmed one does)
                     self._window_start[conversation.scope] = picked[0].id
                 n_images = sum(len(m.images) for m in messages)
-                return Prompt(prepared, messages, template, len(picked), cut, kept, images_cut, n_images)
+                return Prompt(prepared, messages, template, len(picked), cut, kept, images_cut, n_images, backend, model)
             if len(picked) > (2 if open_answer else 1):
                 picked.pop(0)
                 while len(picked) > 1 and picked[0].role == "assistant":
@@ -815,7 +955,7 @@ class ChatService:
                 raise ValueError("the system prompt alone does not fit in the context window")
             only = picked[0]
             whole = only.full_text
-            [content_tokens] = await self.backend.count([whole])
+            [content_tokens] = await backend.count([whole])
             keep = max(0.0, 1 - (prepared.n_tokens - budget + 8) / max(content_tokens, 1)) * 0.97
             picked = [replace(only, content=whole[: int(len(whole) * keep)], attachments=None)]
             kept *= keep
@@ -978,15 +1118,43 @@ async def open_chat(settings: Settings, *, parallel: int | None = None, abort: t
 
     Setting `abort` while the model loads stops the load (a shutdown signal)."""
     with serving(settings.database_path):
-        backend = await open_backend(settings, parallel=parallel, abort=abort)
+        models: Models | None = await open_models(settings, parallel=parallel, abort=abort)
+        backend = models.default_backend if models is not None else await open_backend(settings, parallel=parallel, abort=abort)
+        if models is None and settings.backend == "openai":
+            from bot.engine.remote import RemoteBackend, RemoteModels
+
+            assert isinstance(backend, RemoteBackend)
+            models = RemoteModels(backend)  # the server's models, chosen per conversation
         try:
             store = await Store.open(settings.database_path, wait_s=settings.database_wait_s)
             try:
-                yield ChatService(backend, store, settings)
+                yield ChatService(backend, store, settings, models)
             finally:
                 await store.close()
         finally:
-            await backend.close()
+            await (models or backend).close()
+
+
+async def open_models(settings: Settings, *, parallel: int | None = None, abort: threading.Event | None = None) -> ModelPool | None:
+    """The catalogue's models (MODELS, MODELS_DIR) in a pool with the default one loaded; None
+    when there is only the one model (or the models are a server's)."""
+    if settings.backend != "local" or not (settings.models or settings.models_dir is not None):
+        return None
+    catalogue = settings.catalogue()
+    if len(catalogue) < 2:
+        return None
+    from bot.engine.pool import ModelPool, entry_options
+
+    base = engine_options(settings, parallel=parallel)
+    return await ModelPool.open(
+        catalogue,
+        lambda entry: entry_options(base, entry),
+        budget_bytes=settings.resolved_model_memory_mb() * 1024 * 1024,
+        idle_unload_s=settings.model_idle_unload_s,
+        disk_dir=settings.resolved_kv_disk_dir(),
+        disk_bytes=settings.kv_disk_mb * 1024 * 1024,
+        abort=abort,
+    )
 
 
 async def open_backend(settings: Settings, *, parallel: int | None = None, abort: threading.Event | None = None) -> Backend:
@@ -997,11 +1165,14 @@ async def open_backend(settings: Settings, *, parallel: int | None = None, abort
         return await RemoteBackend.connect(settings)
     from bot.engine.local import Engine, LocalBackend
 
-    engine = await Engine.load(settings.resolved_model_path(), engine_options(settings, parallel=parallel), abort=abort)
+    options = engine_options(settings, parallel=parallel)
+    if settings.models_dir is not None:  # MODEL_PATH in MODELS_DIR takes the projector found beside it there
+        options = replace(options, mmproj=settings.catalogue()[0].mmproj)
+    engine = await Engine.load(settings.resolved_model_path(), options, abort=abort)
     return LocalBackend(engine)
 
 
 __all__ = [
     "ChatService", "Reply", "UserMessage", "Prompt", "TemplateChoiceError", "SettingError", "ChannelOptions", "LastReply",
-    "EngineStats", "CannotRedo", "OpenAnswer", "ImageInput",
+    "EngineStats", "CannotRedo", "OpenAnswer", "ImageInput", "ModelChoiceError", "ModelUnavailable", "ModelStatus",
 ]

@@ -331,6 +331,11 @@ class Store:
         await self.conversation(scope)
         await self._write("UPDATE conversations SET template = ? WHERE scope = ?", (template, scope))
 
+    async def set_model(self, scope: str, model: str | None) -> None:
+        """The model a conversation is answered by; None: the default."""
+        await self.conversation(scope)
+        await self._write("UPDATE conversations SET model = ? WHERE scope = ?", (model, scope))
+
     async def set_system_prompt(self, scope: str, system_prompt: str | None) -> None:
         """A conversation's own system prompt; None: the configured one."""
         await self.conversation(scope)
@@ -597,6 +602,7 @@ def _conversation(row: aiosqlite.Row) -> Conversation:
         top_p=row["top_p"] if "top_p" in keys else None,
         n_predict=row["n_predict"] if "n_predict" in keys else None,
         thinking=row["thinking"] if "thinking" in keys else None,
+        model=row["model"] if "model" in keys else None,
     )
 
 

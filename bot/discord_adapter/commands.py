@@ -1,4 +1,4 @@
-"""The slash commands: /reset, /template, /chat (on, off, threads), /stop, /system, /settings,
+"""The slash commands: /reset, /template, /model, /chat (on, off, threads), /stop, /system, /settings,
 /status, /export.
 
 Each answers ephemerally, well inside Discord's 3 seconds. Who may use the bot at all
@@ -24,7 +24,7 @@ from discord.ext import commands
 
 from bot.config import THINKING_MODES
 from bot.conversations.export import ExportInfo, export_markdown
-from bot.conversations.service import ChannelOptions, SettingError, TemplateChoiceError
+from bot.conversations.service import ChannelOptions, ModelChoiceError, ModelStatus, SettingError, TemplateChoiceError
 from bot.conversations.records import ChatMode, MessageStatus, StoreBusy
 from bot.discord_adapter.access import Access, is_admin, may_stop
 from bot.discord_adapter.context import BotContext
@@ -47,6 +47,8 @@ CHAT_ANSWERS = {
     ChatMode.THREADS: "mentions here by starting a thread for each conversation; in those threads I answer every message.",
 }
 NO_THREADS_IN_THREADS = "Use /chat threads in a text channel: a thread cannot have threads of its own."
+NEED_OWNER = "In DMs, only the bot's owners (OWNER_IDS, or the Discord application's owner) can switch the model."
+ONE_MODEL = "Only one model is offered here: **{name}** (set MODELS or MODELS_DIR to offer more)."
 CANNOT_THREAD = "(But I lack the Create Public Threads permission here: until I get it, I answer in the channel.)"
 
 
@@ -116,6 +118,52 @@ class Commands(commands.Cog):
             await interaction.followup.send(str(exc), ephemeral=True)
             return
         await interaction.followup.send(f"Template here is now **{key}**.", ephemeral=True)
+
+    @app_commands.command(name="model", description="Show the models, or switch the one answering in this channel")
+    @app_commands.describe(name="the model to use here; leave empty to see the current one and what is loaded")
+    async def model(self, interaction: discord.Interaction, name: str | None = None) -> None:
+        chat = self.ctx.chat
+        scope = _scope(interaction)
+        names = chat.model_names()
+        if not names:
+            await interaction.response.send_message(ONE_MODEL.format(name=chat.backend.info.path.name), ephemeral=True)
+            return
+        if name is None:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            await chat.refresh_models()  # a model server's list may have changed
+            current = chat.model_name(await chat.conversation(scope))
+            await interaction.followup.send(cut(_describe_models(current, chat.model_status()), 2000), ephemeral=True)
+            return
+        if await self._refuse_unless_admin(interaction, "model"):
+            return
+        if interaction.guild is None and not await self._is_owner(interaction.user):
+            await interaction.response.send_message(NEED_OWNER, ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            chosen = await chat.set_model(scope, name.strip())
+        except ModelChoiceError as exc:
+            await interaction.followup.send(str(exc), ephemeral=True)
+            return
+        log.info("model switched to %s in %s", chosen, scope)
+        status = next((m for m in chat.model_status() if m.name == chosen), None)
+        when = "" if status is None or status.loaded else " It is loaded with the next message here."
+        await interaction.followup.send(f"Model here is now **{chosen}**; the conversation so far stays.{when}", ephemeral=True)
+
+    @model.autocomplete("name")
+    async def _model_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        typed = current.lower()
+        return [app_commands.Choice(name=n, value=n) for n in self.ctx.chat.model_names() if typed in n.lower()][:25]
+
+    async def _is_owner(self, user: discord.abc.User) -> bool:
+        """One of the bot's owners: OWNER_IDS, or (when that is empty) the Discord application's owner or team."""
+        owners = self.ctx.settings.owner_ids
+        if owners:
+            return user.id in owners
+        try:
+            return await self.bot.is_owner(user)
+        except discord.HTTPException:
+            return False
 
     @app_commands.command(name="chat", description="Answer every message here (on), only mentions (off), or each mention in a new thread")
     @app_commands.guild_only()
@@ -264,6 +312,25 @@ def _describe_options(options: ChannelOptions, most: int) -> str:
         f"- reply length: {options.n_predict} tokens{mark('n_predict')}; at most {most}\n"
         f"- thinking: {options.thinking}{mark('thinking')}"
     )
+
+
+def _describe_models(current: str | None, models: list[ModelStatus]) -> str:
+    """/model without a name: this channel's model, and each model's state and memory."""
+    lines = [f"Model here: **{current}**", "Models:"]
+    now = time.time()
+    for m in models:
+        if m.loaded and m.memory_bytes is None:
+            what = "on the model server"  # (BACKEND=openai: the server loads and unloads)
+        else:
+            what = "loaded" if m.loaded else "not loaded"
+            if m.memory_bytes:
+                what += f", {'uses' if m.loaded else 'needs about'} {m.memory_bytes / 2**20:.0f} MiB"
+        if m.busy:
+            what += ", answering now"
+        elif m.last_used is not None:
+            what += f", last used {max(0, now - m.last_used):.0f} s ago"
+        lines.append(f"- {m.name}{' (default)' if m.default else ''}: {what}")
+    return "\n".join(lines)
 
 
 def _place(interaction: discord.Interaction) -> str:

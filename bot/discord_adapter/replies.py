@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import discord
 
 from bot.conversations.records import StoreBusy
-from bot.conversations.service import EMPTY_NOTE, Reply
+from bot.conversations.service import EMPTY_NOTE, ModelUnavailable, Reply
 from bot.discord_adapter.context import BotContext, Writing
-from bot.discord_adapter.output import ReplyStreamer, delete_all, post_note, reply_view
+from bot.discord_adapter.output import NO_PINGS, ReplyStreamer, delete_all, post_note, reply_view
 from bot.discord_adapter.views import finished_view, writing_view
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SORRY = "Sorry, something went wrong while I was answering. Please try again."
 UNDELIVERED = "Sorry, Discord did not accept my reply. Please ask again."
 STOPPED = " *(stopped)*"
+LOADING = "\u23f3 Loading model {name}\u2026"
+MODEL_FAILED = "\u26a0\ufe0f Sorry, I could not answer with this channel's model: {why}."
 THOUGHT_ONLY = "(I spent my whole reply length thinking and did not get to an answer. Ask me again, or raise LLAMA_N_PREDICT.)"
 
 
@@ -84,8 +86,19 @@ class Replier:
                 return  # seen twice: the other sighting answers it
             # The bot's note for it, if any (its place in line, storage busy), becomes the reply.
             first = await turn.waiting_note if turn.waiting_note is not None else turn.first
+            loading = await ctx.chat.model_to_load(turn.scope)
+            if loading is not None:  # the channel's model loads first: say so (the note becomes the reply)
+                first = await self._loading_note(turn, first, loading)
             out = ReplyStreamer(turn.message, budget=ctx.edit_budget, first=first, channel=turn.thread, view=stop)
-            reply = await ctx.chat.answer(turn.scope, message_id)
+            try:
+                reply = await ctx.chat.answer(turn.scope, message_id)
+            except ModelUnavailable as exc:
+                log.warning("no reply to message %s in %s: %s", turn.message.id, turn.scope, exc)
+                await typing.stop()
+                with contextlib.suppress(discord.HTTPException):
+                    await out.finish(MODEL_FAILED.format(why=str(exc).rstrip(".")))
+                await self._settle(turn)
+                return
             if reply is None:  # deleted while it waited: nothing to answer
                 await delete_all(out.messages)
                 return
@@ -122,6 +135,15 @@ class Replier:
             log.error("could not deliver the reply to message %s in %s (%s); kept as undelivered", turn.message.id, turn.scope, exc)
             await post_note(turn.message, UNDELIVERED, channel=turn.thread)
         await save(reply, sent, f"the reply to message {turn.message.id} in {turn.scope}")
+
+    async def _loading_note(self, turn: Turn, first: discord.Message | None, name: str) -> discord.Message | None:
+        """Say the channel's model is loading: in the bot's note for the turn if it has one, else a new note."""
+        text = LOADING.format(name=name)
+        if first is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await self.ctx.edit_budget.edit(first, content=text, allowed_mentions=NO_PINGS, view=None)
+                return first
+        return await post_note(turn.message, text, channel=turn.thread) or first
 
     async def stream(self, reply: Reply, out: ReplyStreamer, typing: Typing) -> None:
         """Show the reply while it is generated; if Discord refuses an edit, wait for the end."""

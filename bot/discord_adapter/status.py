@@ -12,7 +12,7 @@ import discord
 
 from bot.conversations.attachments import human_size
 from bot.conversations.scheduler import FairScheduler
-from bot.conversations.service import ChatService, LastReply
+from bot.conversations.service import ChatService, LastReply, ModelStatus
 
 
 def status_embed(chat: ChatService, scheduler: FairScheduler, scope: str, *, started_at: float) -> discord.Embed:
@@ -26,7 +26,10 @@ def status_embed(chat: ChatService, scheduler: FairScheduler, scope: str, *, sta
         model += f" (trained for {info.n_ctx_train})"
     why_not = chat.cannot_see()
     model += "\nsees images: " + ("yes" if why_not is None else f"no ({why_not})")
-    embed.add_field(name="Model", value=cut(model, 1024), inline=False)
+    embed.add_field(name="Model" + (" (the default)" if chat.models is not None else ""), value=cut(model, 1024), inline=False)
+    models = chat.model_status()
+    if models:
+        embed.add_field(name="Models", value=cut(_models(models), 1024), inline=False)
     embed.add_field(name="Backend", value=cut(chat.backend.describe(), 1024), inline=False)
     embed.add_field(name="Uptime", value=_duration(time.time() - started_at))
     engine = chat.engine_stats()
@@ -50,9 +53,24 @@ def status_embed(chat: ChatService, scheduler: FairScheduler, scope: str, *, sta
     return embed
 
 
+def _models(models: list[ModelStatus]) -> str:
+    """Each catalogue model: loaded or not, its memory, when it was last used."""
+    now = time.time()
+    lines = []
+    for m in models:
+        if not m.loaded:
+            lines.append(f"{m.name}: not loaded")
+            continue
+        used = "answering now" if m.busy else f"last used {_duration(now - m.last_used)} ago" if m.last_used else "not used yet"
+        lines.append(f"{m.name}{' (default)' if m.default else ''}: loaded, {human_size(m.memory_bytes or 0)}, {used}")
+    return "\n".join(lines)
+
+
 def _window(last: LastReply) -> str:
     gen = last.generation
     text = f"last prompt: {last.prompt_tokens} of the {last.budget} tokens its window holds"
+    if last.model is not None:
+        text = f"model: {last.model}\n" + text
     if gen.started_at is not None:
         text += f"\n{gen.n_cached} of them reused from the KV cache, {gen.n_evaluated} read anew"
     return text

@@ -13,6 +13,7 @@ remote server never loads the local engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -253,5 +254,66 @@ class Backend(Protocol):
         ...
 
     def describe(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+class ModelUnavailable(ModelError):
+    """A catalogue model cannot serve now (missing, damaged, too big for MODEL_MEMORY_MB, or
+    every other model is busy): one line for the channel's note; other models go on serving."""
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One catalogue model as /model and /status show it."""
+
+    name: str
+    loaded: bool
+    default: bool
+    memory_bytes: int | None  # what it takes (loaded: measured; else estimated, None if unknown)
+    last_used: float | None  # time.time() of its last reply, None: none yet
+    busy: bool = False  # a reply is running or queued on it
+    load_s: float | None = None  # how long its last load took
+
+
+class Models(Protocol):
+    """Several models chosen per conversation (bot.engine.pool for local ones, a server's list
+    for a remote backend). The default model's backend is always ready."""
+
+    default: str
+    on_fatal: Callable[[str], None] | None  # called (from any thread) if any model's engine gives up for good
+
+    @property
+    def complete(self) -> bool:
+        """Whether `names` is the whole list (a server's is unknown until it answers): until it
+        is, a conversation's choice missing from it is kept, not dropped."""
+        ...
+
+    def names(self) -> list[str]:
+        """Every model that may be chosen, the default first."""
+        ...
+
+    async def refresh(self) -> None:
+        """Read the list again where it can change (a server's); nothing for local models."""
+        ...
+
+    def sees_images(self) -> bool:
+        """Some model can see images (so images are taken and stored; one that cannot reads a placeholder)."""
+        ...
+
+    def loaded(self, name: str) -> Backend | None:
+        """The model's backend if it serves now, without loading it."""
+        ...
+
+    def hold(self, name: str) -> contextlib.AbstractAsyncContextManager[Backend]:
+        """The model's backend, loaded on demand (raises ModelUnavailable), kept loaded until
+        the block ends: start the generation inside it (a running generation keeps it loaded too)."""
+        ...
+
+    def forget(self, key: str) -> None:
+        """A conversation's history changed: drop its cached state in every model."""
+        ...
+
+    def status(self) -> list[ModelStatus]: ...
 
     async def close(self) -> None: ...

@@ -15,9 +15,12 @@ is never overtaken by an older write of the same conversation.
 
 A file is only used with what it was made with: the same model file (size,
 modification time, a hash of its first MiB), context size, KV type,
-flash-attention setting and llama.cpp version (the *identity*; other files are
-deleted when the engine starts), and for a prompt that still shares at least
-half of its tokens. Each file ends with an XXH3-64 hash of everything before it
+flash-attention setting and llama.cpp version (the *identity*), and for a prompt
+that still shares at least half of its tokens. A file's name hashes both the
+conversation and the identity, so several models (bot.engine.pool) keep their
+states of the same conversation side by side in one folder, under one byte
+budget and one LRU (`KVDisk.view`); the start-up scan keeps every well-formed
+file, whichever model made it, and the budget decides what goes. Each file ends with an XXH3-64 hash of everything before it
 (checked at several GB/s, faster than the file is read), so a truncated or damaged
 file is noticed, deleted and the prompt evaluated again. Files of the first format
 (a CRC-32, three times slower to check than the read) are deleted at start.
@@ -25,7 +28,7 @@ When the folder cannot be written (full disk, read-only), the tier turns itself
 off with one warning and replies go on from RAM.
 
 The folder is created 0700, files 0600, and a file's name is a hash of the
-conversation key: other users of the machine learn nothing of which channels
+conversation key and of the identity: other users of the machine learn nothing of which channels
 exist.
 
 State buffers come from `StateBuffers`, which recycles them: touching fresh memory
@@ -149,8 +152,22 @@ def tokens_digest(tokens: Sequence[int]) -> str:
 
 
 def key_name(key: str) -> str:
-    """The file name stem of a conversation: a hash, so the name says nothing of the key."""
+    """The first part of a conversation's file names: a hash, so the name says nothing of the key."""
     return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def identity_name(identity: str) -> str:
+    """The second part of a file name: which model and settings the state was made with."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def file_stem(key: str, identity: str) -> str:
+    """The file name (without SUFFIX) of a conversation's state made with `identity`."""
+    return f"{key_name(key)}-{identity_name(identity)}"
+
+
+STEM_LENGTH = 32 + 1 + 16
+OLD_STEM_LENGTH = 32  # files named by the conversation alone (one model per folder): deleted at start
 
 
 def model_identity(model: Path, **settings: object) -> str:
@@ -215,29 +232,68 @@ class _Entry:
     digest: str  # of its tokens: a state already on disk is not written again
 
 
+class _Tier:
+    """What every view of one folder shares: the index, the budget, the queue and the threads."""
+
+    def __init__(self, folder: Path, limit_bytes: int, buffers: StateBuffers) -> None:
+        self.folder = folder
+        self.limit = limit_bytes
+        self.buffers = buffers
+        self.enabled = True
+        self.lock = threading.Lock()
+        self.index: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # file stem -> entry, oldest first
+        self.pending: dict[str, SavedState] = {}  # file stem -> the newest state queued for writing
+        self.queued_bytes = 0
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-read")
+        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-write", initializer=_lower_priority)
+        self.used = 0
+        self.writes = 0
+        self.reads = 0
+        self.spent: collections.Counter[str] = collections.Counter()
+
+
+def _shared(name: str, doc: str) -> property:
+    """An attribute of the folder's `_Tier`, seen (and set) through any of its views."""
+    return property(lambda self: getattr(self._t, name), lambda self, value: setattr(self._t, name, value), doc=doc)
+
+
 class KVDisk:
     """Saved KV states in a folder: LRU by bytes, write-behind, read ahead. Thread-safe.
 
-    Open it with `KVDisk.open`; `close()` waits for the writes still queued."""
+    Open it with `KVDisk.open`; `close()` waits for the writes still queued. One KVDisk reads and
+    writes the states of one identity (a model with its settings); `view(identity)` gives another
+    identity's KVDisk over the same folder, index, budget and threads (bot.engine.pool)."""
 
-    def __init__(self, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock, buffers: StateBuffers | None = None) -> None:
-        self.folder = folder
-        self.limit = limit_bytes
+    folder = _shared("folder", "the folder")
+    limit = _shared("limit", "the byte budget (KV_DISK_MB)")
+    buffers = _shared("buffers", "where state buffers come from")
+    enabled = _shared("enabled", "False once the folder could not be written")
+    _lock = _shared("lock", "guards the index and the queue")
+    _index = _shared("index", "file stem -> entry, oldest first")
+    _pending = _shared("pending", "file stem -> the newest state queued for writing")
+    _queued_bytes = _shared("queued_bytes", "bytes of the states queued")
+    _reader = _shared("reader", "the reader thread")
+    _writer = _shared("writer", "the writer thread")
+    # counters (read by tests and the benchmark), for the whole folder
+    used = _shared("used", "bytes on disk")
+    writes = _shared("writes", "states written")
+    reads = _shared("reads", "states read whole")
+    spent = _shared("spent", 'reader seconds: "read" (into the buffer), "check" (the hash)')
+
+    def __init__(
+        self, folder: Path, limit_bytes: int, identity: str, clock: ForgetClock, buffers: StateBuffers | None = None, *, tier: _Tier | None = None
+    ) -> None:
+        self._t = tier or _Tier(folder, limit_bytes, buffers or StateBuffers())
         self.identity = identity
+        self._id = identity_name(identity)
         self.clock = clock
-        self.buffers = buffers or StateBuffers()
-        self.enabled = True
-        self._lock = threading.Lock()
-        self._index: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # file stem -> entry, oldest first
-        self._pending: dict[str, SavedState] = {}  # key -> the newest state queued for writing
-        self._queued_bytes = 0
-        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-read")
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-write", initializer=_lower_priority)
-        # counters (read by tests and the benchmark)
-        self.used = 0
-        self.writes = 0
-        self.reads = 0  # states read whole
-        self.spent: collections.Counter[str] = collections.Counter()  # reader seconds: "read" (into the buffer), "check" (the hash)
+
+    def view(self, identity: str, clock: ForgetClock | None = None) -> KVDisk:
+        """The states of another identity in the same folder (sharing its budget, LRU and threads)."""
+        return KVDisk(self.folder, self.limit, identity, clock or self.clock, tier=self._t)
+
+    def _stem(self, key: str) -> str:
+        return f"{key_name(key)}-{self._id}"
 
     # --- opening -------------------------------------------------------------------------
 
@@ -267,7 +323,8 @@ class KVDisk:
         return disk
 
     def _scan(self) -> None:
-        """Index the files made for this model and settings; delete the rest (and leftovers of a crash)."""
+        """Index the state files, whichever model and settings made them (the budget decides
+        what goes); delete damaged ones, those of an older version, and leftovers of a crash."""
         found: list[tuple[float, str, _Entry]] = []
         dropped: collections.Counter[str] = collections.Counter()
         for path in self.folder.iterdir():
@@ -275,8 +332,12 @@ class KVDisk:
             if name.endswith(TMP_SUFFIX):
                 _unlink(path)
                 continue
-            if not name.endswith(SUFFIX) or len(name) != 32 + len(SUFFIX):
+            if not name.endswith(SUFFIX) or len(name) not in (STEM_LENGTH + len(SUFFIX), OLD_STEM_LENGTH + len(SUFFIX)):
                 continue  # not ours: leave it alone
+            if len(name) == OLD_STEM_LENGTH + len(SUFFIX):  # named before several models shared the folder
+                _unlink(path)
+                dropped[OLDER] += 1
+                continue
             try:
                 entry, mtime = self._check_header(path)
             except (OSError, ValueError) as exc:
@@ -295,12 +356,13 @@ class KVDisk:
 
     def _check_header(self, path: Path) -> tuple[_Entry, float]:
         with path.open("rb") as f:
-            header = self._read_header(f, path.name[: -len(SUFFIX)])
+            header = self._read_header(f, path.name[: -len(SUFFIX)], any_identity=True)
             st = os.fstat(f.fileno())
         return _Entry(st.st_size, header["tokens"]), st.st_mtime
 
-    def _read_header(self, f, stem: str) -> dict:  # noqa: ANN001 (a binary file)
-        """The header of a state file, checked against this tier (ValueError if it does not belong)."""
+    def _read_header(self, f, stem: str, *, any_identity: bool = False) -> dict:  # noqa: ANN001 (a binary file)
+        """The header of a state file, checked against this identity (`any_identity`: against
+        the identity its name says; ValueError if it does not belong)."""
         prefix = f.read(_PREFIX.size)
         if len(prefix) < _PREFIX.size:
             raise ValueError("truncated")
@@ -311,7 +373,9 @@ class KVDisk:
             raise ValueError("not a saved KV state")
         raw = f.read(length)
         header = json.loads(raw)  # a JSONDecodeError is a ValueError
-        if not isinstance(header, dict) or header.get("identity") != self.identity:
+        if not isinstance(header, dict) or not isinstance(header.get("identity"), str):
+            raise ValueError("bad header")
+        if header["identity"] != self.identity and not (any_identity and stem.endswith("-" + identity_name(header["identity"]))):
             raise ValueError(OTHER)
         if header.get("key") != stem:
             raise ValueError("its name does not match its content")
@@ -328,28 +392,28 @@ class KVDisk:
 
     def has(self, key: str) -> bool:
         """A file holds this conversation's state (not counting one still being written)."""
-        return self.enabled and key_name(key) in self._index
+        return self.enabled and self._stem(key) in self._index
 
     def holds(self, key: str, state: SavedState) -> bool:
         """The file of this conversation already holds exactly these tokens."""
-        entry = self._index.get(key_name(key))
+        entry = self._index.get(self._stem(key))
         return entry is not None and entry.digest == state.digest
 
     def holds_digest(self, key: str, digest: str) -> bool:
         """The file of this conversation holds the tokens with this digest (see `SavedState.digest`)."""
-        entry = self._index.get(key_name(key))
+        entry = self._index.get(self._stem(key))
         return self.enabled and entry is not None and entry.digest == digest
 
     def queued(self, key: str) -> bool:
         """A state of this conversation waits to be written (see `pending`)."""
         with self._lock:
-            return key in self._pending
+            return self._stem(key) in self._pending
 
     def pending(self, key: str) -> SavedState | None:
         """A state queued for writing: it is still in memory and can be used as it is
         (marked shared: the writer no longer recycles its buffer)."""
         with self._lock:
-            state = self._pending.get(key)
+            state = self._pending.get(self._stem(key))
             if state is not None:
                 state.shared = True
         if state is None or self.clock.stale(key, state.born):
@@ -361,7 +425,7 @@ class KVDisk:
         none worth using (missing, damaged, made for another prompt)."""
         born = self.clock.now()
         with self._lock:  # used now: the most recent in the LRU from this moment (a write making room meanwhile spares it)
-            stem = key_name(key)
+            stem = self._stem(key)
             if stem in self._index:
                 self._index.move_to_end(stem)
         return self._reader.submit(self._read_safely, key, prompt, born)
@@ -376,27 +440,30 @@ class KVDisk:
         with self._lock:
             if self._queued_bytes and self._queued_bytes + size > MAX_QUEUED_BYTES:
                 return False
-            self._pending[key] = state
+            self._pending[self._stem(key)] = state
             self._queued_bytes += size
         self._writer.submit(self._write_safely, key, state)
         return True
 
     def forget(self, key: str) -> None:
-        """Delete a conversation's file (on the writer thread, after any write already queued).
+        """Delete a conversation's files, those of every model (on the writer thread, after any
+        write already queued): its history changed, so none of them matches it any more.
 
-        Call `clock.forget(key)` first: a write or read of the old state still on its
-        way then sees it is stale."""
-        stem = key_name(key)
+        Call `clock.forget(key)` first (the clock of every model's engine): a write or read
+        of the old state still on its way then sees it is stale."""
+        prefix = key_name(key) + "-"
         with self._lock:
-            self._pending.pop(key, None)
-            entry = self._index.pop(stem, None)
-            if entry is not None:
-                self.used -= entry.size
-        self._submit_unlink(stem)
+            for stem in [s for s in self._pending if s.startswith(prefix)]:
+                del self._pending[stem]
+            stems = [s for s in self._index if s.startswith(prefix)]
+            for stem in stems:
+                self.used -= self._index.pop(stem).size
+        for stem in stems or [self._stem(key)]:
+            self._submit_unlink(stem)
 
     def discard(self, key: str) -> None:
         """A file's state proved unusable (llama.cpp refused it): delete it."""
-        self._discard(key_name(key), None)
+        self._discard(self._stem(key), None)
 
     def drain(self) -> None:
         """Wait until every write and delete queued so far is done."""
@@ -415,12 +482,12 @@ class KVDisk:
             return self._read(key, prompt, born)
         except Exception:  # whatever it was, this reply just evaluates its prompt
             log.exception("could not read the saved KV state of %s", key)
-            self._discard(key_name(key), None)
+            self._discard(self._stem(key), None)
             return None
 
     def _read(self, key: str, prompt: Sequence[int] | None, born: int) -> SavedState | None:
         started = time.thread_time()
-        stem = key_name(key)
+        stem = self._stem(key)
         with self._lock:
             entry = self._index.get(stem) if self.enabled else None
         if entry is None or self.clock.stale(key, born):
@@ -515,17 +582,17 @@ class KVDisk:
         finally:
             with self._lock:
                 self._queued_bytes -= len(state.data)
-                if self._pending.get(key) is state:
-                    del self._pending[key]
+                if self._pending.get(self._stem(key)) is state:
+                    del self._pending[self._stem(key)]
             self.buffers.give(state)  # written or skipped: its buffer is free, unless a reader borrowed it (shared)
 
     def _write(self, key: str, state: SavedState) -> None:
         with self._lock:
-            if not self.enabled or self._pending.get(key) is not state:
+            if not self.enabled or self._pending.get(self._stem(key)) is not state:
                 return  # off, forgotten, or a newer state of this conversation is queued
         if self.clock.stale(key, state.born):
             return
-        stem = key_name(key)
+        stem = self._stem(key)
         tokens = _int32(state.tokens)
         raw = json.dumps(
             {"identity": self.identity, "key": stem, "n_tokens": len(state.tokens), "state_bytes": len(state.data), "tokens": state.digest}

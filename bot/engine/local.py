@@ -50,6 +50,7 @@ import llama_cpp as L
 import numpy as np
 
 from bot.engine import flashattn
+from bot.engine.gate import FairGate
 from bot.engine.backend import EngineStats, Generation, ImagePart, ModelError, ModelInfo, PreparedPrompt, PromptTooLong, WarmStats
 from bot.config import Sampling
 from bot.engine.kvdisk import SPARE_IDLE_S, ForgetClock, KVDisk, SavedState, StateBuffers, common_prefix, model_identity
@@ -101,6 +102,19 @@ class EngineOptions:
 
 
 KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}
+
+
+@dataclass
+class EngineShared:
+    """What the engines of several loaded models share (bot.engine.pool): one forget clock (a
+    conversation forgotten is stale in every model), state buffers, the disk tier's folder
+    (each engine takes a view of it for its identity), and the gate that has them take turns
+    on the CPU (bot.engine.gate)."""
+
+    clock: ForgetClock = field(default_factory=ForgetClock)
+    buffers: StateBuffers = field(default_factory=StateBuffers)
+    disk: KVDisk | None = None  # None: no disk tier
+    gate: FairGate | None = None
 
 
 REPORT_EVERY_S = 0.05
@@ -258,25 +272,34 @@ class Engine:
         self._warm_due = False  # a warm-up may have work: look when idle
         self._warm_decoding: str | None = None  # the conversation a warm-up decode is running for (under the lock)
         self._reads: collections.Counter[str] = collections.Counter()  # replies whose state is being read from disk
+        self._admitting = 0  # requests taken from the queue, not yet in a slot (see `busy`)
         self._clock = ForgetClock()
         self._buffers = StateBuffers()
         self._disk: KVDisk | None = None
+        self._shared: EngineShared | None = None  # shared with other loaded models (bot.engine.pool)
+        self._turn: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext  # held around each decode (FairGate)
         self.vision: Vision | None = None  # the projector, when the model can see images
         self._encodes_done = 0  # encodes finished (under _lock): wakes an engine thread that waits for one
 
     # --- loading -----------------------------------------------------------------------
 
     @classmethod
-    async def load(cls, path: Path, options: EngineOptions, *, abort: threading.Event | None = None) -> Engine:
+    async def load(cls, path: Path, options: EngineOptions, *, abort: threading.Event | None = None, shared: EngineShared | None = None) -> Engine:
         """Load and warm the model on the engine thread, then start serving.
 
-        Setting `abort` (a shutdown signal) stops the load between tensors with a ModelError."""
-        return await asyncio.to_thread(cls.load_sync, path, options, abort=abort)
+        Setting `abort` (a shutdown signal) stops the load between tensors with a ModelError.
+        `shared`: what it shares with other loaded models (bot.engine.pool)."""
+        return await asyncio.to_thread(cls.load_sync, path, options, abort=abort, shared=shared)
 
     @classmethod
-    def load_sync(cls, path: Path, options: EngineOptions, *, abort: threading.Event | None = None) -> Engine:
+    def load_sync(cls, path: Path, options: EngineOptions, *, abort: threading.Event | None = None, shared: EngineShared | None = None) -> Engine:
         """`load` for code without an event loop (the tests' session fixture)."""
         engine = cls()
+        if shared is not None:
+            engine._shared = shared
+            engine._clock, engine._buffers = shared.clock, shared.buffers
+            if shared.gate is not None:
+                engine._turn = functools.partial(shared.gate.turn, id(engine))
         try:
             engine._executor.submit(engine._load, path, options, abort).result()
         except BaseException:
@@ -348,7 +371,10 @@ class Engine:
             identity = model_identity(
                 path, n_ctx=self.n_ctx, kv_type=options.kv_type, flash_attn=self.flash_attn.setting, parallel=options.parallel, llama_cpp=L.__version__, **seeing
             )
-            self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock, self._buffers)
+            if self._shared is not None:  # several models: one folder, one budget; this model's view of it
+                self._disk = self._shared.disk.view(identity, self._clock) if self._shared.disk is not None else None
+            else:
+                self._disk = KVDisk.open(options.kv_disk_dir, options.kv_disk_mb * 1024 * 1024, identity, self._clock, self._buffers)
 
     def _describe_flash_attn(self) -> str:
         choice = self.flash_attn
@@ -386,7 +412,9 @@ class Engine:
         """One real decode, so the first user does not pay for page faults and graph setup."""
         tokens = self.vocab.tokenize("Hello", special=False) or [0]
         self._fill_batch([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
-        if L.llama_decode(self._ctx, self._batch) != 0:
+        with self._turn():
+            rc = L.llama_decode(self._ctx, self._batch)
+        if rc != 0:
             raise ModelError("the model failed its first decode")
         L.llama_memory_seq_rm(self._mem, 0, -1, -1)
 
@@ -517,6 +545,12 @@ class Engine:
         return self._warm_decoding
 
     @property
+    def busy(self) -> bool:
+        """A reply is running, queued, or waiting for its state to be read from disk."""
+        with self._lock:
+            return bool(self._incoming) or bool(self._admitting) or any(self._reads.values()) or any(s.request is not None for s in self._slots)
+
+    @property
     def busy_slots(self) -> int:
         return sum(1 for s in self._slots if s.request is not None)
 
@@ -567,8 +601,10 @@ class Engine:
         L.llama_batch_free(self._batch)
         L.llama_free(self._ctx)
         L.llama_model_free(self._model)
-        if self._disk is not None:
-            self._disk.close()  # waits for the writes
+        if self._disk is not None and self._shared is None:
+            self._disk.close()  # waits for the writes (a shared folder is closed by its pool)
+        if self._shared is not None and self._shared.gate is not None:
+            self._shared.gate.forget(id(self))
 
     def _save_for_restart(self) -> None:
         """Write what the slots and the RAM cache hold and the disk lacks, newest first within
@@ -622,12 +658,14 @@ class Engine:
                     break
                 forget, self._forget = self._forget, set()
                 incoming = self._take_admissible()
+                self._admitting = len(incoming)
             try:
                 for key in forget:
                     self._drop_key(key)
                 self._place_warm_reads()
                 for request in incoming:
                     self._admit_or_fail(request)
+                self._admitting = 0
                 for slot in self._active():
                     if slot.request is not None and slot.request.gen._cancel:
                         self._finish(slot, "cancelled")
@@ -787,7 +825,8 @@ class Engine:
             count = left if vision.non_causal else min(left, budget)  # non-causal attention: the whole image at once
             self._watched = [req.gen]
             self._abort_flag[0] = b"\x01" if self._abort_now or req.gen._cancel else b"\x00"
-            rc = decode_embeddings(self._ctx, encoded, feed.done, count, pos, slot.seq, non_causal=vision.non_causal)
+            with self._turn():
+                rc = decode_embeddings(self._ctx, encoded, feed.done, count, pos, slot.seq, non_causal=vision.non_causal)
             self.image_batches += 1
             fed = True
             if rc != 0:
@@ -1015,7 +1054,8 @@ class Engine:
             self._warm_decoding = w.key
         cpu = time.process_time()
         try:
-            rc = L.llama_decode(self._ctx, self._batch)
+            with self._turn():
+                rc = L.llama_decode(self._ctx, self._batch)
         finally:
             with self._lock:
                 self._warm_decoding = None
@@ -1361,7 +1401,8 @@ class Engine:
         # /stop and shutdown abort a decode midway: llama.cpp reads the flag between graph nodes.
         self._watched = [s.request.gen for s, _, _ in grown if s.request is not None]
         self._abort_flag[0] = b"\x01" if self._abort_now or any(g._cancel for g in self._watched) else b"\x00"
-        rc = L.llama_decode(self._ctx, self._batch)
+        with self._turn():
+            rc = L.llama_decode(self._ctx, self._batch)
         self.steps += 1
         self.batched_steps += len(grown) > 1
         if rc != 0:

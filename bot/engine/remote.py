@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -53,7 +55,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpx2
 import openai
 
-from bot.engine.backend import Generation, ModelInfo, PreparedPrompt
+from bot.engine.backend import Generation, ModelInfo, ModelStatus, ModelUnavailable, PreparedPrompt
 from bot.config import Sampling, Settings, redact_url
 from bot.formats.reasoning import ReplyFormat, ReplyText
 from bot.formats.templates import Image, Message, Template, reply_format
@@ -129,6 +131,7 @@ class RemoteBackend:
         self.on_fatal: Callable[[str], None] | None = None  # a server never ends this process: it may come back
         self.dead: str | None = None
         self._images_refused: str | None = None  # why the server refused images (then none are sent again)
+        self.served: list[str] | None = None  # the server's models (/v1/models) when last asked; None: not yet known
 
     @classmethod
     async def connect(cls, settings: Settings, *, read_timeout: float = 120.0) -> RemoteBackend:
@@ -146,6 +149,7 @@ class RemoteBackend:
             log.warning("model server %s is not reachable (%s); replies will fail until it is", self.shown_base, self._reason(exc))
             return False
         self._checked = True
+        self.served = served
         self.model = self.model or (served[0] if served else None)
         log.info("model server %s is reachable and serves %s; using %s in %s mode", self.shown_base, ", ".join(served) or "no model", self.model, self.mode)
         await self._probe_tokenizer()
@@ -252,6 +256,24 @@ class RemoteBackend:
 
     def describe(self) -> str:
         return f"{self.model or 'the default model'} on {self.shown_base} ({self.mode} mode)"
+
+    def for_model(self, name: str) -> RemoteBackend:
+        """The same server and connection, asking for another of its models (RemoteModels)."""
+        other = copy.copy(self)
+        other.model = name
+        other._counts = OrderedDict()  # another model, another tokenizer
+        other._images_refused = None
+        return other
+
+    async def list_models(self) -> list[str] | None:
+        """The server's models now (/v1/models); None if it does not answer."""
+        try:
+            page = await self.client.with_options(max_retries=0, timeout=PROBE_TIMEOUT_S).models.list()
+        except Exception as exc:
+            log.warning("could not list the models of %s (%s)", self.shown_base, self._reason(exc))
+            return None
+        self.served = [str(getattr(m, "id", "?")) for m in page.data]
+        return self.served
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -452,3 +474,58 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, RemoteError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class RemoteModels:
+    """A server's models (its /v1/models), chosen per conversation: the request names the
+    conversation's model and the server loads it (llama-server's router mode, vLLM serving
+    several models, Ollama, LiteLLM). OPENAI_MODEL, or the first model listed, is the default.
+    Nothing is loaded or unloaded here: the server keeps its own budget."""
+
+    def __init__(self, backend: RemoteBackend) -> None:
+        self.backend = backend
+        self.default = backend.model or ""
+        self.on_fatal: Callable[[str], None] | None = None  # a server never ends this process
+        self._views: dict[str, RemoteBackend] = {}
+        self._last_used: dict[str, float] = {}
+
+    @property
+    def complete(self) -> bool:
+        """Whether the server's list is known: until it is, no conversation's choice is dropped."""
+        return self.backend.served is not None
+
+    def names(self) -> list[str]:
+        served = self.backend.served or []
+        return [self.default] + [m for m in served if m != self.default] if self.default else list(served)
+
+    def loaded(self, name: str) -> RemoteBackend | None:
+        if name == self.default or not name:
+            return self.backend
+        if name not in self._views:
+            self._views[name] = self.backend.for_model(name)
+        return self._views[name]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> Any:
+        if self.complete and name not in self.names():
+            raise ModelUnavailable(f"the model server {self.backend.shown_base} no longer serves {name!r}")
+        self._last_used[name] = time.time()
+        backend = self.loaded(name)
+        assert backend is not None
+        yield backend
+
+    def forget(self, key: str) -> None:
+        """Nothing is cached here (the server keeps its own prompt cache)."""
+
+    def sees_images(self) -> bool:
+        return self.backend.image_support() is None
+
+    async def refresh(self) -> None:
+        """Ask the server again which models it serves (for /model)."""
+        await self.backend.list_models()
+
+    def status(self) -> list[ModelStatus]:
+        return [ModelStatus(n, True, n == self.default, None, self._last_used.get(n)) for n in self.names()]
+
+    async def close(self) -> None:
+        await self.backend.close()
