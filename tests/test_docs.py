@@ -94,7 +94,7 @@ def true_default(var: Variable) -> object:
 
 def as_written(value: object) -> str | None:
     """A default as one would write it in .env; None for "unset" (None, or an empty set)."""
-    if value is None or value == frozenset():
+    if value is None or value == frozenset() or value == ():
         return None
     if isinstance(value, bool):
         return "1" if value else "0"
