@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
