@@ -104,6 +104,19 @@ async def test_an_image_is_laid_out_as_libmtmd_tokenizes_it(seeing: Engine) -> N
     assert with_one.tokens[part.start + 16 :] == without.tokens[part.start :]
 
 
+async def test_a_model_that_can_see_generates_without_waiting_for_encodes_it_does_not_need(seeing: Engine) -> None:
+    """The engine thread waits for an image's encode only when it has nothing else to do: a
+    text reply (and an image reply, once its image is in) never waits between its tokens.
+    (Each such wait cost up to 0.25 s per token.)"""
+    waits = seeing.encode_waits
+    text = await reply(seeing, "no-image", await prompt(seeing, "Count from one to twenty."), max_tokens=12)
+    assert text.n_generated == 12 or text.finish_reason == "stop"
+    assert seeing.encode_waits == waits
+    pictured = await reply(seeing, "one-image", await prompt(seeing, "What is this?", image(9)), max_tokens=12)
+    assert pictured.tokens
+    assert seeing.encode_waits - waits <= 1  # at most the one round with nothing to do but wait for that encode
+
+
 async def test_two_images_give_different_replies_and_the_same_image_the_same(seeing: Engine) -> None:
     first = await reply(seeing, "img-a", await prompt(seeing, "Describe the picture.", image(1)))
     second = await reply(seeing, "img-b", await prompt(seeing, "Describe the picture.", image(2)))

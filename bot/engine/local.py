@@ -263,6 +263,7 @@ class Engine:
         self.tokens_evaluated = 0
         self.disk_restores = 0  # states restored from the disk tier
         self.image_batches = 0  # decodes of image embeddings
+        self.encode_waits = 0  # rounds the engine thread had nothing to do but wait for an image's encode
         self.saves = 0  # slot states copied out of llama.cpp (evictions, shutdown)
         self.saves_skipped = 0  # evictions that needed no copy: the disk held the slot's state unchanged
         self.spent: collections.Counter[str] = collections.Counter()  # seconds in "save" and "restore" (state copies)
@@ -670,9 +671,10 @@ class Engine:
                     if slot.request is not None and slot.request.gen._cancel:
                         self._finish(slot, "cancelled")
                 if self._active():
+                    steps = self.steps
                     self._step()
                     if self.vision is not None:
-                        self._feed_images()
+                        self._feed_images(stepped=self.steps != steps)
                     self._faults_in_a_row = 0
                 else:
                     for slot in self._room_for_reads():
@@ -788,17 +790,18 @@ class Engine:
             raise ValueError("an image must lie inside the prompt, with text after it")
         return ImageFeed.of(self.vision, images)
 
-    def _feed_images(self) -> None:
+    def _feed_images(self, *, stepped: bool) -> None:
         """Decode image embeddings into the slots whose prompt has reached an image.
 
         Embeddings cannot share a decode with token ids, so they get decodes of their own:
         one micro-batch per step while other slots generate (each of those gets its next
         token between two), as much as a prompt chunk when none does. The encoder thread is
         asked for every image a slot still needs as soon as the slot has it; with nothing
-        else to do, the engine thread waits for an encode to finish."""
+        else to do (`stepped`: this round decoded text), the engine thread waits for an encode
+        to finish."""
         vision = self.vision
         assert vision is not None
-        seen, steps = self._encodes_done, self.steps
+        seen = self._encodes_done
         active = self._active()
         generating = sum(1 for s in active if s.request is not None and s.request.next_token is not None)
         budget = self.n_ubatch - generating if generating else self.n_batch
@@ -847,9 +850,10 @@ class Engine:
                 feed.done = 0
             if generating:
                 break
-        if not fed and self.steps == steps:
+        if not fed and not stepped:
             with self._lock:
                 if self._encodes_done == seen and not (self._incoming or self._forget or self._stopping):
+                    self.encode_waits += 1
                     self._lock.wait(0.25)
 
     def _encoded(self) -> None:
