@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.fakediscord import FakeDiscord
 
-COMMANDS = {"reset", "template", "chat", "stop", "system", "settings", "status", "export"}
+COMMANDS = {"reset", "template", "chat", "stop", "system", "settings", "status", "export", "model"}
 
 
 @pytest.fixture

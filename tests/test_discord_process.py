@@ -69,7 +69,7 @@ async def test_run_serves_discord_and_stops_cleanly_on_sigterm(fake: FakeDiscord
         try:
             await fake.wait_ready(timeout=60)
             await fake.wait_for(lambda: fake.commands.get(guild["id"]), 30)  # DEV_GUILD_ID: synced to that guild
-            assert {c["name"] for c in fake.commands[guild["id"]]} == {"reset", "template", "chat", "stop", "system", "settings", "status", "export"}
+            assert {c["name"] for c in fake.commands[guild["id"]]} == {"reset", "template", "chat", "stop", "system", "settings", "status", "export", "model"}
             sent = await fake.send_message(general, ann, f"<@{fake.bot_user['id']}> Write a long story about a dragon.")
             [shown] = await fake.wait_for_bot_message(general, after=sent, timeout=60)  # streaming: the reply is being written
             assert shown["content"] == "".join(STORY[:2]).strip()
