@@ -57,9 +57,9 @@ async def test_a_first_start_reads_nothing_older_than_catchup_max_age(world: Wor
     fake = world.fake
     old_place, new_place = fake.add_channel(world.guild, "old"), fake.add_channel(world.guild, "new")
     old = await fake.send_message(old_place, world.ann, f"{mention(fake)} Anyone?")
-    await asyncio.sleep(6.0)
+    await asyncio.sleep(4.0)
     new = await fake.send_message(new_place, world.ann, f"{mention(fake)} Hello?")
-    async with start_bot(catchup_max_age_s=5.0) as bot:  # (the catch-up must begin within 5 s of "Hello?": a loaded machine's margin)
+    async with start_bot(catchup_max_age_s=3.0) as bot:  # (the catch-up must begin within 3 s of "Hello?": a loaded machine's margin)
         [reply] = await fake.wait_for_bot_message(new_place, after=new, timeout=60)
         await caught_up(fake, bot)
         assert reply["content"] == "You said: Hello?"
