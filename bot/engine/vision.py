@@ -45,6 +45,7 @@ import llama_cpp.mtmd_cpp as M
 import numpy as np
 
 from bot.engine.backend import ImagePart, ModelError
+from bot.engine.vocab import log_forwarder
 from bot.formats.templates import Image
 
 log = logging.getLogger(__name__)
@@ -142,16 +143,9 @@ class Vision:
         global _log_callback_ref
         if not path.is_file():
             raise ModelError(f"MMPROJ_PATH {path} is not a file")
-        levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-
-        @L.llama_log_callback
-        def forward(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
-            if verbose and text:
-                mtmd_log.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip("\n"))
-
-        _log_callback_ref = forward
-        M.mtmd_log_set(forward, ctypes.c_void_p(0))
-        M.mtmd_helper_log_set(forward, ctypes.c_void_p(0))
+        _log_callback_ref = log_forwarder(mtmd_log, verbose)
+        M.mtmd_log_set(_log_callback_ref, ctypes.c_void_p(0))
+        M.mtmd_helper_log_set(_log_callback_ref, ctypes.c_void_p(0))
         params = M.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False

@@ -26,18 +26,24 @@ _log_callback_ref = None  # keeps the ctypes callback alive for the process life
 _backend_ready = False
 
 
-def init_backend(verbose: bool) -> None:
-    """Route llama.cpp's own log lines to `logging` (or drop them), once per process."""
-    global _log_callback_ref, _backend_ready
+def log_forwarder(logger: logging.Logger, verbose: bool) -> L.llama_log_callback:
+    """A C log callback for llama.cpp (and libmtmd) that hands its lines to `logger`, or drops
+    them unless `verbose`. The caller keeps a reference to it for as long as C may call it."""
     levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level; 5 continues a line
 
     @L.llama_log_callback
     def forward(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
         if verbose and text:
-            llama_log.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip("\n"))
+            logger.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip("\n"))
 
-    _log_callback_ref = forward
-    L.llama_log_set(forward, ctypes.c_void_p(0))
+    return forward
+
+
+def init_backend(verbose: bool) -> None:
+    """Route llama.cpp's own log lines to `logging` (or drop them), once per process."""
+    global _log_callback_ref, _backend_ready
+    _log_callback_ref = log_forwarder(llama_log, verbose)
+    L.llama_log_set(_log_callback_ref, ctypes.c_void_p(0))
     if not _backend_ready:
         L.llama_backend_init()
         _backend_ready = True
