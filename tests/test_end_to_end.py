@@ -23,6 +23,7 @@ from bot.discord_adapter.replies import SORRY
 from bot.engine.local import Engine, EngineOptions, LocalBackend
 from tests.conftest import ENGINE_THREADS, World, make_settings, rows, scope
 from tests.discord_helpers import CONTINUE, answers, ask, command, custom_ids, idle, pages_after, press, prompt_of, replies_to, send
+from tests.test_engine_local import until
 from tests.test_formats_templates import EVIL
 
 
@@ -170,7 +171,8 @@ async def test_fault_while_restoring_a_cached_state_apologises_and_the_channel_r
             try:
                 for channel, text in ((world.general, "Hello!"), (world.random, "Hi there.")):  # general's state goes to the cache
                     await ask(world, bot, channel, world.ann, text, timeout=120)
-                assert own_engine.cached_states == 1
+                await until(lambda: own_engine.saves_ahead == 2)  # each copied to RAM after its reply, while the engine was idle
+                assert own_engine.cached_states == 2
                 own_engine.inject_fault("restore")
                 with caplog.at_level(logging.ERROR):
                     failing = await send(world, world.general, world.ann, "And now?")

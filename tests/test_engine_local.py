@@ -4,7 +4,7 @@ cancellation, the state cache, and giving up after repeated faults."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -169,3 +169,64 @@ async def test_engine_that_cannot_go_on_fails_every_request_at_once(own_engine: 
     assert fatal and "faults in a row" in fatal[0] and own_engine.dead
     with pytest.raises(EngineDead):
         own_engine.generate("later", tokens, max_tokens=8, sampling=Sampling(temperature=0.0))
+
+
+# --- saving ahead of an eviction ---------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], timeout: float = 600) -> None:
+    """Wait for the engine's counters to get there (the timeout only stops a hung test)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.002)
+
+
+async def test_the_slot_to_be_emptied_next_is_saved_while_idle_so_the_next_conversation_waits_for_no_save(model_path: Path) -> None:
+    """One slot, two conversations taking turns: after each reply the idle engine copies the
+    slot's state to the RAM cache, so admitting the other conversation empties the slot without
+    a save, and the first one comes back from that copy, exactly as if it had kept its slot."""
+    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=ENGINE_THREADS, parallel=1, kv_cache_mb=64))
+    kept = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=ENGINE_THREADS, parallel=2, kv_cache_mb=64))
+    try:
+        cats = chat_tokens(engine, "Tell me about cats.")
+        first = await generate(engine, "a", cats, max_tokens=12)
+        await until(lambda: engine.saves_ahead == 1)
+        assert engine.cached_states == 1 and engine.saves == 1
+        await generate(engine, "b", chat_tokens(engine, "Name a color."), max_tokens=12)
+        assert engine.saves_skipped == 1 and engine.saves == 1  # a's slot emptied without a copy: RAM had it
+        await until(lambda: engine.saves_ahead == 2)  # now b's state, the next to go
+        follow = chat_tokens(engine, "Tell me about cats.", first.text, "And dogs?")
+        again = await generate(engine, "a", follow, max_tokens=12)
+        assert again.n_cached >= len(cats) + len(first.tokens) - 2  # from the copy
+        assert engine.saves_skipped == 2 and engine.saves == engine.saves_ahead  # no save on any admission
+
+        # the same conversation where it never left its slot: the same reply, token for token
+        reference_first = await generate(kept, "a", cats, max_tokens=12)
+        assert reference_first.tokens == first.tokens
+        reference = await generate(kept, "a", follow, max_tokens=12)
+        assert reference.n_cached == again.n_cached and reference.tokens == again.tokens
+    finally:
+        await engine.close()
+        await kept.close()
+
+
+async def test_a_copy_saved_ahead_that_its_own_conversation_outdates_is_dropped(model_path: Path) -> None:
+    """The conversation whose state was copied ahead speaks again in its slot: the old copy is
+    dropped at once (it would only take RAM), and the new state is the one copied next; an
+    empty slot means no eviction is coming, so nothing is copied."""
+    engine = await Engine.load(model_path, EngineOptions(n_ctx=512, n_threads=ENGINE_THREADS, parallel=2, kv_cache_mb=64))
+    try:
+        cats = chat_tokens(engine, "Tell me about cats.")
+        first = await generate(engine, "a", cats, max_tokens=12)
+        await generate(engine, "b", chat_tokens(engine, "Name a color."), max_tokens=12)  # both slots taken now
+        await until(lambda: engine.saves_ahead == 1)
+        assert engine.saves == 1 and engine.cached_states == 1  # only the one admission would empty: a's
+        follow = chat_tokens(engine, "Tell me about cats.", first.text, "And dogs?")
+        second = await generate(engine, "a", follow, max_tokens=12)
+        assert second.n_cached >= len(cats) + len(first.tokens) - 2  # it kept its slot
+        await until(lambda: engine.saves_ahead == 2)  # b is the oldest now
+        assert engine.cached_states == 1  # a's outdated copy went at its admission
+        await generate(engine, "c", chat_tokens(engine, "Name a fruit."), max_tokens=12)  # empties b's slot: no save
+        assert engine.saves_skipped == 1 and engine.saves == engine.saves_ahead
+    finally:
+        await engine.close()

@@ -164,6 +164,7 @@ class _Slot:
     # while no token is added, evicting it needs no save (the file has it all).
     disk_digest: str | None = None
     stored: int = 0
+    ahead: tuple[float, int] | None = None  # (last_used, tokens) when last saved ahead of its eviction (see Engine._save_ahead)
 
     def unchanged_on_disk(self) -> bool:
         return self.disk_digest is not None and len(self.tokens) <= self.stored
@@ -219,6 +220,10 @@ class _StateCache:
         self.used += size
         return out
 
+    def peek(self, key: str) -> SavedState | None:
+        """The state kept for `key`, left where it is."""
+        return self._entries.get(key)
+
     def take(self, key: str) -> SavedState | None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -264,9 +269,10 @@ class Engine:
         self.disk_restores = 0  # states restored from the disk tier
         self.image_batches = 0  # decodes of image embeddings
         self.encode_waits = 0  # rounds the engine thread had nothing to do but wait for an image's encode
-        self.saves = 0  # slot states copied out of llama.cpp (evictions, shutdown)
+        self.saves = 0  # slot states copied out of llama.cpp (evictions, shutdown, ahead of an eviction)
+        self.saves_ahead = 0  # ... of which while the engine was idle, ahead of the slot's eviction
         self.saves_skipped = 0  # evictions that needed no copy: the disk held the slot's state unchanged
-        self.spent: collections.Counter[str] = collections.Counter()  # seconds in "save" and "restore" (state copies)
+        self.spent: collections.Counter[str] = collections.Counter()  # seconds in "save", "save_ahead" and "restore" (state copies)
         self.flash_attn: flashattn.Choice  # FLASH_ATTN as resolved at load
         self.warm_stats = WarmStats()  # what warm-ups cost and brought (changed under the lock)
         self._warms: dict[str, _Warm] = {}  # live warm-ups, oldest first (under the lock)
@@ -616,7 +622,7 @@ class Engine:
         wanted: list[tuple[float, str, _Slot | SavedState]] = []
         for slot in self._slots:
             if slot.key is not None and slot.tokens and slot.request is None and not self._clock.stale(slot.key, slot.born):
-                if not (slot.unchanged_on_disk() and disk.holds_digest(slot.key, slot.disk_digest or "")):
+                if not self._saved_already(slot):  # (a copy in RAM is written below)
                     wanted.append((slot.last_used, slot.key, slot))
         for key, state in self._states.items():
             if not self._clock.stale(key, state.born) and not disk.holds(key, state):
@@ -651,7 +657,7 @@ class Engine:
             with self._lock:
                 while (
                     not self._stopping and not self._incoming and not self._forget and not self._active()
-                    and not self._warm_pending() and not self._room_for_reads()
+                    and not self._warm_pending() and not self._room_for_reads() and self._save_ahead_due() is None
                 ):
                     self._lock.wait(self._idle_timeout())
                     self._buffers.trim()
@@ -681,6 +687,10 @@ class Engine:
                         self._evict(slot)
                     if self._warms:
                         self._warm_step()
+                    with self._lock:
+                        victim = self._save_ahead_due()
+                    if victim is not None:
+                        self._save_ahead(victim)
             except Exception as exc:  # whatever broke, the other channels keep being served
                 log.exception("engine step failed; ending the replies it held: %s", ", ".join(s.key or "?" for s in self._active()))
                 for slot in self._active():
@@ -1033,7 +1043,7 @@ class Engine:
         empty = next((s for s in idle if s.key is None), None)
         if empty is not None:
             return empty
-        clean = [s for s in idle if s.unchanged_on_disk() and self._disk is not None and self._disk.holds_digest(s.key or "", s.disk_digest or "")]
+        clean = [s for s in idle if self._saved_already(s)]
         if not clean:
             return None
         target = min(clean, key=lambda s: s.last_used)
@@ -1192,8 +1202,9 @@ class Engine:
                 return
         self._buffers.give(state)
 
-    def _save_slot(self, slot: _Slot) -> SavedState | None:
-        """Copy a slot's KV state out of llama.cpp (None if it cannot be)."""
+    def _save_slot(self, slot: _Slot, kind: str = "save") -> SavedState | None:
+        """Copy a slot's KV state out of llama.cpp (None if it cannot be); `kind` names
+        what the time is counted as."""
         started = time.perf_counter()
         size = L.llama_state_seq_get_size(self._ctx, slot.seq)
         if size <= 0:
@@ -1204,7 +1215,7 @@ class Engine:
             self._buffers.give(state)
             return None
         self.saves += 1
-        self.spent["save"] += time.perf_counter() - started
+        self.spent[kind] += time.perf_counter() - started
         return state
 
     def _clear(self, slot: _Slot) -> None:
@@ -1212,6 +1223,7 @@ class Engine:
         slot.tokens = []
         slot.key = None
         slot.disk_digest, slot.stored = None, 0
+        slot.ahead = None
 
     def _admit(self, request: _Request) -> None:
         """Give a request a slot, reusing as much cached KV as possible."""
@@ -1225,6 +1237,8 @@ class Engine:
         if slot is not None and self._clock.stale(key, slot.born):  # forgotten while it was busy
             self._clear(slot)
             slot = None
+        if slot is not None:  # a copy saved ahead of an eviction that did not come: the slot moves on
+            self._buffers.give(self._states.take(key))
         if slot is None:
             if self._disk is not None and self.options.reuse and not request.fetched and self._only_on_disk(key):
                 self._fetch(request, first=True)  # it comes back with the bytes; the slots go on meanwhile
@@ -1266,17 +1280,60 @@ class Engine:
     def _evict(self, slot: _Slot) -> None:
         """Save an idle slot's KV state to the RAM cache (what that pushes out, and what does
         not fit, goes to disk), then empty the slot. A state the disk holds unchanged (restored
-        from there, nothing added since) needs no copy: the file has it."""
+        from there, nothing added since), or the RAM cache holds already (saved ahead), needs
+        no copy."""
         key = slot.key
         assert key is not None
         if self.options.reuse and slot.tokens and (self._states.limit or self._disk is not None) and not self._clock.stale(key, slot.born):
-            if slot.unchanged_on_disk() and self._disk is not None and self._disk.holds_digest(key, slot.disk_digest or ""):
+            if self._saved_already(slot):
                 self.saves_skipped += 1
             else:
                 state = self._save_slot(slot)
                 if state is not None:
                     self._keep(key, state)
         self._clear(slot)
+
+    def _saved_already(self, slot: _Slot) -> bool:
+        """Emptying the slot needs no save: the disk holds its state unchanged (restored from
+        there, nothing added since), or the RAM cache holds exactly what it holds (saved ahead)."""
+        key = slot.key or ""
+        if slot.unchanged_on_disk() and self._disk is not None and self._disk.holds_digest(key, slot.disk_digest or ""):
+            return True
+        copy = self._states.peek(key)
+        return copy is not None and copy.born == slot.born and copy.tokens == slot.tokens
+
+    def _save_ahead_due(self) -> _Slot | None:
+        """The slot admission would empty next, when its state should be copied to RAM now:
+        every slot holds a conversation, none is generating, nothing waits, and that state
+        has not been saved (or tried) yet. Lock held."""
+        if not self.options.reuse or not self._states.limit or self._incoming or self._admitting or any(self._reads.values()):
+            return None
+        if any(s.key is None or s.request is not None for s in self._slots):
+            return None  # an empty slot takes the next conversation; a generating one goes first
+        warming = self._warm_slots()
+        victim = min(self._slots, key=lambda s: (s.seq in warming, s.last_used))
+        if victim.seq in warming or not victim.tokens or victim.ahead == (victim.last_used, len(victim.tokens)):
+            return None
+        if self._clock.stale(victim.key or "", victim.born) or self._saved_already(victim):
+            return None
+        return victim
+
+    def _save_ahead(self, slot: _Slot) -> None:
+        """Copy the state of the slot that will be emptied next into the RAM cache while the
+        engine is idle, so the conversation that next needs a slot does not wait for that
+        save (its eviction then finds the copy: `_saved_already`). One try per state; only
+        when the state fits the RAM cache, so it never costs a disk write of its own. A wasted
+        copy (the slot's own conversation speaks next) is dropped at its admission."""
+        slot.ahead = (slot.last_used, len(slot.tokens))
+        key = slot.key
+        assert key is not None
+        if L.llama_state_seq_get_size(self._ctx, slot.seq) > self._states.limit:
+            return
+        state = self._save_slot(slot, "save_ahead")
+        if state is None:
+            return
+        self.saves_ahead += 1
+        self._keep(key, state)
 
     def _keep(self, key: str, state: SavedState, protect: frozenset[str] = frozenset()) -> bool:
         """Put a state in the RAM cache; what that pushes out (or the state itself, if it does
