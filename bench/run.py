@@ -876,7 +876,7 @@ async def warm_ups(path: Path, fa_options: dict[str, object], samples: int = 3, 
 # --- side by side with llama-server ----------------------------------------------------------
 
 
-async def versus_llama_server(path: Path, fa_options: dict[str, object], channels: int = 32, turns: int = 40, rounds: int = 1) -> list[Row]:
+async def versus_llama_server(path: Path, fa_options: dict[str, object], channels: int = 32, turns: int = 40, rounds: int = 3) -> list[Row]:
     """The bot's time from a message to its first token vs llama-server's time to the first
     token of a one-token completion (cache_prompt on), 32 channels of ~1,500 tokens on 4
     slots speaking in turn, llama-server at its defaults and at the bot's flash-attention
@@ -924,8 +924,9 @@ async def versus_llama_server(path: Path, fa_options: dict[str, object], channel
     return [
         Row(
             f"Versus llama-server (same model and threads, 4 slots, {channels} channels of ~{statistics.median(len(p[-1]) for p in prompts):.0f} tokens "
-            f"speaking in turn): the bot's time from a message to its first token (FLASH_ATTN=auto: {fa}; {n_new:.0f} new tokens read) vs llama-server's "
-            "time to the first token of a one-token completion (cache_prompt on, over HTTP) at its defaults",
+            f"speaking in turn, {len(bot)} follow-ups each after every channel's first message): the bot's time from a message to its first token "
+            f"(FLASH_ATTN=auto: {fa}; {n_new:.0f} new tokens read) vs llama-server's "
+            "time to the first token of a one-token completion (cache_prompt on, over HTTP) at its defaults; medians",
             f"{a:.0f} ms vs {b:.0f} ms = **{a / b:.2f}x**",
             "<= 0.5x",
             a / b <= 0.5,
