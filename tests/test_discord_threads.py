@@ -17,7 +17,7 @@ from bot.discord_adapter.commands import NEED_ADMIN, NO_THREADS_IN_THREADS
 from bot.conversations.store import ChatMode, Store
 from bot.formats.templates import Message
 from tests.conftest import JSON, World, mention, rows, scope
-from tests.discord_helpers import ask
+from tests.discord_helpers import ask, command
 from tests.fakediscord import Permissions
 from tests.scripted import Script, ScriptedBackend
 
@@ -79,6 +79,32 @@ async def test_a_mention_starts_a_thread_that_is_its_own_conversation(world: Wor
     assert scripted.calls[2].messages[1:] == [
         Message("user", "What is my favourite fruit?\nPlease answer briefly."), Message("assistant", "Mango."), Message("user", "And what colour is it?"),
     ]
+
+
+async def test_a_thread_the_bot_starts_takes_what_an_admin_chose_for_its_channel(world: World, start_bot, scripted: ScriptedBackend) -> None:
+    """The persona, template and settings set with /system, /template and /settings in a
+    channel hold in the threads its mentions start; a thread's own choice stays its own."""
+    scripted.then("Arr, a pirate.", "Roses are red.")
+    async with start_bot(stream=False) as bot:
+        await threads_on(world, world.general)
+        await command(world, "system", world.mod, world.general, text="You are a pirate.")
+        await (await world.fake.invoke_command("template", user=world.mod, channel=world.general, options={"name": "vicuna-chat"})).wait_done(60)
+        await command(world, "settings", world.mod, world.general, temperature=0.3, reply_length=7)
+        _, thread, [reply] = await start_conversation(world, bot, "Who are you?")
+        assert reply["content"] == "Arr, a pirate."
+        store = bot.ctx.chat.store
+        own = await store.conversation(scope(world, thread))
+        assert (own.template, own.system_prompt, own.temperature, own.n_predict) == ("vicuna-chat", "You are a pirate.", 0.3, 7)
+        [call] = [c for c in scripted.calls if c.key == scope(world, thread)]
+        assert call.messages[0] == Message("system", "You are a pirate.") and call.max_tokens == 7 and call.sampling.temperature == 0.3
+        assert call.prompt.startswith("You are a pirate. USER: ")  # vicuna's layout, not the model's own template
+
+        await command(world, "system", world.mod, thread, text="You are a poet.")
+        follow = await world.fake.send_message(thread, world.ann, "Say a verse.")
+        await world.fake.wait_for_bot_message(thread, after=follow)
+        await idle(world, bot)
+        assert scripted.calls[-1].messages[0] == Message("system", "You are a poet.")
+        assert (await store.conversation(scope(world, world.general))).system_prompt == "You are a pirate."
 
 
 async def test_threads_are_remembered_across_a_restart(world: World, start_bot, scripted: ScriptedBackend, tmp_path: Path) -> None:

@@ -328,15 +328,24 @@ class ChatService:
         return None if self.models.loaded(conversation.model) is not None else conversation.model
 
     async def follow_channel(self, scope: str, channel_scope: str) -> None:
-        """A conversation the bot starts from a channel's (a thread for a mention) takes that
-        channel's model."""
-        if self.models is None:
-            return
+        """A conversation the bot starts from a channel's (a thread for a mention) takes what
+        an admin chose for that channel: its template, system prompt, settings and model,
+        each where the new conversation has none of its own (after a restart the thread may
+        have chosen its own since)."""
         parent = await self.store.find_conversation(channel_scope)
-        if parent is None or parent.model is None:
+        if parent is None:
             return
         own = await self.store.conversation(scope)
-        if own.model is None:  # (after a restart the thread may have chosen its own since)
+        if own.template is None and parent.template is not None:
+            await self.store.set_template(scope, parent.template)
+        if own.system_prompt is None and parent.system_prompt is not None:
+            await self.store.set_system_prompt(scope, parent.system_prompt)
+        settings = ("temperature", "top_p", "n_predict", "thinking")
+        if all(getattr(own, s) is None for s in settings) and any(getattr(parent, s) is not None for s in settings):
+            await self.store.set_channel_settings(
+                scope, temperature=parent.temperature, top_p=parent.top_p, n_predict=parent.n_predict, thinking=parent.thinking
+            )
+        if self.models is not None and own.model is None and parent.model is not None:
             await self.store.set_model(scope, parent.model)
 
     @contextlib.asynccontextmanager

@@ -129,7 +129,7 @@ class Intake(commands.Cog):
             # Stored at once, before its files are downloaded: from here on a restart cannot lose
             # it, and an edit or delete during the download finds it. The files are added once read.
             stored = await self._patiently(turn, lambda: self.ctx.chat.receive(said))
-            if thread is not None and message.guild is not None:  # a thread the bot started takes its channel's model
+            if thread is not None and message.guild is not None:  # a thread the bot started takes its channel's choices
                 await self._patiently(turn, lambda: self.ctx.chat.follow_channel(scope, DiscordScope.channel(message.guild.id, message.channel.id).key))
             if stored is not None and (message.attachments or _replied_images(message)):
                 stored = await self.add_files(message, stored, turn.notes, turn=turn)
