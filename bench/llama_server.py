@@ -128,9 +128,10 @@ def running(model: Path, args: Sequence[str], *, timeout: float = 120) -> Iterat
                 proc.wait()
 
 
-def complete(url: str, prompt: list[int], *, n_predict: int = 1, timeout: float = 600) -> dict:
-    """One /completion request with the prompt as token ids (cache_prompt on, the default)."""
-    body = json.dumps({"prompt": prompt, "n_predict": n_predict, "temperature": 0, "cache_prompt": True}).encode()
+def complete(url: str, prompt: list[int], *, n_predict: int = 1, cache_prompt: bool = True, timeout: float = 600) -> dict:
+    """One /completion request with the prompt as token ids, greedy (as the bench asks the
+    bot: the same tokens, ending at the same end of turn)."""
+    body = json.dumps({"prompt": prompt, "n_predict": n_predict, "temperature": 0, "cache_prompt": cache_prompt}).encode()
     request = urllib.request.Request(url + "/completion", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as r:
         return json.loads(r.read())
