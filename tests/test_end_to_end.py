@@ -23,7 +23,7 @@ from bot.discord_adapter.replies import SORRY
 from bot.engine.local import Engine, EngineOptions, LocalBackend
 from tests.conftest import ENGINE_THREADS, World, make_settings, rows, scope
 from tests.discord_helpers import CONTINUE, answers, ask, command, custom_ids, idle, pages_after, press, prompt_of, replies_to, send
-from tests.test_engine_local import until
+from tests.test_engine_warm import until
 from tests.test_formats_templates import EVIL
 
 

@@ -4,7 +4,7 @@ cancellation, the state cache, and giving up after repeated faults."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from bot.engine.local import Engine, EngineDead, EngineOptions
 from bot.formats.reasoning import ReplyFormat, find_stop, held_back
 from bot.formats.templates import Message, get_template
 from tests.conftest import ENGINE_THREADS
+from tests.test_engine_warm import until
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 
@@ -172,13 +173,6 @@ async def test_engine_that_cannot_go_on_fails_every_request_at_once(own_engine: 
 
 
 # --- saving ahead of an eviction ---------------------------------------------------------------
-
-
-async def until(condition: Callable[[], bool], timeout: float = 600) -> None:
-    """Wait for the engine's counters to get there (the timeout only stops a hung test)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.002)
 
 
 async def test_the_slot_to_be_emptied_next_is_saved_while_idle_so_the_next_conversation_waits_for_no_save(model_path: Path) -> None:

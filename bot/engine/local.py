@@ -1202,11 +1202,11 @@ class Engine:
                 return
         self._buffers.give(state)
 
-    def _save_slot(self, slot: _Slot, kind: str = "save") -> SavedState | None:
+    def _save_slot(self, slot: _Slot, kind: str = "save", size: int | None = None) -> SavedState | None:
         """Copy a slot's KV state out of llama.cpp (None if it cannot be); `kind` names
-        what the time is counted as."""
+        what the time is counted as, `size` is the state's if the caller asked already."""
         started = time.perf_counter()
-        size = L.llama_state_seq_get_size(self._ctx, slot.seq)
+        size = L.llama_state_seq_get_size(self._ctx, slot.seq) if size is None else size
         if size <= 0:
             return None
         data, mapping = self._buffers.take(size)
@@ -1327,9 +1327,10 @@ class Engine:
         slot.ahead = (slot.last_used, len(slot.tokens))
         key = slot.key
         assert key is not None
-        if L.llama_state_seq_get_size(self._ctx, slot.seq) > self._states.limit:
+        size = L.llama_state_seq_get_size(self._ctx, slot.seq)
+        if size > self._states.limit:
             return
-        state = self._save_slot(slot, "save_ahead")
+        state = self._save_slot(slot, "save_ahead", size)
         if state is None:
             return
         self.saves_ahead += 1
