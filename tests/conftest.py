@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +45,37 @@ machine, one core fewer, leaving one to the event loop, the fake Discord and the
 runs: there llama.cpp's threads wait on each other whenever one is descheduled (decoding 64 tokens
 took 2 to 22 s with 2 threads, 0.9 s with 1, under load). Pinned to one core: 1 thread. Only the
 run's duration depends on this, never an outcome."""
+
+
+EXIT_GRACE_S = 60.0
+"""How long the test process may take to exit after its summary before the watchdog below ends it."""
+_run_status = 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _run_status
+    _run_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A watchdog for the interpreter's exit, which waits for every non-daemon thread (an
+    executor's worker, an aiosqlite connection left open) and runs native libraries' exit code.
+    If the process is still alive EXIT_GRACE_S after the summary, it prints every thread's stack
+    and the threads still running, then exits with the run's own status: a hang after the tests
+    is then a readable report in CI's log instead of a run cut at CI's time limit. Should even
+    that thread not get to run (native code holding the GIL), faulthandler dumps and exits 1."""
+
+    def expire() -> None:
+        time.sleep(EXIT_GRACE_S)
+        waiting = [t.name for t in threading.enumerate() if t not in (threading.current_thread(), threading.main_thread()) and not t.daemon]
+        print(f"\ntests: the test process had not exited {EXIT_GRACE_S:.0f} s after its summary; "
+              f"non-daemon threads still running: {waiting}; every thread's stack:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(_run_status)
+
+    threading.Thread(target=expire, name="exit-watchdog", daemon=True).start()
+    faulthandler.dump_traceback_later(EXIT_GRACE_S + 30, exit=True)
 
 
 @pytest.fixture(scope="session")
