@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
+import logging
 import os
 import sqlite3
 import subprocess
@@ -64,7 +66,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     If the process is still alive EXIT_GRACE_S after the summary, it prints every thread's stack
     and the threads still running, then exits with the run's own status: a hang after the tests
     is then a readable report in CI's log instead of a run cut at CI's time limit. Should even
-    that thread not get to run (native code holding the GIL), faulthandler dumps and exits 1."""
+    that thread not get to run (native code holding the GIL), faulthandler dumps and exits 1.
+
+    Once Python has joined its threads, the process ends there (`_end_now`): what would follow is
+    only module teardown and native libraries' exit code (llama.cpp, OpenMP), which a test run
+    has no use for and which no watchdog can see once Python has shut down."""
 
     def expire() -> None:
         time.sleep(EXIT_GRACE_S)
@@ -76,6 +82,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
     threading.Thread(target=expire, name="exit-watchdog", daemon=True).start()
     faulthandler.dump_traceback_later(EXIT_GRACE_S + 30, exit=True)
+    atexit.register(_end_now)  # registered last, so the first exit function to run
+
+
+def _end_now() -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_run_status)
 
 
 @pytest.fixture(scope="session")
