@@ -16,14 +16,17 @@ from pathlib import Path
 import pytest
 
 from bot.config import ModelEntry, Settings, bundled_model_path, load_settings
-from bot.conversations.service import MODEL_GONE_NOTE, ChatService, ModelChoiceError, UserMessage
+from bot.conversations.images import ImageInput
+from bot.conversations.service import BLIND_MODEL_NOTE, IMAGE_PLACEHOLDER, MODEL_GONE_NOTE, ChatService, ModelChoiceError, UserMessage
 from bot.conversations.store import Store
 from bot.engine.backend import ModelUnavailable
 from bot.engine.local import EngineOptions
 from bot.engine.pool import ModelPool, entry_options, estimate_bytes
 from bot.formats.templates import FALLBACK
 from tests.conftest import ENGINE_THREADS, make_settings
+from tests.projector import tiny
 from tests.references import gemma3_model_path
+from tests.test_engine_images import picture
 from tests.test_engine_kvdisk import state_files
 
 MiB = 1024 * 1024
@@ -305,6 +308,38 @@ async def test_forget_reaches_every_models_state(tmp_path: Path, store: Store, g
         await chat.reset("c")  # the history is gone: no model may use a state of it
         pool.shared.disk.drain()  # type: ignore[union-attr]
         assert list((tmp_path / "kv").iterdir()) == []
+    finally:
+        await pool.close()
+
+
+async def test_a_model_that_cannot_see_says_so_where_another_model_could(tmp_path: Path, store: Store, smol_copy: Path) -> None:
+    """A catalogue where only the default model has a projector: images are taken and stored
+    (some model can see them), and a channel switched to the model that cannot is told so with
+    its reply, while that model reads a placeholder; the seeing channel gets no such note."""
+    folder = tmp_path / "kv"
+    base = base_options(folder)
+    catalogue = (ModelEntry("smol", bundled_model_path(), mmproj=tiny(tmp_path)), ModelEntry("blind", smol_copy))
+    pool = await ModelPool.open(catalogue, lambda e: entry_options(base, e), budget_bytes=4096 * MiB, disk_dir=folder, disk_bytes=256 * MiB)
+    try:
+        chat = ChatService(pool.default_backend, store, chat_settings(tmp_path), pool)
+        assert chat.can_see and chat.image_note() is None
+        await chat.set_model("b", "blind")
+        replies = {}
+        for scope in ("a", "b"):
+            message_id = await chat.receive(UserMessage(scope, "What is in this picture?", platform_message_id=f"{scope}-1"))
+            assert message_id is not None
+            assert await chat.add_images(message_id, [ImageInput("noise.png", picture(1))]) == []
+            reply = await chat.answer(scope, message_id)
+            assert reply is not None
+            await reply.generation.wait()
+            await reply.save()
+            replies[scope] = reply
+        seeing, blind = replies["a"], replies["b"]
+        assert seeing.prompt.model == "smol" and seeing.prompt.n_images == 1 and seeing.notes == []
+        assert blind.prompt.model == "blind" and blind.prompt.n_images == 0
+        assert blind.notes == [BLIND_MODEL_NOTE.format(model="blind")]
+        assert blind.prompt.messages[-1].content.startswith(IMAGE_PLACEHOLDER) and not blind.prompt.messages[-1].images
+        assert seeing.prompt.messages[-1].images and IMAGE_PLACEHOLDER not in seeing.prompt.messages[-1].content
     finally:
         await pool.close()
 

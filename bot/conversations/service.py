@@ -49,6 +49,7 @@ PLACEHOLDER_TOKENS = 4  # what a placeholder costs in the window, about
 IMAGES_CUT_NOTE = "(Your images did not fit in my context window with your message, so I only know that they were there.)"
 IMAGE_CACHE_BYTES = 64 << 20  # image bytes kept in RAM between prompts (SQLite holds them all)
 MODEL_GONE_NOTE = "(The model {gone} is no longer offered here, so this channel is back on the default model, {default}.)"
+BLIND_MODEL_NOTE = "(This channel's model, {model}, cannot see images, so it only knows that yours were there; /model can switch to one that can.)"
 
 
 @dataclass(frozen=True)
@@ -763,6 +764,8 @@ class ChatService:
             reply.notes.append(CUT_FILES_NOTE.format(kept=prompt.kept) if user.attachments else CUT_NOTE)
         if prompt.images_cut:
             reply.notes.append(IMAGES_CUT_NOTE)
+        if user.images and backend.image_support() is not None:  # stored for another model of the catalogue that can see
+            reply.notes.append(BLIND_MODEL_NOTE.format(model=prompt.model or "the default"))
         return reply
 
     def _remember(self, scope: str, last: LastReply) -> None:
