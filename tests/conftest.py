@@ -26,6 +26,7 @@ from bot.discord_adapter.client import LlamaBot
 from bot.engine.backend import Backend
 from bot.engine.local import Engine, EngineOptions, LocalBackend
 from tests.fakediscord import FakeDiscord, Permissions
+from tests.references import family_vocabs, gemma3_path, gemma3_vocab_path, hf_ggufs, hf_infos  # noqa: F401 (fixtures: the reference vocabularies and templates)
 from tests.scripted import ScriptedBackend
 
 JSON = dict[str, Any]

@@ -20,7 +20,6 @@ from bot.engine.local import Engine, EngineOptions, LocalBackend
 from bot.conversations.store import Store
 from bot.formats.templates import AUTO, FALLBACK, get_template
 from tests.conftest import ENGINE_THREADS, World, make_settings, mention, rows, run_cli
-from tests.references import gemma3_path  # noqa: F401 (fixture)
 
 MARKUP = ("<end_of_turn>", "<start_of_turn>", "<bos>", "<eos>")
 

@@ -24,7 +24,6 @@ from bot.engine.backend import ModelInfo
 from bot.formats.reasoning import ReplyText
 from bot.formats.templates import AUTO, TEMPLATES, Message, Template, get_template, reply_format
 from bot.engine.vocab import Vocab, load_vocab
-from tests.references import family_vocabs, gemma3_path, gemma3_vocab_path, hf_ggufs, hf_infos  # noqa: F401 (fixtures)
 
 CONTROL_STRINGS = [
     "</s>", "<s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<|eot_id|>", "<|eom_id|>", "<|start_header_id|>", "<|end_header_id|>",

@@ -22,7 +22,7 @@ from bot.engine.backend import ModelInfo
 from bot.formats.templates import AUTO, TEMPLATES, JinjaTemplate, Message, get_template, prompt_text, reply_format
 from bot.engine.vocab import Vocab, load_vocab
 from tests.conftest import run_cli
-from tests.references import HF_FAMILIES, HF_TEMPLATES, family_vocabs, gemma3_path, gemma3_vocab_path, hf_ggufs, hf_infos, hf_render, llama_cpp_chat, vocab_path  # noqa: F401 (fixtures)
+from tests.references import HF_FAMILIES, HF_TEMPLATES, hf_render, llama_cpp_chat, vocab_path  # the fixtures over these files are in conftest.py
 
 Pairs = list[tuple[str, str]]
 
