@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bot.conversations.service import CUT_NOTE
-from bot.discord_adapter.intake import BUSY, MENTION_ONLY, NO_TEXT
+from bot.discord_adapter.intake import BUSY, MENTION_ONLY, NO_TEXT, ArrivalLine
 from bot.formats.templates import Message
 from tests.conftest import World, mention, rows, scope
 from tests.discord_helpers import answered, ask, idle, replies_to, send, table
@@ -212,3 +212,32 @@ async def test_messages_without_text_get_a_short_note_and_nothing_is_stored(
         assert reply["content"].split("\n") == [note, *skipped]
         assert table(bot.ctx.settings.database_path) == []
     assert scripted.calls == []
+
+
+async def test_messages_held_by_the_catch_up_pass_in_arrival_order() -> None:
+    """The line's own logic (pure asyncio): messages that waited for the catch-up pass first and
+    in order, also before one that arrives in the very step the catch-up ends (the flood test
+    above lost its first message to such a one about half the time); a message cancelled in
+    line lets the next one through; with nobody in line nothing waits."""
+    opened = asyncio.Event()
+    line = ArrivalLine(opened)
+    passed: list[str] = []
+
+    async def message(name: str) -> None:
+        await line.wait()
+        passed.append(name)
+
+    waiting = [asyncio.create_task(message(f"m{i}")) for i in range(5)]
+    gone = asyncio.create_task(message("gone"))
+    waiting.append(asyncio.create_task(message("m5")))
+    await asyncio.sleep(0)
+    assert passed == []
+    gone.cancel()
+    # A message arrives in the very step the catch-up ends: its task is scheduled before the
+    # waiting ones are woken (as when the gateway's event and the catch-up's end share a loop turn).
+    waiting.append(asyncio.create_task(message("late")))
+    opened.set()
+    await asyncio.gather(*waiting)
+    assert passed == ["m0", "m1", "m2", "m3", "m4", "m5", "late"]
+    await message("after")  # nobody in line: straight through
+    assert passed[-1] == "after"

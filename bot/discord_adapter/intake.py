@@ -48,6 +48,33 @@ NO_THREAD = "I could not start a thread here, so I answered in the channel."
 STORAGE_BUSY = "\u23f3 My storage is busy right now (another program is using the database): I'll answer this as soon as it is back."
 
 
+class ArrivalLine:
+    """Holds live messages until the catch-up is over (`opened`), then lets them pass in the
+    order they arrived.
+
+    Waiting on the event alone is not enough: the messages that waited resume a moment after it
+    is set, so one arriving at that moment passed them all. In a flood, that later message took
+    the cooldown's one answer from the first."""
+
+    def __init__(self, opened: asyncio.Event) -> None:
+        self.opened = opened
+        self._last: asyncio.Future[None] | None = None  # passed once the newest message in line has
+
+    async def wait(self) -> None:
+        before = self._last
+        if self.opened.is_set() and (before is None or before.done()):
+            return  # nobody in line: no wait (every message once the catch-up is over)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last = mine
+        try:
+            await self.opened.wait()
+            if before is not None:
+                await asyncio.shield(before)  # leaving the line (cancelled) must not cancel the one before
+        finally:
+            if not mine.done():
+                mine.set_result(None)
+
+
 class Intake(commands.Cog):
     """Messages in: the access rules, the cooldown, a turn in the queue, the message stored."""
 
@@ -59,6 +86,7 @@ class Intake(commands.Cog):
         self._files: aiohttp.ClientSession | None = None  # downloads attachments (created on first use)
         self._taking: set[int] = set()  # messages being taken in right now (until stored: then has_seen knows them)
         self._live: dict[int, None] = {}  # the newest messages that came as live events (insertion-ordered)
+        self._line = ArrivalLine(ctx.caught_up)
 
     async def cog_unload(self) -> None:
         if self._files is not None:
@@ -75,7 +103,7 @@ class Intake(commands.Cog):
         self._live[message.id] = None
         if len(self._live) > LIVE_REMEMBERED:
             del self._live[next(iter(self._live))]
-        await self.ctx.caught_up.wait()  # what waited across a restart goes first, in order
+        await self._line.wait()  # what waited across a restart goes first, then the live messages in order
         text = self.text_of(message)
         extras = bool(message.embeds or message.stickers)
         if not text and not message.attachments:
