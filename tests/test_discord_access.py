@@ -69,7 +69,7 @@ async def test_a_flood_from_one_user_neither_starves_others_nor_grows_memory(wor
         assert answer[0]["content"] == "You said: What is 2+2?"
         await world.fake.wait_for(lambda: bot.ctx.scheduler.running == 0 and bot.ctx.scheduler.waiting == 0, 60)
         users = [r[2] for r in rows(bot.ctx.settings.database_path) if r[1] == "user"]
-        gateway = {"identifies": world.fake.identify_count, "resumes": world.fake.resume_count}  # (seen fail once: was the bot reconnected?)
+        gateway = {"identifies": world.fake.identify_count, "resumes": world.fake.resume_count}  # shown on failure: a reconnect would replay events
         assert users.count("spam 0") == 1 and len([u for u in users if u.startswith("spam")]) <= 2, (users, gateway)
         slow_notes = [m for m in world.fake.bot_messages(world.general) if m["content"] == SLOW_DOWN.format(s=2.0)]
         assert len(slow_notes) == 1  # said once, not 199 times
