@@ -52,12 +52,12 @@ run's duration depends on this, never an outcome."""
 
 EXIT_GRACE_S = 60.0
 """How long the test process may take to exit after its summary before the watchdog below ends it."""
-_run_status = 0
+_session: pytest.Session | None = None  # its exitstatus is what pytest returns
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    global _run_status
-    _run_status = int(exitstatus)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    global _session
+    _session = session
 
 
 @pytest.hookimpl(trylast=True)
@@ -73,24 +73,32 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     only module teardown and native libraries' exit code (llama.cpp, OpenMP), which a test run
     has no use for and which no watchdog can see once Python has shut down."""
 
+    if _session is None:
+        return  # no run (a usage error): nothing to watch, and no status to exit with
+
     def expire() -> None:
         time.sleep(EXIT_GRACE_S)
         waiting = [t.name for t in threading.enumerate() if t not in (threading.current_thread(), threading.main_thread()) and not t.daemon]
         print(f"\ntests: the test process had not exited {EXIT_GRACE_S:.0f} s after its summary; "
               f"non-daemon threads still running: {waiting}; every thread's stack:", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        os._exit(_run_status)
+        os._exit(_status())
 
     threading.Thread(target=expire, name="exit-watchdog", daemon=True).start()
     faulthandler.dump_traceback_later(EXIT_GRACE_S + 30, exit=True)
     atexit.register(_end_now)  # registered last, so the first exit function to run
 
 
+def _status() -> int:
+    assert _session is not None
+    return int(_session.exitstatus)
+
+
 def _end_now() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(_run_status)
+    os._exit(_status())
 
 
 @pytest.fixture(scope="session")
